@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Rebuild every .wasm under plugins/ (the built files are committed, so tests
+# need no toolchain; run this after editing a .wat or .c file).
+#
+#   ./plugins/build.sh              # WAT + C plugins
+#   ./plugins/build.sh --wat-only   # skip the C plugins (no clang needed)
+#
+# Needs: a Python with wasmtime-py ($PYTHON, default: python3 on PATH) and,
+# for the C plugins, clang + wasm-ld + wasi-libc ($CLANG, default: clang):
+#   apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PYTHON="${PYTHON:-python3}"
+CLANG="${CLANG:-clang}"
+WAT_ONLY=0
+if [[ "${1:-}" == "--wat-only" ]]; then WAT_ONLY=1; fi
+
+if ! "$PYTHON" -c 'import wasmtime' 2>/dev/null; then
+    echo "build.sh: '$PYTHON' cannot import wasmtime; set PYTHON=/path/to/venv/bin/python" >&2
+    exit 1
+fi
+
+# --- WAT plugins: every *.wat here and in hostile/ -> .wasm beside it -------
+"$PYTHON" -c '
+import pathlib, sys, wasmtime
+for src in sorted(pathlib.Path(".").glob("*.wat")) + sorted(pathlib.Path("hostile").glob("*.wat")):
+    out = src.with_suffix(".wasm")
+    out.write_bytes(wasmtime.wat2wasm(src.read_text()))
+    print(f"wat2wasm {src} -> {out}")
+# not a valid module on purpose: valid header, then a bogus section id
+pathlib.Path("hostile/invalid.wasm").write_bytes(b"\x00asm\x01\x00\x00\x00\xff\xff")
+print("wrote hostile/invalid.wasm")
+'
+
+if [[ "$WAT_ONLY" == 1 ]]; then
+    echo "build.sh: --wat-only, C plugins not rebuilt"
+    exit 0
+fi
+
+if ! command -v "$CLANG" >/dev/null 2>&1; then
+    echo "build.sh: $CLANG not found (apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32)," \
+         "or run with --wat-only" >&2
+    exit 1
+fi
+
+# --- C plugin, ABI kind 1: bare core module, no libc, no WASI imports -------
+"$CLANG" --target=wasm32-unknown-unknown -O2 -nostdlib -mbulk-memory \
+    -Wl,--no-entry -Wl,--export=alloc -Wl,--export=process -Wl,--strip-all \
+    -o wordfreq.wasm c/wordfreq.c
+echo "clang c/wordfreq.c -> wordfreq.wasm"
+
+# --- C plugin, ABI kind 3: WASI preview 1 command (wasi-libc) ---------------
+"$CLANG" --target=wasm32-wasi -O2 -Wl,--strip-all \
+    -o wasi_upper.wasm c/wasi_upper.c
+echo "clang c/wasi_upper.c -> wasi_upper.wasm"
+
+chmod 644 wordfreq.wasm wasi_upper.wasm   # wasm-ld marks its output executable

@@ -1,0 +1,1 @@
+"""The worker process and the wasmtime sandbox it runs executions in."""

@@ -1,0 +1,196 @@
+"""Host functions `host.log` and `host.output`, defined as raw unchecked callbacks.
+
+wasmtime-py's `Linker.define_func` routes every call through a generic trampoline that boxes
+each argument in `Val` objects (several microseconds per call). Here the callbacks receive the
+raw `wasmtime_val_raw_t` array address and read the two i32 arguments straight from it.
+
+The callbacks are registered once per Linker, so they cannot be told which execution they
+serve; they read the *current execution* from a `HostState` owned by the Sandbox. That is why
+a Sandbox must be used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import wasmtime
+from wasmcore.supervisor.errors import InternalError, OutputLimit, WasmCoreError
+from wasmtime import _ffi as ffi
+
+from . import _raw
+
+_MEMORY_NAME = b"memory"
+_OFFSET_OF_UNION = ffi.wasmtime_extern_t.of.offset
+
+
+class HostState:
+    """Mutable per-execution state shared by the host callbacks and the Sandbox.
+
+    Reset at the start of every execution; never carries data from one execution to the next.
+    """
+
+    __slots__ = (
+        "ctx",
+        "has_memory",
+        "memory_extern",
+        "memory_extern_addr",
+        "memory_addr",
+        "output",
+        "output_len",
+        "output_cap",
+        "logs",
+        "log_len",
+        "log_cap",
+        "logs_truncated",
+        "failure",
+    )
+
+    def __init__(self) -> None:
+        self.ctx: int = 0
+        self.has_memory = False
+        # The current instance's exported memory, filled by wasmtime_instance_export_nth.
+        self.memory_extern = ffi.wasmtime_extern_t()
+        self.memory_extern_addr = ctypes.addressof(self.memory_extern)
+        # wasmtime_memory_t inside the extern's union: what memory_data/_size take.
+        self.memory_addr = self.memory_extern_addr + _OFFSET_OF_UNION
+        self.output: list[bytes] = []
+        self.output_len = 0
+        self.output_cap = 0
+        self.logs: list[str] = []
+        self.log_len = 0
+        self.log_cap = 0
+        self.logs_truncated = False
+        # An error decided by the host (e.g. output cap) that explains the trap that follows.
+        self.failure: WasmCoreError | None = None
+
+    def reset(self, ctx: int, output_cap: int, log_cap: int) -> None:
+        self.ctx = ctx
+        self.has_memory = False
+        self.output = []
+        self.output_len = 0
+        self.output_cap = output_cap
+        self.logs = []
+        self.log_len = 0
+        self.log_cap = log_cap
+        self.logs_truncated = False
+        self.failure = None
+
+    def add_log(self, data: bytes) -> None:
+        """Append one log line, truncating once the byte budget is spent (never failing)."""
+        budget = self.log_cap - self.log_len
+        if budget <= 0:
+            self.logs_truncated = True
+            return
+        if len(data) > budget:
+            data = data[:budget]
+            self.logs_truncated = True
+        self.log_len += len(data)
+        if data.endswith(b"\n"):
+            data = data[:-1]
+        self.logs.append(data.decode("utf-8", "replace"))
+
+    def add_log_stream(self, data: bytes) -> None:
+        """Append a byte stream (WASI stderr) as lines, with the same budget as `add_log`."""
+        for line in data.splitlines():
+            self.add_log(line)
+
+    def memory_size(self) -> int:
+        if not self.has_memory:
+            return 0
+        return int(_raw.memory_data_size(self.ctx, self.memory_addr))
+
+    def detach(self) -> None:
+        """Forget the store: callbacks after this point must not touch freed memory."""
+        self.ctx = 0
+        self.has_memory = False
+
+
+def _trap(message: str) -> int:
+    msg = message.encode()
+    return int(_raw.trap_new(msg, len(msg)) or 0)
+
+
+def make_host_callbacks(state: HostState) -> dict[str, Any]:
+    """Build the raw `host.output` / `host.log` callbacks bound to `state`.
+
+    The returned ctypes function objects must stay referenced for as long as the Linker that
+    holds them is alive (the Sandbox keeps them).
+    """
+    u32_at = ctypes.c_uint32.from_address
+    string_at = ctypes.string_at
+    memory_data = _raw.memory_data
+    memory_data_size = _raw.memory_data_size
+    val_size = _raw.VAL_RAW_SIZE
+
+    def read_args(caller: int, args: int) -> bytes | None:
+        """The guest bytes [ptr, ptr+len) or None when out of bounds / no memory."""
+        ptr = u32_at(args).value
+        length = u32_at(args + val_size).value
+        ctx = state.ctx
+        if not state.has_memory:
+            # Called before the host resolved exports (e.g. from a start function): ask the
+            # caller's instance for its memory.
+            if not ctx or not _raw.caller_export_get(
+                caller, _MEMORY_NAME, len(_MEMORY_NAME), ctypes.addressof(state.memory_extern)
+            ):
+                return None
+            if state.memory_extern.kind != _raw.EXTERN_MEMORY:
+                return None
+            state.has_memory = True
+        if ptr + length > memory_data_size(ctx, state.memory_addr):
+            return None
+        return string_at(memory_data(ctx, state.memory_addr) + ptr, length)
+
+    def output(env: int, caller: int, args: int, nargs: int) -> int:
+        try:
+            data = read_args(caller, args)
+            if data is None:
+                return _trap("host.output: pointer/length outside the plugin's memory")
+            if state.output_len + len(data) > state.output_cap:
+                state.failure = OutputLimit(
+                    f"plugin output exceeds the {state.output_cap}-byte limit",
+                    {"output_bytes": state.output_cap},
+                )
+                return _trap("output limit exceeded")
+            state.output.append(data)
+            state.output_len += len(data)
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.output failed: {exc!r}")
+            return _trap("host function failed")
+
+    def log(env: int, caller: int, args: int, nargs: int) -> int:
+        try:
+            data = read_args(caller, args)
+            if data is None:
+                return _trap("host.log: pointer/length outside the plugin's memory")
+            state.add_log(data)
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.log failed: {exc!r}")
+            return _trap("host function failed")
+
+    return {
+        "output": _raw.UNCHECKED_CALLBACK(output),
+        "log": _raw.UNCHECKED_CALLBACK(log),
+    }
+
+
+HOST_FUNC_TYPE = ([wasmtime.ValType.i32(), wasmtime.ValType.i32()], [])
+
+
+def define_host_functions(linker: wasmtime.Linker, callbacks: dict[str, Any]) -> None:
+    """Register the callbacks as `host.<name>` with signature (i32, i32) -> ()."""
+    func_type = wasmtime.FuncType(*HOST_FUNC_TYPE)
+    for name, callback in callbacks.items():
+        encoded = name.encode()
+        err = _raw.linker_define_func_unchecked(
+            _raw.addr(linker), b"host", 4, encoded, len(encoded), _raw.addr(func_type),
+            callback, None, None,
+        )
+        if err:
+            raise _raw.take_error(err)
+
+
+HOST_IMPORTS = frozenset({("host", "log"), ("host", "output")})

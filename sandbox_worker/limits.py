@@ -1,0 +1,49 @@
+"""Per-execution limits and the metering every result carries."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """Caps for one execution. Defaults come from config; a request may only lower them."""
+
+    timeout_ms: int = 5_000
+    fuel: int = 2_000_000_000
+    memory_bytes: int = 64 * 1024 * 1024
+    output_bytes: int = 16 * 1024 * 1024
+    log_bytes: int = 1024 * 1024
+
+    def lowered(
+        self,
+        timeout_ms: int | None = None,
+        fuel: int | None = None,
+        memory_bytes: int | None = None,
+    ) -> Limits:
+        """These limits, with each given value applied only where it is lower."""
+        return Limits(
+            timeout_ms=_lower(self.timeout_ms, timeout_ms),
+            fuel=_lower(self.fuel, fuel),
+            memory_bytes=_lower(self.memory_bytes, memory_bytes),
+            output_bytes=self.output_bytes,
+            log_bytes=self.log_bytes,
+        )
+
+
+def _lower(default: int, requested: int | None) -> int:
+    if requested is None or requested <= 0:
+        return default
+    return min(default, requested)
+
+
+class Metering(msgspec.Struct, frozen=True):
+    fuel_consumed: int = 0
+    wall_time_us: int = 0
+    peak_memory_bytes: int = 0
+
+
+class ExecutionResult(msgspec.Struct):
+    output: bytes
+    logs: list[str]
+    metering: Metering
+    logs_truncated: bool = False

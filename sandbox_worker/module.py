@@ -1,0 +1,200 @@
+"""Compiled-module handle and the static checks done once per module at compile time.
+
+Everything the hot path needs (export indices, entry kinds, the InstancePre) is computed here
+so an execution never inspects types or looks exports up by name.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import OrderedDict
+from typing import Literal
+
+import wasmtime
+from wasmcore.supervisor.errors import InvalidModule
+
+from . import _raw
+from .host import HOST_IMPORTS
+
+WASI_MODULE = "wasi_snapshot_preview1"
+DEFAULT_ENTRY = "process"
+WASM_PAGE = 64 * 1024
+_UNKNOWN_IMPORT = re.compile(r"unknown import: `([^`]+)::([^`]+)`")
+
+
+class EntryKind(enum.IntEnum):
+    ABI = 0  # (input_ptr, input_len, env_ptr, env_len) -> status
+    VOID = 1  # () -> ()
+    STATUS = 2  # () -> status
+
+
+class CompiledModule:
+    """Opaque handle to a validated, linked module, shared by all its executions.
+
+    Public attributes: `sha256` (hex of the bytes given to compile), `kind` ("core"|"wasi"),
+    `exports` (callable entry names), `size` (bytes of the module as given).
+    """
+
+    __slots__ = (
+        "sha256",
+        "kind",
+        "exports",
+        "size",
+        "module",
+        "pre",
+        "pre_addr",
+        "entries",
+        "memory_index",
+        "alloc_index",
+        "initialize_index",
+        "min_memory_bytes",
+        "needs_wasi",
+        "verified",
+    )
+
+    def __init__(
+        self, sha256: str, size: int, module: wasmtime.Module, pre: wasmtime.InstancePre
+    ) -> None:
+        self.sha256 = sha256
+        self.size = size
+        self.module = module
+        # The InstancePre must outlive every store instantiated from it: keep it here.
+        self.pre = pre
+        self.pre_addr = _raw.addr(pre)
+        self.kind: Literal["core", "wasi"] = "core"
+        self.exports: list[str] = []
+        # entry name -> (kind, export index for wasmtime_instance_export_nth)
+        self.entries: dict[str, tuple[EntryKind, int]] = {}
+        self.memory_index: int | None = None
+        self.alloc_index: int | None = None
+        self.initialize_index: int | None = None
+        self.min_memory_bytes = 0
+        self.needs_wasi = False
+        # Export indices are checked against names on the first execution (see runtime).
+        self.verified = False
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModule(sha256={self.sha256[:12]}…, kind={self.kind!r}, "
+            f"exports={self.exports!r}, size={self.size})"
+        )
+
+
+def _sig(func_type: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(str(t) for t in func_type.params), tuple(str(t) for t in func_type.results)
+
+
+_ENTRY_SIGNATURES = {
+    (("i32", "i32", "i32", "i32"), ("i32",)): EntryKind.ABI,
+    ((), ()): EntryKind.VOID,
+    ((), ("i32",)): EntryKind.STATUS,
+}
+
+
+def check_imports(module: wasmtime.Module) -> bool:
+    """Refuse imports the host does not provide; returns whether WASI is imported."""
+    missing: list[str] = []
+    needs_wasi = False
+    for imp in module.imports:
+        key = (imp.module, imp.name or "")
+        if key in HOST_IMPORTS and isinstance(imp.type, wasmtime.FuncType):
+            continue
+        if imp.module == WASI_MODULE and isinstance(imp.type, wasmtime.FuncType):
+            needs_wasi = True  # exact names are checked by the linker (instantiate_pre)
+            continue
+        missing.append(f"{imp.module}.{imp.name}")
+    if missing:
+        raise InvalidModule(
+            f"module imports what the host does not provide: {', '.join(missing)} "
+            "(available: host.log, host.output, wasi_snapshot_preview1.*)",
+            {"missing_imports": missing},
+        )
+    return needs_wasi
+
+
+def link(linker: wasmtime.Linker, module: wasmtime.Module) -> wasmtime.InstancePre:
+    try:
+        return linker.instantiate_pre(module)
+    except wasmtime.WasmtimeError as exc:
+        message = str(exc)
+        details: dict[str, object] = {}
+        found = _UNKNOWN_IMPORT.search(message)
+        if found:
+            details["missing_imports"] = [f"{found.group(1)}.{found.group(2)}"]
+        raise InvalidModule(f"module cannot be linked: {message}", details) from None
+
+
+def analyze(compiled: CompiledModule) -> None:
+    """Classify the module and record the export indices the hot path uses."""
+    entries: dict[str, tuple[EntryKind, int]] = {}
+    start_index: int | None = None
+    for index, export in enumerate(compiled.module.exports):
+        ty = export.type
+        name = export.name
+        if isinstance(ty, wasmtime.MemoryType):
+            if name == "memory":
+                compiled.memory_index = index
+                compiled.min_memory_bytes = ty.limits.min * WASM_PAGE
+            continue
+        if not isinstance(ty, wasmtime.FuncType):
+            continue
+        sig = _sig(ty)
+        if name == "_start" and sig == ((), ()):
+            start_index = index
+        elif name == "_initialize" and sig == ((), ()):
+            # WASI reactor convention: must run once before any other export.
+            compiled.initialize_index = index
+        elif name == "alloc":
+            if sig == (("i32",), ("i32",)):
+                compiled.alloc_index = index
+        elif sig in _ENTRY_SIGNATURES:
+            entries[name] = (_ENTRY_SIGNATURES[sig], index)
+
+    if start_index is not None:
+        compiled.kind = "wasi"
+        compiled.entries = {"_start": (EntryKind.VOID, start_index)}
+        compiled.exports = ["_start"]
+        return
+
+    has_noarg = any(kind != EntryKind.ABI for kind, _ in entries.values())
+    if not entries:
+        raise InvalidModule(
+            "module exports no entry function: expected `process(i32 i32 i32 i32) -> i32`, "
+            "no-argument functions, or a WASI `_start`"
+        )
+    if (compiled.memory_index is None or compiled.alloc_index is None) and not has_noarg:
+        raise InvalidModule(
+            "core module must export `memory` and `alloc(i32) -> i32` "
+            "(or only no-argument entries)",
+            {"exports": sorted(entries)},
+        )
+    compiled.kind = "core"
+    compiled.entries = entries
+    compiled.exports = list(entries)
+
+
+class ModuleCache:
+    """LRU of compiled modules by content hash (compiling costs milliseconds; a hit, ~0)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self._items: OrderedDict[str, CompiledModule] = OrderedDict()
+
+    def get(self, sha256: str) -> CompiledModule | None:
+        item = self._items.get(sha256)
+        if item is not None:
+            self._items.move_to_end(sha256)
+        return item
+
+    def put(self, item: CompiledModule) -> None:
+        self._items[item.sha256] = item
+        self._items.move_to_end(item.sha256)
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()

@@ -1,0 +1,538 @@
+"""The in-process sandbox runtime: compile plugins once, execute them in fresh stores, fast.
+
+Public API: `SandboxConfig`, `CompiledModule`, `Sandbox`. The worker process wraps this.
+
+Threading: a Sandbox is used from ONE thread at a time. The raw host callbacks read "the
+current execution" from state owned by the Sandbox, and the preallocated call buffers are
+shared by its executions. (Its own epoch ticker thread only touches the engine's epoch.)
+
+Isolation: every execution gets a new Store and a new instance (from a per-module
+InstancePre); nothing survives from one execution to the next except the compiled code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import tempfile
+import time
+from importlib import metadata
+
+import msgspec
+import wasmtime
+from wasmcore.supervisor.errors import (
+    BadRequest,
+    InternalError,
+    InvalidModule,
+    MemoryLimit,
+    Trap,
+    WasmCoreError,
+)
+from wasmtime import _ffi as ffi
+
+from . import _raw
+from .host import HostState, define_host_functions, make_host_callbacks
+from .limits import ExecutionResult, Limits, Metering
+from .module import (
+    DEFAULT_ENTRY,
+    CompiledModule,
+    EntryKind,
+    ModuleCache,
+    analyze,
+    check_imports,
+    link,
+)
+from .outcome import classify_error, classify_trap, memory_at_cap, plugin_code_error
+from .ticker import EpochTicker
+from .wasi import StderrSink, make_wasi_config
+
+__all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
+
+_WASM_MAGIC = b"\0asm"
+_START = "_start"
+# Bumped when an engine setting that changes generated code changes here.
+_ENGINE_LAYOUT = "epoch+fuel+pool/v1"
+_FUNC_OFFSET = ffi.wasmtime_extern_t.of.offset
+
+
+class SandboxConfig(msgspec.Struct, frozen=True):
+    default_limits: Limits = Limits()
+    max_wasm_stack: int = 512 * 1024  # engine-wide (wasmtime Config.max_wasm_stack)
+    epoch_tick_ms: float = 1.0  # ticker period; timeout resolution
+    cache_size: int = 256  # compiled modules kept (LRU by content hash)
+    # Pooling instance allocator: instance/memory slots reused across executions instead of
+    # an mmap + page faults + munmap per execution. 0 = wasmtime's on-demand allocator.
+    # Only one execution is live at a time, so a few slots suffice.
+    pool_slots: int = 16
+    # Bytes of each memory/table slot reset with memset (kept resident) instead of madvise.
+    keep_resident_bytes: int = 64 * 1024
+
+
+class _Failed(Exception):
+    """A raw call reported an error (owned wasmtime_error_t*) or a trap (owned wasm_trap_t*)."""
+
+    def __init__(self, error: int, trap: int) -> None:
+        super().__init__()
+        self.error = error
+        self.trap = trap
+
+
+class Sandbox:
+    """Compiles and runs plugins in-process under limits. Not thread-safe: one thread each."""
+
+    def __init__(self, config: SandboxConfig = SandboxConfig()) -> None:  # noqa: B008
+        self.config = config
+        self._default_limits = config.default_limits
+        self._engine = wasmtime.Engine(_engine_config(config))
+        self._engine_addr = _raw.addr(self._engine)
+        self._tick_ms = config.epoch_tick_ms
+
+        # One linker for every module: host.* plus WASI preview 1.
+        self._linker = wasmtime.Linker(self._engine)
+        self._linker.define_wasi()
+        self._state = HostState()
+        # The ctypes callback objects must outlive the linker: kept on the Sandbox.
+        self._callbacks = make_host_callbacks(self._state)
+        define_host_functions(self._linker, self._callbacks)
+
+        self._cache = ModuleCache(config.cache_size)
+        self._closed = False
+
+        # Preallocated out-parameters and the args/results array for raw calls. Reused by
+        # every execution (single-threaded by contract), which avoids ~1 us of ctypes
+        # allocations per call.
+        self._instance = ffi.wasmtime_instance_t()
+        self._instance_addr = ctypes.addressof(self._instance)
+        self._trap = ctypes.c_void_p()
+        self._trap_addr = ctypes.addressof(self._trap)
+        self._func_extern = ffi.wasmtime_extern_t()
+        self._func_extern_addr = ctypes.addressof(self._func_extern)
+        self._func_addr = self._func_extern_addr + _FUNC_OFFSET
+        self._name_ptr = ctypes.c_void_p()
+        self._name_len = ctypes.c_size_t()
+        self._name_ptr_addr = ctypes.addressof(self._name_ptr)
+        self._name_len_addr = ctypes.addressof(self._name_len)
+        self._fuel = ctypes.c_uint64()
+        self._fuel_addr = ctypes.addressof(self._fuel)
+        self._args = (ffi.wasmtime_val_raw_t * 4)()
+        self._args_addr = ctypes.addressof(self._args)
+        size = _raw.VAL_RAW_SIZE
+        self._i32 = [ctypes.c_int32.from_address(self._args_addr + size * i) for i in range(4)]
+        self._u32_0 = ctypes.c_uint32.from_address(self._args_addr)
+
+        self._ticker = EpochTicker(self._engine, config.epoch_tick_ms / 1000.0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Stop the ticker thread and drop compiled modules. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ticker.stop()
+        self._cache.clear()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        ticker = getattr(self, "_ticker", None)
+        if ticker is not None:
+            ticker.stop()
+
+    @staticmethod
+    def engine_fingerprint() -> str:
+        """Names artifacts from `serialize`: wasmtime version, target and the engine settings
+        that shape compiled code (epoch checks, fuel metering, pooling memory layout).
+
+        `load_serialized` still validates compatibility itself; this only keeps artifacts of
+        different engines apart on disk.
+        """
+        version = metadata.version("wasmtime")
+        raw = f"wasmtime-{version}|{platform.machine()}|{platform.system()}|{_ENGINE_LAYOUT}"
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
+        return f"wasmtime-{version}-{platform.machine()}-{digest}"
+
+    # ------------------------------------------------------------------ compiling
+
+    def compile(self, wasm_or_wat: bytes) -> CompiledModule:
+        """Validate, link and cache a module (binary, or WAT text) by the sha256 of its bytes."""
+        self._check_open()
+        data = bytes(wasm_or_wat)
+        sha256 = hashlib.sha256(data).hexdigest()
+        cached = self._cache.get(sha256)
+        if cached is not None:
+            return cached
+        wasm = data if data.startswith(_WASM_MAGIC) else _wat_to_wasm(data)
+        try:
+            wasmtime.Module.validate(self._engine, wasm)
+            module = wasmtime.Module(self._engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            reason = str(exc)
+            message = f"invalid WebAssembly module: {reason}"
+            raise InvalidModule(message, {"reason": reason}) from None
+        compiled = self._prepare(sha256, len(data), module)
+        self._cache.put(compiled)
+        return compiled
+
+    def serialize(self, module: CompiledModule, path: str | os.PathLike[str]) -> None:
+        """Write the compiled code to `path` atomically (temp file in the same dir + rename)."""
+        blob = module.module.serialize()
+        target = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(target))
+        fd, tmp = tempfile.mkstemp(prefix=".sandbox-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(blob)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def load_serialized(self, path: str | os.PathLike[str], sha256: str) -> CompiledModule:
+        """Load an artifact written by `serialize` (trusted input: it is native code).
+
+        Cached under `sha256` (the hash of the original module bytes). `size` is the artifact's
+        size, the original bytes being unknown here.
+        """
+        self._check_open()
+        cached = self._cache.get(sha256)
+        if cached is not None:
+            return cached
+        target = os.fspath(path)
+        try:
+            module = wasmtime.Module.deserialize_file(self._engine, target)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModule(
+                f"cannot load compiled artifact {target}: {exc}", {"reason": str(exc)}
+            ) from None
+        compiled = self._prepare(sha256, os.path.getsize(target), module)
+        self._cache.put(compiled)
+        return compiled
+
+    def _prepare(self, sha256: str, size: int, module: wasmtime.Module) -> CompiledModule:
+        needs_wasi = check_imports(module)
+        pre = link(self._linker, module)
+        compiled = CompiledModule(sha256, size, module, pre)
+        compiled.needs_wasi = needs_wasi
+        analyze(compiled)
+        return compiled
+
+    # ------------------------------------------------------------------ executing
+
+    def execute(
+        self,
+        module: CompiledModule,
+        input: bytes,
+        *,
+        env: dict[str, str] | None = None,
+        entry: str | None = None,
+        limits: Limits | None = None,
+    ) -> ExecutionResult:
+        """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
+        every error's details carry the metering so far and the logs produced so far."""
+        self._check_open()
+        lim = limits if limits is not None else self._default_limits
+        name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
+        spec = module.entries.get(name)
+        if spec is None:
+            raise _with_metering(
+                BadRequest(
+                    f"module has no entry {name!r}; available: {', '.join(module.exports)}",
+                    {"entry": name, "available": list(module.exports)},
+                )
+            )
+        kind, index = spec
+        env = env or {}
+        env_bytes = b""
+        if kind is EntryKind.ABI:
+            env_bytes = encode_env(env) if env else b""
+            if (input or env_bytes) and module.alloc_index is None:
+                raise _with_metering(
+                    InvalidModule(
+                        "module cannot receive input or env: it exports no `memory`/`alloc`"
+                    )
+                )
+            needed = len(input) + len(env_bytes) + module.min_memory_bytes
+            if needed > lim.memory_bytes:
+                raise _with_metering(_too_big(len(input) + len(env_bytes), lim))
+        elif module.kind == "wasi":
+            encode_env(env)  # validation only: WASI gets the pairs
+        if module.min_memory_bytes > lim.memory_bytes:
+            raise _with_metering(
+                MemoryLimit(
+                    f"module needs {module.min_memory_bytes} bytes of memory at start, "
+                    f"over the {lim.memory_bytes}-byte limit",
+                    {"memory_bytes": lim.memory_bytes},
+                )
+            )
+        return self._run(module, kind, index, input, env_bytes, env, lim)
+
+    def _run(
+        self,
+        cm: CompiledModule,
+        kind: EntryKind,
+        index: int,
+        data: bytes,
+        env_bytes: bytes,
+        env: dict[str, str],
+        lim: Limits,
+    ) -> ExecutionResult:
+        raw = _raw
+        state = self._state
+        i32 = self._i32
+        trap = self._trap
+        trap.value = None
+        stderr: StderrSink | None = None
+        failure: WasmCoreError | None = None
+        fuel_left = 0
+        memory_size = 0
+
+        started = time.perf_counter_ns()
+        store = raw.store_new(self._engine_addr, None, None)
+        ctx = raw.store_context(store)
+        state.reset(ctx, lim.output_bytes, lim.log_bytes)
+        try:
+            raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
+            raw.context_set_fuel(ctx, lim.fuel)
+            # +1: the first tick may come right after this call; never time out early.
+            raw.context_set_epoch_deadline(ctx, math.ceil(lim.timeout_ms / self._tick_ms) + 1)
+            if cm.kind == "wasi" or cm.needs_wasi:
+                stderr = StderrSink(state)
+                self._install_wasi(ctx, cm, state, env, data, stderr)
+
+            error = raw.instance_pre_instantiate(
+                cm.pre_addr, ctx, self._instance_addr, self._trap_addr
+            )
+            if error or trap.value:
+                raise _Failed(error or 0, trap.value or 0)
+            if not cm.verified:
+                self._verify_exports(ctx, cm)
+            if cm.memory_index is not None:
+                self._export(ctx, cm.memory_index, state.memory_extern_addr)
+                state.has_memory = True
+            if cm.initialize_index is not None:
+                self._call(ctx, cm.initialize_index, 0)
+
+            if kind is EntryKind.ABI:
+                in_ptr = self._place(ctx, cm, data, lim) if data else 0
+                env_ptr = self._place(ctx, cm, env_bytes, lim) if env_bytes else 0
+                i32[0].value = in_ptr
+                i32[1].value = len(data)
+                i32[2].value = env_ptr
+                i32[3].value = len(env_bytes)
+                self._call(ctx, index, 4)
+                code = i32[0].value
+            elif kind is EntryKind.STATUS:
+                self._call(ctx, index, 1)
+                code = i32[0].value
+            else:
+                self._call(ctx, index, 0)
+                code = 0
+            if code:
+                failure = plugin_code_error(code, lim, state.memory_size())
+        except _Failed as failed:
+            failure = self._classify(failed, lim)
+        except WasmCoreError as exc:
+            failure = exc
+        finally:
+            if state.failure is not None:
+                # The host decided (output cap): that explains whatever happened next.
+                failure = state.failure
+            raw.context_get_fuel(ctx, self._fuel_addr)
+            fuel_left = self._fuel.value
+            memory_size = state.memory_size()
+            if stderr is not None:
+                stderr.flush()
+            state.detach()
+            raw.store_delete(store)
+        metering = Metering(
+            fuel_consumed=max(0, lim.fuel - fuel_left),
+            wall_time_us=(time.perf_counter_ns() - started) // 1000,
+            peak_memory_bytes=memory_size,
+        )
+        if failure is not None:
+            failure.details.update(
+                fuel_consumed=metering.fuel_consumed,
+                wall_time_us=metering.wall_time_us,
+                peak_memory_bytes=metering.peak_memory_bytes,
+                logs=state.logs,
+                logs_truncated=state.logs_truncated,
+            )
+            raise failure
+        return ExecutionResult(
+            output=b"".join(state.output),
+            logs=state.logs,
+            metering=metering,
+            logs_truncated=state.logs_truncated,
+        )
+
+    # ------------------------------------------------------------------ raw helpers
+
+    def _call(self, ctx: int, export_index: int, nargs: int) -> None:
+        """Call the function export `export_index` with args already in self._args."""
+        self._export(ctx, export_index, self._func_extern_addr)
+        error = _raw.func_call_unchecked(
+            ctx, self._func_addr, self._args_addr, nargs, self._trap_addr
+        )
+        if error or self._trap.value:
+            raise _Failed(error or 0, self._trap.value or 0)
+
+    def _export(self, ctx: int, export_index: int, out_addr: int) -> None:
+        if not _raw.instance_export_nth(
+            ctx, self._instance_addr, export_index, self._name_ptr_addr, self._name_len_addr,
+            out_addr,
+        ):
+            raise InternalError(f"export #{export_index} missing from the instance")
+
+    def _verify_exports(self, ctx: int, cm: CompiledModule) -> None:
+        """Once per module: the instance's export order must be the module's (the hot path
+        addresses exports by index). Cheap insurance against a wasmtime behaviour change."""
+        extern = ffi.wasmtime_extern_t()
+        for i, export in enumerate(cm.module.exports):
+            self._export(ctx, i, ctypes.addressof(extern))
+            got = ctypes.string_at(self._name_ptr.value or 0, self._name_len.value)
+            if got != export.name.encode():
+                raise InternalError(f"export #{i} is {got!r}, expected {export.name!r}")
+        cm.verified = True
+
+    def _place(self, ctx: int, cm: CompiledModule, data: bytes, lim: Limits) -> int:
+        """alloc(len) in the guest, then copy `data` there; returns the guest pointer."""
+        assert cm.alloc_index is not None
+        state = self._state
+        n = len(data)
+        self._i32[0].value = n
+        try:
+            self._call(ctx, cm.alloc_index, 1)
+        except _Failed as failed:
+            if state.memory_size() + n > lim.memory_bytes:
+                self._discard(failed)
+                raise _too_big(n, lim) from None
+            raise
+        ptr = self._u32_0.value
+        size = state.memory_size()
+        if ptr + n > size:
+            if memory_at_cap(size, lim) or size + n > lim.memory_bytes:
+                raise _too_big(n, lim)
+            raise Trap(
+                f"alloc({n}) returned {ptr:#x}, outside the plugin's memory",
+                {"trap_code": None},
+            )
+        ctypes.memmove(_raw.memory_data(ctx, state.memory_addr) + ptr, data, n)
+        return ptr
+
+    def _install_wasi(
+        self,
+        ctx: int,
+        cm: CompiledModule,
+        state: HostState,
+        env: dict[str, str],
+        data: bytes,
+        stderr: StderrSink,
+    ) -> None:
+        is_command = cm.kind == "wasi"
+        config = make_wasi_config(
+            state,
+            env if is_command else {},
+            data if is_command else b"",
+            stderr,
+            stdout_is_output=is_command,
+        )
+        # The store takes ownership of the config (and frees it with the store).
+        error = _raw.context_set_wasi(ctx, ctypes.cast(config._consume(), ctypes.c_void_p).value)
+        if error:
+            raise _Failed(error, 0)
+
+    def _classify(self, failed: _Failed, lim: Limits) -> WasmCoreError | None:
+        """Map (and free) what a raw call reported; None = success (WASI `exit(0)`)."""
+        memory_size = self._state.memory_size()
+        if failed.trap:
+            if failed.error:  # never both in practice; free it anyway
+                _raw.take_error(failed.error).close()
+            trap = _raw.take_trap(failed.trap)
+            try:
+                return classify_trap(trap, lim, memory_size)
+            finally:
+                trap.close()
+        error = _raw.take_error(failed.error)
+        try:
+            return classify_error(error, lim, memory_size)
+        finally:
+            error.close()
+
+    @staticmethod
+    def _discard(failed: _Failed) -> None:
+        if failed.trap:
+            _raw.take_trap(failed.trap).close()
+        if failed.error:
+            _raw.take_error(failed.error).close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InternalError("sandbox is closed")
+
+
+def _engine_config(config: SandboxConfig) -> wasmtime.Config:
+    engine_config = wasmtime.Config()
+    engine_config.epoch_interruption = True
+    engine_config.consume_fuel = True
+    engine_config.max_wasm_stack = config.max_wasm_stack
+    if config.pool_slots > 0:
+        page = 64 * 1024
+        max_memory = -(-config.default_limits.memory_bytes // page) * page
+        _raw.enable_pooling(
+            engine_config, config.pool_slots, max_memory, config.keep_resident_bytes
+        )
+    return engine_config
+
+
+def _wat_to_wasm(data: bytes) -> bytes:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Not text either: let wasmtime's binary validator explain what is wrong.
+        return data
+    try:
+        return bytes(wasmtime.wat2wasm(text))
+    except wasmtime.WasmtimeError as exc:
+        raise InvalidModule(f"invalid WAT text: {exc}", {"reason": str(exc)}) from None
+
+
+def encode_env(env: dict[str, str]) -> bytes:
+    """`KEY=VALUE\\0` entries, in the given order. Keys may not contain '=' or NUL."""
+    parts: list[bytes] = []
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise BadRequest(
+                f"invalid environment entry {key!r}: keys must be non-empty without '=' or NUL, "
+                "values without NUL",
+                {"key": key},
+            )
+        parts.append(f"{key}={value}\0".encode())
+    return b"".join(parts)
+
+
+def _too_big(n: int, lim: Limits) -> MemoryLimit:
+    return MemoryLimit(
+        f"input of {n} bytes does not fit in the {lim.memory_bytes}-byte memory limit",
+        {"memory_bytes": lim.memory_bytes, "input_bytes": n},
+    )
+
+
+def _with_metering(error: WasmCoreError) -> WasmCoreError:
+    """Errors raised before anything ran still carry the (zero) metering and empty logs."""
+    error.details.update(
+        fuel_consumed=0, wall_time_us=0, peak_memory_bytes=0, logs=[], logs_truncated=False
+    )
+    return error

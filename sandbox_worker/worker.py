@@ -1,0 +1,319 @@
+"""The worker process: one Sandbox, a DEALER to the supervisor, a SUB for reload broadcasts.
+
+The main thread owns the Store (wasmtime stores are not thread-safe) and runs one job at a
+time. A heartbeat thread with its own socket tells the supervisor the process is alive even
+while a long execution runs; a stopped or wedged process stops heartbeating.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from wasmcore.sandbox_worker.limits import ExecutionResult, Limits
+from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox, SandboxConfig
+from wasmcore.supervisor import protocol as p
+from wasmcore.supervisor.errors import InternalError, WasmCoreError
+
+_PR_SET_PDEATHSIG = 1
+
+# Exit codes the supervisor reads (gunicorn's arbiter does the same with WORKER_BOOT_ERROR).
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3
+EXIT_PARENT_GONE = 4
+
+
+class WorkerSettings(msgspec.Struct, kw_only=True):
+    worker_id: str
+    back_endpoint: str
+    pub_endpoint: str
+    parent_pid: int
+    sandbox: SandboxConfig = SandboxConfig()
+    heartbeat_interval_ms: int = 250
+    rlimit_data_bytes: int = 0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies, then close the race window."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent check in the loop still ends us
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_PARENT_GONE)
+
+
+def cap_data_segment(limit_bytes: int) -> None:
+    """RLIMIT_DATA backs up the RSS watchdog. Unlike RLIMIT_AS it ignores wasmtime's
+    PROT_NONE address-space reservations and counts only memory actually made writable."""
+    if limit_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.sandbox = Sandbox(settings.sandbox)
+        self.modules: dict[str, CompiledModule] = {}
+        self.ctx = zmq.Context()
+        self.back = self.ctx.socket(zmq.DEALER)
+        self.back.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
+        self.back.setsockopt(zmq.LINGER, 1000)
+        self.back.connect(settings.back_endpoint)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(settings.pub_endpoint)
+        self.busy_token = 0
+        self.running = True
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        self.back.send(
+            p.encode(
+                p.Ready(
+                    worker_id=self.settings.worker_id,
+                    pid=os.getpid(),
+                    fingerprint=Sandbox.engine_fingerprint(),
+                )
+            )
+        )
+        self._heartbeat.start()
+        poller = zmq.Poller()
+        poller.register(self.back, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
+        try:
+            while self.running:
+                events = dict(poller.poll(1000))
+                if os.getppid() != self.settings.parent_pid:
+                    return EXIT_PARENT_GONE
+                if self.sub in events:
+                    self._drain_broadcasts()
+                if self.back in events:
+                    self._drain_jobs()
+        finally:
+            self.close()
+        return EXIT_OK
+
+    def _drain_jobs(self) -> None:
+        while self.running:
+            try:
+                frames = self.back.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        try:
+            command = p.command_decoder.decode(frames[0].buffer)
+        except msgspec.DecodeError:
+            return  # only the supervisor talks to us; a bad frame is a bug, not a tenant
+        payload = frames[1].bytes if len(frames) > 1 else b""
+        match command:
+            case p.RunJob():
+                self.busy_token = command.token
+                try:
+                    self._run(command, payload)
+                finally:
+                    self.busy_token = 0
+            case p.CompileJob():
+                self.busy_token = command.token
+                try:
+                    self._compile(command)
+                finally:
+                    self.busy_token = 0
+            case p.Shutdown():
+                self.running = False
+
+    def _drain_broadcasts(self) -> None:
+        while True:
+            try:
+                raw = self.sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = p.broadcast_decoder.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            if message.removed:
+                self.modules.pop(message.sha256, None)
+                continue
+            if message.sha256 not in self.modules and Path(message.artifact_path).exists():
+                try:
+                    self.modules[message.sha256] = self.sandbox.load_serialized(
+                        message.artifact_path, message.sha256
+                    )
+                except WasmCoreError:
+                    pass  # fetched again, or compiled, when a job needs it
+
+    # ------------------------------------------------------------------ jobs
+
+    def _module(self, ref: p.ModuleRef) -> CompiledModule:
+        """The exact version the job names: a worker that missed a broadcast catches up here."""
+        module = self.modules.get(ref.sha256)
+        if module is not None:
+            return module
+        if ref.artifact_path and Path(ref.artifact_path).exists():
+            try:
+                module = self.sandbox.load_serialized(ref.artifact_path, ref.sha256)
+            except WasmCoreError:
+                module = None
+        if module is None:
+            module = self.sandbox.compile(Path(ref.blob_path).read_bytes())
+        self.modules[ref.sha256] = module
+        return module
+
+    def _run(self, job: p.RunJob, payload: bytes) -> None:
+        limits = Limits(
+            timeout_ms=job.timeout_ms,
+            fuel=job.fuel,
+            memory_bytes=job.memory_bytes,
+            output_bytes=self.settings.sandbox.default_limits.output_bytes,
+            log_bytes=self.settings.sandbox.default_limits.log_bytes,
+        )
+        pid = os.getpid()
+        data = payload
+        steps: list[p.StepResult] = []
+        fuel_total = 0
+        result: ExecutionResult | None = None
+        for index, ref in enumerate(job.modules):
+            try:
+                module = self._module(ref)
+                result = self.sandbox.execute(
+                    module, data, env=job.env, entry=job.entry, limits=limits
+                )
+            except WasmCoreError as exc:
+                details = dict(exc.details)
+                message = exc.message
+                if job.chain:
+                    details.update(step=index, binary_id=ref.binary_id, steps_done=len(steps))
+                    message = f"chain step {index} ({ref.binary_id}) failed: {exc.message}"
+                self._reply_error(job, exc.code, message, details)
+                return
+            except Exception as exc:  # a bug of ours must still answer the request
+                self._reply_error(job, InternalError.code, f"worker error: {exc!r}", {})
+                return
+            fuel_total += result.metering.fuel_consumed
+            data = result.output
+            if job.chain:
+                steps.append(
+                    p.StepResult(
+                        binary_id=ref.binary_id,
+                        version=ref.version,
+                        output_bytes=len(result.output),
+                        logs=result.logs,
+                        metering=_metering(result),
+                    )
+                )
+        assert result is not None
+        if job.chain:
+            header: Any = p.Chained(id=job.request_id, steps=steps, worker_pid=pid)
+        else:
+            ref = job.modules[0]
+            header = p.Executed(
+                id=job.request_id,
+                logs=result.logs,
+                logs_truncated=result.logs_truncated,
+                metering=_metering(result),
+                binary_id=ref.binary_id,
+                version=ref.version,
+                worker_pid=pid,
+            )
+        done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
+        self.back.send_multipart([p.encode(done), p.encode(header), data], copy=len(data) < 65536)
+
+    def _reply_error(
+        self, job: p.RunJob | p.CompileJob, code: str, message: str, details: dict[str, Any]
+    ) -> None:
+        done = p.JobDone(token=job.token, code=code)
+        reply = p.ErrorReply(id=job.request_id, code=code, message=message, details=details)
+        self.back.send_multipart([p.encode(done), p.encode(reply)])
+
+    def _compile(self, job: p.CompileJob) -> None:
+        ref = job.module
+        try:
+            module = self.sandbox.compile(Path(ref.blob_path).read_bytes())
+            Path(ref.artifact_path).parent.mkdir(parents=True, exist_ok=True)
+            self.sandbox.serialize(module, ref.artifact_path)
+        except WasmCoreError as exc:
+            self._reply_error(job, exc.code, exc.message, dict(exc.details))
+            return
+        except Exception as exc:
+            self._reply_error(job, InternalError.code, f"compile failed: {exc!r}", {})
+            return
+        self.modules[ref.sha256] = module
+        done = p.JobDone(token=job.token, kind=module.kind, exports=list(module.exports))
+        self.back.send_multipart([p.encode(done)])
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _heartbeat_loop(self) -> None:
+        socket = self.ctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.IDENTITY, f"{self.settings.worker_id}.hb".encode())
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 4)
+        socket.connect(self.settings.back_endpoint)
+        interval = self.settings.heartbeat_interval_ms / 1000
+        try:
+            while not self._stop_heartbeat.wait(interval):
+                beat = p.Heartbeat(worker_id=self.settings.worker_id, busy_token=self.busy_token)
+                try:
+                    socket.send(p.encode(beat), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        finally:
+            socket.close()
+
+    def close(self) -> None:
+        self._stop_heartbeat.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(timeout=2)
+        self.sandbox.close()
+        self.back.close()
+        self.sub.close()
+        self.ctx.term()
+
+
+def _metering(result: ExecutionResult) -> p.MeteringInfo:
+    m = result.metering
+    return p.MeteringInfo(
+        fuel_consumed=m.fuel_consumed,
+        wall_time_us=m.wall_time_us,
+        peak_memory_bytes=m.peak_memory_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m wasmcore.sandbox_worker <settings-json>", file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    try:
+        settings = msgspec.json.decode(args[0], type=WorkerSettings)
+    except msgspec.DecodeError as exc:
+        print(f"wasm-core worker: bad settings: {exc}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    die_with_parent(settings.parent_pid)
+    # The supervisor owns shutdown; a terminal's Ctrl-C must not kill workers mid-request.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))
+    try:
+        cap_data_segment(settings.rlimit_data_bytes)
+        worker = Worker(settings)
+    except Exception as exc:
+        print(f"wasm-core worker {settings.worker_id}: cannot start: {exc!r}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    return worker.run()

@@ -1,0 +1,1 @@
+"""The supervisor process, the wire protocol, the client and the CLI."""

@@ -1,0 +1,267 @@
+"""Python clients: `Client` (blocking) and `AsyncClient` (asyncio, many requests in flight).
+
+Both speak DEALER to the supervisor's ROUTER. Errors come back as the exception class of their
+code (see `wasmcore.supervisor.errors`). Every wait is bounded by the client's timeout; a reply
+that arrives after its request timed out is recognised by its id and discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from wasmcore.supervisor import protocol as p
+from wasmcore.supervisor.config import default_endpoint
+from wasmcore.supervisor.errors import Unavailable, error_from_code
+
+ENDPOINT_ENV = "WASM_CORE_ENDPOINT"
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    return endpoint or os.environ.get(ENDPOINT_ENV) or default_endpoint()
+
+
+@dataclass(slots=True)
+class Execution:
+    """The result of one execute: the plugin's output, its logs and its metering."""
+
+    output: bytes
+    logs: list[str]
+    metering: p.MeteringInfo
+    binary_id: str = ""
+    version: int = 0
+    worker_pid: int = 0
+    logs_truncated: bool = False
+
+
+@dataclass(slots=True)
+class ChainExecution:
+    output: bytes
+    steps: list[p.StepResult] = field(default_factory=list)
+    worker_pid: int = 0
+
+
+def _execute_request(binary_id: str, input: bytes | str, tenant: str, timeout_ms: int | None,
+                     memory_mb: int | None, fuel: int | None, env: Mapping[str, str] | None,
+                     entry: str | None) -> tuple[p.Execute, bytes]:
+    data = input.encode() if isinstance(input, str) else bytes(input)
+    request = p.Execute(binary_id=binary_id, tenant=tenant, timeout_ms=timeout_ms,
+                        memory_mb=memory_mb, fuel=fuel, env=dict(env or {}), entry=entry)
+    return request, data
+
+
+def _load_request(path: str | os.PathLike[str] | None, data: bytes | None, name: str | None,
+                  tenant: str) -> tuple[p.Load, bytes | None]:
+    if path is not None and data is not None:
+        raise ValueError("load takes a path or data, not both")
+    if path is not None:
+        # A path means the server's filesystem; on one host, the caller's cwd is what a user
+        # means by a relative path.
+        return p.Load(tenant=tenant, path=str(Path(path).absolute()), name=name), None
+    if data is None:
+        raise ValueError("load needs a path or data")
+    if not name:
+        raise ValueError("loading bytes needs a name")
+    return p.Load(tenant=tenant, name=name), bytes(data)
+
+
+def _unpack(reply: Any, payload: bytes) -> Any:
+    match reply:
+        case p.ErrorReply():
+            raise error_from_code(reply.code, reply.message, reply.details)
+        case p.Executed():
+            return Execution(output=payload, logs=reply.logs, metering=reply.metering,
+                             binary_id=reply.binary_id, version=reply.version,
+                             worker_pid=reply.worker_pid, logs_truncated=reply.logs_truncated)
+        case p.Chained():
+            return ChainExecution(output=payload, steps=reply.steps, worker_pid=reply.worker_pid)
+        case _:
+            return reply
+
+
+class Client:
+    """A blocking client. One request at a time; not thread-safe (use one per thread)."""
+
+    def __init__(self, endpoint: str | None = None, tenant: str = p.DEFAULT_TENANT,
+                 timeout_s: float = 30.0, context: zmq.Context[Any] | None = None) -> None:
+        self.endpoint = resolve_endpoint(endpoint)
+        self.tenant = tenant
+        self.timeout_s = timeout_s
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._socket = self._ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.endpoint)
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self._socket.close()
+        if self._own_context:
+            self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, request: Any, payload: bytes | None = None,
+             timeout_s: float | None = None) -> tuple[Any, bytes]:
+        """Send one request and wait for its reply: (reply header, payload bytes)."""
+        request.id = next(self._ids)
+        frames = [p.encode(request)] if payload is None else [p.encode(request), payload]
+        self._socket.send_multipart(frames, copy=payload is None or len(payload) < 65536)
+        wait_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
+        while True:
+            if not self._socket.poll(wait_ms):
+                raise Unavailable(
+                    f"no reply from {self.endpoint} within {wait_ms} ms; is `wasm-core` running?",
+                    {"endpoint": self.endpoint},
+                )
+            reply_frames = self._socket.recv_multipart()
+            reply = p.reply_decoder.decode(reply_frames[0])
+            if reply.id == request.id:
+                return reply, reply_frames[1] if len(reply_frames) > 1 else b""
+            # An older request's late reply (it timed out here): not ours, skip it.
+
+    def _timeout_for(self, timeout_ms: int | None) -> float:
+        return max(self.timeout_s, (timeout_ms or 0) / 1000 + 5)
+
+    def load(self, path: str | os.PathLike[str] | None = None, *, data: bytes | None = None,
+             name: str | None = None) -> p.Loaded:
+        request, payload = _load_request(path, data, name, self.tenant)
+        return _unpack(*self.call(request, payload, max(self.timeout_s, 120)))
+
+    def execute(self, binary_id: str, input: bytes | str = b"", *, timeout_ms: int | None = None,
+                memory_mb: int | None = None, fuel: int | None = None,
+                env: Mapping[str, str] | None = None, entry: str | None = None) -> Execution:
+        request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
+                                         fuel, env, entry)
+        return _unpack(*self.call(request, data, self._timeout_for(timeout_ms)))
+
+    def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
+              timeout_ms: int | None = None, memory_mb: int | None = None,
+              fuel: int | None = None, env: Mapping[str, str] | None = None) -> ChainExecution:
+        ids = list(binary_ids)
+        data = input.encode() if isinstance(input, str) else bytes(input)
+        request = p.Chain(binary_ids=ids, tenant=self.tenant, timeout_ms=timeout_ms,
+                          memory_mb=memory_mb, fuel=fuel, env=dict(env or {}))
+        timeout = self.timeout_s + len(ids) * (timeout_ms or 0) / 1000
+        return _unpack(*self.call(request, data, timeout))
+
+    def list(self) -> list[p.BinaryInfo]:
+        return _unpack(*self.call(p.ListBinaries(tenant=self.tenant))).binaries
+
+    def unload(self, binary_id: str) -> None:
+        _unpack(*self.call(p.Unload(tenant=self.tenant, binary_id=binary_id)))
+
+    def stats(self) -> p.StatsReply:
+        return _unpack(*self.call(p.Stats(tenant=self.tenant)))
+
+
+class AsyncClient:
+    """An asyncio client: any number of requests in flight on one connection.
+
+    A single reader task routes each reply to the future of the request with its id.
+    """
+
+    def __init__(self, endpoint: str | None = None, tenant: str = p.DEFAULT_TENANT,
+                 timeout_s: float = 30.0) -> None:
+        self.endpoint = resolve_endpoint(endpoint)
+        self.tenant = tenant
+        self.timeout_s = timeout_s
+        self._ctx = zmq.asyncio.Context()
+        self._socket = self._ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.connect(self.endpoint)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[Any, bytes]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(Unavailable("client closed"))
+        self._socket.close()
+        self._ctx.term()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read_replies(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart()
+            reply = p.reply_decoder.decode(frames[0])
+            future = self._pending.pop(reply.id, None)
+            if future is not None and not future.done():
+                future.set_result((reply, frames[1] if len(frames) > 1 else b""))
+
+    async def call(self, request: Any, payload: bytes | None = None,
+                   timeout_s: float | None = None) -> tuple[Any, bytes]:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        request.id = next(self._ids)
+        future: asyncio.Future[tuple[Any, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = future
+        frames = [p.encode(request)] if payload is None else [p.encode(request), payload]
+        await self._socket.send_multipart(frames, copy=payload is None or len(payload) < 65536)
+        wait = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return await asyncio.wait_for(future, wait)
+        except TimeoutError:
+            raise Unavailable(f"no reply from {self.endpoint} within {wait:.1f} s",
+                              {"endpoint": self.endpoint}) from None
+        finally:
+            self._pending.pop(request.id, None)
+
+    async def load(self, path: str | os.PathLike[str] | None = None, *,
+                   data: bytes | None = None, name: str | None = None) -> p.Loaded:
+        request, payload = _load_request(path, data, name, self.tenant)
+        return _unpack(*await self.call(request, payload, max(self.timeout_s, 120)))
+
+    async def execute(self, binary_id: str, input: bytes | str = b"", *,
+                      timeout_ms: int | None = None, memory_mb: int | None = None,
+                      fuel: int | None = None, env: Mapping[str, str] | None = None,
+                      entry: str | None = None) -> Execution:
+        request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
+                                         fuel, env, entry)
+        timeout = max(self.timeout_s, (timeout_ms or 0) / 1000 + 5)
+        return _unpack(*await self.call(request, data, timeout))
+
+    async def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
+                    timeout_ms: int | None = None, memory_mb: int | None = None,
+                    fuel: int | None = None,
+                    env: Mapping[str, str] | None = None) -> ChainExecution:
+        ids = list(binary_ids)
+        data = input.encode() if isinstance(input, str) else bytes(input)
+        request = p.Chain(binary_ids=ids, tenant=self.tenant, timeout_ms=timeout_ms,
+                          memory_mb=memory_mb, fuel=fuel, env=dict(env or {}))
+        return _unpack(*await self.call(request, data))
+
+    async def list(self) -> list[p.BinaryInfo]:
+        return _unpack(*await self.call(p.ListBinaries(tenant=self.tenant))).binaries
+
+    async def unload(self, binary_id: str) -> None:
+        _unpack(*await self.call(p.Unload(tenant=self.tenant, binary_id=binary_id)))
+
+    async def stats(self) -> p.StatsReply:
+        return _unpack(*await self.call(p.Stats(tenant=self.tenant)))

@@ -1,0 +1,225 @@
+"""Configuration: typed, validated TOML with a built-in default for every setting.
+
+`load_config` refuses unknown keys and wrong types with a message naming the key and its line,
+so a typo stops the service at start instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from wasmcore.sandbox_worker.limits import Limits
+
+MiB = 1024 * 1024
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    endpoint: str = ""  # empty: ipc://<runtime dir>/wasm-core.sock
+    data_dir: str = ""  # empty: $XDG_DATA_HOME/wasm-core or ~/.local/share/wasm-core
+    artifact_dir: str = ""  # empty: /dev/shm/wasm-core-<uid> (or the runtime dir)
+    max_queue: int = 4096
+    max_payload_bytes: int = 64 * MiB
+    log_level: str = "info"
+
+
+class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    workers: int = 0  # 0: one per core
+    heartbeat_interval_ms: int = 250
+    heartbeat_timeout_ms: int = 3000
+    start_timeout_ms: int = 20000
+    deadline_grace_ms: int = 1000
+    watchdog_interval_ms: int = 250
+    rss_soft_limit_mb: int = 768
+    rss_hard_limit_mb: int = 1536
+    rlimit_data_mb: int = 4096
+    max_executions_per_worker: int = 200_000
+    recycle_jitter: float = 0.1
+    restart_backoff_initial_ms: int = 100
+    restart_backoff_max_ms: int = 5000
+    breaker_failures: int = 10
+    breaker_window_s: float = 60.0
+    shutdown_grace_ms: int = 10000
+    python: str = ""  # interpreter for workers; empty: the supervisor's own
+
+
+class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    timeout_ms: int = 5000
+    fuel: int = 2_000_000_000
+    memory_mb: int = 64
+    output_bytes: int = 16 * MiB
+    log_bytes: int = 1 * MiB
+    max_wasm_stack: int = 512 * 1024
+
+    def to_limits(self) -> Limits:
+        return Limits(
+            timeout_ms=self.timeout_ms,
+            fuel=self.fuel,
+            memory_bytes=self.memory_mb * MiB,
+            output_bytes=self.output_bytes,
+            log_bytes=self.log_bytes,
+        )
+
+
+class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Settings for the binaries of one name (any tenant), under [binaries.<name>]."""
+
+    entries: list[str] = []  # allowed entry functions, tried in order when a call names none
+    timeout_ms: int | None = None
+    fuel: int | None = None
+    memory_mb: int | None = None
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    binaries: dict[str, BinaryConfig] = {}
+
+
+class ConfigError(ValueError):
+    """An invalid config file; the message names the key and, when found, its line."""
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    if path is None:
+        return validate(Config())
+    text = Path(path).read_text(encoding="utf-8")
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_locate(str(exc), text, source)) from None
+    return validate(config, text, source)
+
+
+def validate(config: Config, text: str = "", source: str = "<config>") -> Config:
+    checks: list[tuple[str, bool, str]] = [
+        ("pool.workers", config.pool.workers >= 0, "must be 0 (one per core) or more"),
+        ("pool.heartbeat_interval_ms", config.pool.heartbeat_interval_ms > 0, "must be > 0"),
+        (
+            "pool.heartbeat_timeout_ms",
+            config.pool.heartbeat_timeout_ms > config.pool.heartbeat_interval_ms,
+            "must be greater than heartbeat_interval_ms",
+        ),
+        (
+            "pool.rss_hard_limit_mb",
+            config.pool.rss_hard_limit_mb >= config.pool.rss_soft_limit_mb,
+            "must be at least rss_soft_limit_mb",
+        ),
+        ("pool.max_executions_per_worker", config.pool.max_executions_per_worker > 0, "> 0"),
+        ("pool.recycle_jitter", 0 <= config.pool.recycle_jitter < 1, "must be in [0, 1)"),
+        ("server.max_queue", config.server.max_queue >= 0, "must be >= 0"),
+        ("server.max_payload_bytes", config.server.max_payload_bytes > 0, "must be > 0"),
+        ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
+        ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
+        ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),
+        ("limits.output_bytes", config.limits.output_bytes > 0, "must be > 0"),
+        ("limits.log_bytes", config.limits.log_bytes >= 0, "must be >= 0"),
+        ("limits.max_wasm_stack", config.limits.max_wasm_stack >= 64 * 1024, ">= 65536"),
+    ]
+    endpoint = config.server.endpoint
+    checks.append(
+        (
+            "server.endpoint",
+            endpoint == "" or endpoint.startswith(("ipc://", "tcp://")),
+            "must start with ipc:// or tcp://",
+        )
+    )
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(_with_line(f"{source}: `{key}` {why}", key, text))
+    return config
+
+
+def _locate(message: str, text: str, source: str) -> str:
+    """Turn msgspec's `... - at `$.pool.workers`` into a message with the key's line."""
+    match = re.search(r"at `\$\.?([^`]*)`", message)
+    key = match.group(1) if match else ""
+    unknown = re.search(r"unknown field `([^`]*)`", message)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+    return _with_line(f"{source}: {message}", key, text)
+
+
+def _with_line(message: str, dotted_key: str, text: str) -> str:
+    line = _find_key_line(dotted_key, text)
+    return f"{message} (line {line})" if line else message
+
+
+def _find_key_line(dotted_key: str, text: str) -> int | None:
+    if not dotted_key or not text:
+        return None
+    parts = [p.strip("[]'\"") for p in re.split(r"\.|\[", dotted_key) if p]
+    leaf = parts[-1]
+    table = ".".join(parts[:-1])
+    current_table = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[+\s*([^\]]+?)\s*\]+", stripped)
+        if header:
+            current_table = header.group(1).replace('"', "")
+            if current_table == ".".join(parts):
+                return number
+            continue
+        key = re.match(r"^([A-Za-z0-9_\-\"]+)\s*=", stripped)
+        if key and key.group(1).strip('"') == leaf and current_table == table:
+            return number
+    return None
+
+
+# --------------------------------------------------------------------------- default places
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.access(base, os.W_OK):
+        return Path(base) / "wasm-core"
+    return Path(tempfile.gettempdir()) / f"wasm-core-{os.getuid()}"
+
+
+def default_endpoint() -> str:
+    return f"ipc://{runtime_dir() / 'wasm-core.sock'}"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "wasm-core"
+
+
+def default_artifact_dir() -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm / f"wasm-core-{os.getuid()}"
+    return runtime_dir() / "artifacts"
+
+
+def resolved(config: Config) -> Config:
+    """The config with every empty place filled in with its default."""
+    server = msgspec.structs.replace(
+        config.server,
+        endpoint=config.server.endpoint or default_endpoint(),
+        data_dir=config.server.data_dir or str(default_data_dir()),
+        artifact_dir=config.server.artifact_dir or str(default_artifact_dir()),
+    )
+    pool = config.pool
+    if pool.workers == 0:
+        pool = msgspec.structs.replace(pool, workers=os.cpu_count() or 1)
+    return msgspec.structs.replace(config, server=server, pool=pool)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(config)

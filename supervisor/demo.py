@@ -1,0 +1,96 @@
+"""`wasm-core demo`: start the real service on the default config, drive it with the real CLI
+over the sample plugins, print every command and its output, then stop the service cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from wasmcore.supervisor.client import Client
+from wasmcore.supervisor.errors import WasmCoreError
+
+_READY_TIMEOUT_S = 60.0
+
+
+def _sample(name: str) -> Path:
+    return Path(str(resources.files("wasmcore.plugins") / name))
+
+
+def _cli(*args: str, endpoint: str | None) -> str:
+    command = ["wasm-client", *args]
+    print(f"$ {shlex.join(command)}", flush=True)
+    argv = [sys.executable, "-m", "wasmcore.supervisor.cli_client"]
+    if endpoint:
+        argv += ["--endpoint", endpoint]
+    done = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60)
+    if done.stdout:
+        print(done.stdout.rstrip("\n"))
+    if done.stderr:
+        print(done.stderr.rstrip("\n"))
+    if done.returncode != 0:
+        raise RuntimeError(f"`{shlex.join(command)}` failed with status {done.returncode}")
+    return done.stdout.strip()
+
+
+def _wait_ready(endpoint: str | None, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"wasm-core exited with status {server.returncode} at start")
+        try:
+            with Client(endpoint, timeout_s=1.0) as client:
+                stats = client.stats()
+            if any(w.state in ("idle", "busy") for w in stats.workers):
+                return
+        except WasmCoreError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"wasm-core did not become ready within {_READY_TIMEOUT_S:.0f}s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wasm-core demo")
+    parser.add_argument("--endpoint", help="serve the demo on this endpoint instead")
+    args = parser.parse_args(argv)
+    server_argv = [sys.executable, "-m", "wasmcore.supervisor.cli_server"]
+    if args.endpoint:
+        server_argv += ["--endpoint", args.endpoint]
+    print(f"$ wasm-core {' '.join(server_argv[3:])} &", flush=True)
+    server = subprocess.Popen(server_argv, env=os.environ.copy())
+    try:
+        _wait_ready(args.endpoint, server)
+        ep = args.endpoint
+        upper = _cli("load", "--path", str(_sample("uppercase.wat")), endpoint=ep)
+        rot13 = _cli("load", "--path", str(_sample("rot13.wat")), endpoint=ep)
+        counter = _cli("load", "--path", str(_sample("counter.wat")), endpoint=ep)
+        env_reader = _cli("load", "--path", str(_sample("env_reader.wat")), endpoint=ep)
+        _cli("execute", "--binary-id", upper, "--input", "hello from wasm-core", endpoint=ep)
+        _cli("execute", "--binary-id", counter, "--input", "one two three\nfour\n", endpoint=ep)
+        _cli("execute", "--binary-id", env_reader, "--env", "GREETING=hi", "--env", "LANG=wat",
+             endpoint=ep)
+        _cli("chain", "--binary-ids", f"{upper},{rot13}", "--input", "hello chain",
+             endpoint=ep)
+        _cli("--json", "execute", "--binary-id", upper, "--input", "metered", endpoint=ep)
+        _cli("list", endpoint=ep)
+        _cli("stats", endpoint=ep)
+        print("demo finished: the service answered every request; stopping it (SIGTERM)")
+        return 0
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

@@ -1,0 +1,27 @@
+"""A unit of work waiting for, or running on, a worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+# Called with (error code or "", JobDone, remaining frames) when the job ends, in place of
+# forwarding the worker's reply to a client. Used by loads, whose reply the supervisor builds.
+Completion = Callable[[str, Any, list[zmq.Frame]], None]
+
+
+@dataclass(eq=False, slots=True)
+class PendingJob:
+    token: int
+    envelope: list[bytes] | None  # the client's ROUTER envelope; None for internal jobs
+    request_id: int
+    header: bytes
+    payload: Any  # bytes or zmq.Frame, or None
+    budget_s: float  # how long the execution may run, before the supervisor's grace
+    binary_ids: list[str] = field(default_factory=list)
+    on_done: Completion | None = None
+    deadline: float = 0.0
+    tenant: str = ""

@@ -1,0 +1,129 @@
+"""Start a real wasm-core supervisor as a child process and wait until it serves.
+
+Used by the tests, the benchmarks and anyone embedding the service in a script. Every wait
+is bounded; `stop()` escalates from SIGTERM to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from wasmcore.supervisor.client import Client
+from wasmcore.supervisor.errors import WasmCoreError
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def render_toml(sections: dict[str, dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+class RunningService:
+    def __init__(self, workdir: Path, endpoint: str, process: subprocess.Popen[bytes],
+                 config_path: Path, owns_workdir: bool) -> None:
+        self.workdir = workdir
+        self.endpoint = endpoint
+        self.process = process
+        self.config_path = config_path
+        self.owns_workdir = owns_workdir
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self, tenant: str = "default", timeout_s: float = 30.0) -> Client:
+        return Client(self.endpoint, tenant=tenant, timeout_s=timeout_s)
+
+    def wait_ready(self, workers: int, timeout_s: float = 60.0) -> None:
+        """Until `workers` workers are idle or busy (a started pool), or raise."""
+        deadline = time.monotonic() + timeout_s
+        last_error = "no reply"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"wasm-core exited with {self.process.returncode} at start")
+            try:
+                with self.client(timeout_s=1.0) as client:
+                    stats = client.stats()
+                ready = sum(1 for w in stats.workers if w.state in ("idle", "busy"))
+                if ready >= workers:
+                    return
+                last_error = f"{ready}/{workers} workers ready"
+            except WasmCoreError as exc:
+                last_error = str(exc)
+            time.sleep(0.05)
+        raise TimeoutError(f"wasm-core not ready within {timeout_s}s: {last_error}")
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_service(
+    workers: int = 2,
+    config: dict[str, dict[str, Any]] | None = None,
+    endpoint: str | None = None,
+    workdir: Path | None = None,
+    wait: bool = True,
+    ready_timeout_s: float = 60.0,
+    stderr: Any = None,
+) -> RunningService:
+    """A supervisor on an ipc endpoint in a short private dir (ipc paths must stay short)."""
+    owns = workdir is None
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
+    sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or {}).items()}
+    server = sections.setdefault("server", {})
+    server.setdefault("endpoint", endpoint or f"ipc://{workdir}/s.sock")
+    server.setdefault("data_dir", str(workdir / "data"))
+    server.setdefault("artifact_dir", str(workdir / "art"))
+    sections.setdefault("pool", {}).setdefault("workers", workers)
+    config_path = workdir / "wasm-core.toml"
+    if not config_path.exists() or config is not None:
+        config_path.write_text(render_toml(sections))
+    env = os.environ.copy()
+    env.setdefault("XDG_RUNTIME_DIR", str(workdir))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wasmcore.supervisor.cli_server", "--config", str(config_path)],
+        stdin=subprocess.DEVNULL,
+        stderr=stderr,
+        env=env,
+    )
+    service = RunningService(workdir, server["endpoint"], process, config_path, owns)
+    if wait:
+        try:
+            service.wait_ready(sections["pool"]["workers"], ready_timeout_s)
+        except BaseException:
+            service.cleanup()
+            raise
+    return service

@@ -1,0 +1,293 @@
+"""The wire protocol: msgspec MessagePack, tagged-union Structs, one typed Decoder per direction.
+
+Framing. Every message is one or two ZeroMQ frames: a small MessagePack header and, for
+operations that carry bytes (execute input, load data, execute output), a raw payload frame.
+Keeping payloads out of the header means the supervisor routes large inputs without decoding
+or copying them.
+
+Client -> supervisor:   [Request header, payload?]
+Supervisor -> client:   [Reply header, payload?]
+Supervisor -> worker:   [Job header, payload?]
+Worker -> supervisor:   [WorkerEvent header, client reply header?, payload?]
+
+Every request carries a client-chosen `id`; its one reply carries the same `id`. New fields
+always get defaults so older peers keep decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+DEFAULT_TENANT = "default"
+
+
+# --------------------------------------------------------------------------- client requests
+
+
+class Load(msgspec.Struct, tag="load", kw_only=True):
+    """Load a module from a server-side `path`, or from the payload frame under `name`."""
+
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
+    path: str | None = None
+    name: str | None = None
+
+
+class Execute(msgspec.Struct, tag="execute", kw_only=True):
+    """Run one binary on the payload frame (the input)."""
+
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
+    binary_id: str
+    timeout_ms: int | None = None
+    memory_mb: int | None = None
+    fuel: int | None = None
+    env: dict[str, str] = {}
+    entry: str | None = None
+
+
+class Chain(msgspec.Struct, tag="chain", kw_only=True):
+    """Run binaries in order; each step's output is the next step's input."""
+
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
+    binary_ids: list[str]
+    timeout_ms: int | None = None
+    memory_mb: int | None = None
+    fuel: int | None = None
+    env: dict[str, str] = {}
+
+
+class ListBinaries(msgspec.Struct, tag="list", kw_only=True):
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
+
+
+class Unload(msgspec.Struct, tag="unload", kw_only=True):
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
+    binary_id: str
+
+
+class Stats(msgspec.Struct, tag="stats", kw_only=True):
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
+
+
+Request = Load | Execute | Chain | ListBinaries | Unload | Stats
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class MeteringInfo(msgspec.Struct, kw_only=True, frozen=True):
+    fuel_consumed: int = 0
+    wall_time_us: int = 0
+    peak_memory_bytes: int = 0
+
+
+class Loaded(msgspec.Struct, tag="loaded", kw_only=True):
+    id: int
+    binary_id: str
+    version: int
+    changed: bool
+    sha256: str
+    kind: str = "core"
+    exports: list[str] = []
+
+
+class Executed(msgspec.Struct, tag="executed", kw_only=True):
+    """The output travels in the payload frame."""
+
+    id: int
+    logs: list[str] = []
+    logs_truncated: bool = False
+    metering: MeteringInfo = MeteringInfo()
+    binary_id: str = ""
+    version: int = 0
+    worker_pid: int = 0
+
+
+class StepResult(msgspec.Struct, kw_only=True):
+    binary_id: str
+    version: int
+    output_bytes: int
+    logs: list[str] = []
+    metering: MeteringInfo = MeteringInfo()
+
+
+class Chained(msgspec.Struct, tag="chained", kw_only=True):
+    """The final output travels in the payload frame."""
+
+    id: int
+    steps: list[StepResult] = []
+    worker_pid: int = 0
+
+
+class BinaryInfo(msgspec.Struct, kw_only=True):
+    binary_id: str
+    tenant: str
+    name: str
+    path: str | None
+    version: int
+    sha256: str
+    size: int
+    kind: str
+    exports: list[str] = []
+    executions: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    last_error: str | None = None
+
+
+class Listed(msgspec.Struct, tag="listed", kw_only=True):
+    id: int
+    binaries: list[BinaryInfo] = []
+
+
+class Unloaded(msgspec.Struct, tag="unloaded", kw_only=True):
+    id: int
+    binary_id: str
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    slot: int
+    pid: int
+    state: str
+    rss_bytes: int
+    executions: int
+    started_at: float
+
+
+class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
+    id: int
+    workers: list[WorkerInfo] = []
+    binaries: list[BinaryInfo] = []
+    queue_depth: int = 0
+    in_flight: int = 0
+    requests: int = 0
+    errors_by_code: dict[str, int] = {}
+    restarts_by_cause: dict[str, int] = {}
+    uptime_s: float = 0.0
+
+
+class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
+    id: int
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+Reply = Loaded | Executed | Chained | Listed | Unloaded | StatsReply | ErrorReply
+
+
+# --------------------------------------------------------------------------- supervisor <-> worker
+
+
+class ModuleRef(msgspec.Struct, kw_only=True, array_like=True):
+    """Which exact module version a job needs, and where a worker can get it if it lacks it."""
+
+    binary_id: str
+    version: int
+    sha256: str
+    blob_path: str
+    artifact_path: str
+
+
+class RunJob(msgspec.Struct, tag="run", kw_only=True):
+    """Execute (one module) or chain (several). The worker answers the client directly in
+    the client's format, so the supervisor forwards the reply frames untouched."""
+
+    token: int
+    request_id: int
+    modules: list[ModuleRef]
+    timeout_ms: int
+    fuel: int
+    memory_bytes: int
+    env: dict[str, str] = {}
+    entry: str | None = None
+    chain: bool = False
+
+
+class CompileJob(msgspec.Struct, tag="compile", kw_only=True):
+    """Validate and compile a blob; write its serialized artifact for every worker to map."""
+
+    token: int
+    request_id: int
+    module: ModuleRef
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", kw_only=True):
+    """Finish nothing new; exit once idle."""
+
+    reason: str = ""
+
+
+WorkerCommand = RunJob | CompileJob | Shutdown
+
+
+class Ready(msgspec.Struct, tag="ready", kw_only=True):
+    worker_id: str
+    pid: int
+    fingerprint: str
+
+
+class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
+    worker_id: str
+    busy_token: int = 0
+
+
+class JobDone(msgspec.Struct, tag="done", kw_only=True):
+    """Frames 2 and 3 are the client's reply header and payload, forwarded as they are."""
+
+    token: int
+    code: str = ""
+    kind: str = ""
+    exports: list[str] = []
+    fuel_consumed: int = 0
+
+
+WorkerEvent = Ready | Heartbeat | JobDone
+
+
+class Broadcast(msgspec.Struct, kw_only=True, array_like=True):
+    """Published on every load, update and unload. `seq` grows by one per broadcast."""
+
+    seq: int
+    binary_id: str
+    version: int
+    sha256: str
+    artifact_path: str
+    removed: bool = False
+
+
+# --------------------------------------------------------------------------- codecs
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
+event_decoder = msgspec.msgpack.Decoder(WorkerEvent)
+broadcast_decoder = msgspec.msgpack.Decoder(Broadcast)
+
+
+def peek_request_id(frame: bytes) -> int:
+    """Best-effort `id` of a frame that failed to decode, so its error still correlates."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except Exception:
+        return 0
+    if isinstance(raw, dict):
+        value = raw.get("id")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def error_reply(request_id: int, code: str, message: str, **details: Any) -> bytes:
+    return encode(ErrorReply(id=request_id, code=code, message=message, details=details))
