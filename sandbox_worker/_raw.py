@@ -82,6 +82,8 @@ linker_define_func_unchecked = _holding(
     ctypes.c_char_p, c_size_t, c_void_p, UNCHECKED_CALLBACK, c_void_p, c_void_p,
 )
 engine_increment_epoch = _releasing("wasmtime_engine_increment_epoch", None, c_void_p)
+# The bare C function (as a POSIX timer's notify function; see ticker.py).
+engine_increment_epoch_ptr = _DLL.wasmtime_engine_increment_epoch
 
 _pool_new = _holding("wasmtime_pooling_allocation_config_new", c_void_p)
 _pool_delete = _holding("wasmtime_pooling_allocation_config_delete", None, c_void_p)

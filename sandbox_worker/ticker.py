@@ -1,14 +1,27 @@
-"""The epoch ticker: one daemon thread per Sandbox advancing the engine's epoch.
+"""The epoch ticker: advances a Sandbox's engine epoch every tick.
 
 Wasm code checks the epoch at function entries and loop back-edges; a store whose deadline
 (in ticks) has passed traps with INTERRUPT, which is how wall-clock timeouts are enforced
 without signals or a watchdog process.
+
+Two implementations:
+* `PosixEpochTimer` (default on Linux/glibc): a POSIX timer (SIGEV_THREAD) whose notify
+  function *is* `wasmtime_engine_increment_epoch`, with the engine pointer as its argument.
+  No Python runs per tick, so the ticker never takes the GIL. Why it matters: a Python thread
+  waking every 1 ms steals the GIL from the executing thread at its next ctypes call, and
+  each handoff costs that execution tens of microseconds (measured p99 ~54 us vs ~22 us
+  for a 13 us execution; see docs/performance.md).
+* `EpochTicker`: one daemon Python thread (portable fallback).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import threading
 import time
+from typing import Protocol
 
 import wasmtime
 
@@ -51,3 +64,82 @@ class EpochTicker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+
+class Ticker(Protocol):
+    def stop(self) -> None: ...
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class _Sigevent(ctypes.Structure):
+    # glibc x86_64/aarch64 layout: sigval (8), signo (4), notify (4), then the union whose
+    # SIGEV_THREAD member is {function, attributes}; 64 bytes in total.
+    _fields_ = [
+        ("sigev_value", ctypes.c_void_p),
+        ("sigev_signo", ctypes.c_int),
+        ("sigev_notify", ctypes.c_int),
+        ("sigev_notify_function", ctypes.c_void_p),
+        ("sigev_notify_attributes", ctypes.c_void_p),
+        ("_pad", ctypes.c_byte * 32),
+    ]
+
+
+_SIGEV_THREAD = 2
+_CLOCK_MONOTONIC = 1
+
+
+class PosixEpochTimer:
+    """A periodic POSIX timer calling wasmtime_engine_increment_epoch(engine) with no GIL.
+
+    `union sigval` holding a pointer is passed exactly like a pointer argument on the
+    supported ABIs (x86_64 SysV, aarch64), so the C function can be the notify function.
+    """
+
+    def __init__(self, engine: wasmtime.Engine, period_s: float) -> None:
+        if not sys.platform.startswith("linux"):
+            raise OSError("POSIX SIGEV_THREAD timers are only used on Linux")
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        self._timer_create = libc.timer_create
+        self._timer_settime = libc.timer_settime
+        self._timer_delete = libc.timer_delete
+        # The engine must outlive the timer (and any notification still in flight).
+        self._engine = engine
+        event = _Sigevent()
+        event.sigev_value = _raw.addr(engine)
+        event.sigev_notify = _SIGEV_THREAD
+        event.sigev_notify_function = ctypes.cast(
+            _raw.engine_increment_epoch_ptr, ctypes.c_void_p
+        ).value
+        self._timer = ctypes.c_void_p()
+        if self._timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(self._timer)):
+            raise OSError(ctypes.get_errno(), "timer_create failed")
+        nanos = max(1, int(period_s * 1e9))
+        period = _Timespec(nanos // 1_000_000_000, nanos % 1_000_000_000)
+        spec = _Itimerspec(period, period)
+        if self._timer_settime(self._timer, 0, ctypes.byref(spec), None):
+            errno = ctypes.get_errno()
+            self._timer_delete(self._timer)
+            raise OSError(errno, "timer_settime failed")
+        self._armed = True
+
+    def stop(self) -> None:
+        if self._armed:
+            self._armed = False
+            self._timer_delete(self._timer)
+
+
+def start_ticker(engine: wasmtime.Engine, period_s: float, native: bool = True) -> Ticker:
+    """The GIL-free POSIX timer when available (and `native`), else a Python thread."""
+    if native:
+        try:
+            return PosixEpochTimer(engine, period_s)
+        except (OSError, AttributeError):
+            pass
+    return EpochTicker(engine, period_s)

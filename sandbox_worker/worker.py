@@ -13,13 +13,11 @@ import resource
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import zmq
-
 from wasmcore.sandbox_worker.limits import ExecutionResult, Limits
 from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox, SandboxConfig
 from wasmcore.supervisor import protocol as p

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-
 from wasmcore.supervisor.client import Client
 from wasmcore.supervisor.errors import WasmCoreError
 

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import msgspec
 import zmq
-
 from wasmcore.supervisor.config import ConfigError, load_config, resolved, runtime_dir, validate
 from wasmcore.supervisor.server import EndpointInUse, Supervisor
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.config import default_endpoint
 from wasmcore.supervisor.errors import Unavailable, error_from_code

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
 from wasmcore.sandbox_worker.limits import Limits
 
 MiB = 1024 * 1024
@@ -185,8 +184,10 @@ def _find_key_line(dotted_key: str, text: str) -> int | None:
 
 
 def runtime_dir() -> Path:
+    # Decided by the variable alone, never by whether the directory exists yet, so that a
+    # server and its clients always agree on the default endpoint.
     base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.access(base, os.W_OK):
+    if base:
         return Path(base) / "wasm-core"
     return Path(tempfile.gettempdir()) / f"wasm-core-{os.getuid()}"
 

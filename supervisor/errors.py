@@ -112,7 +112,9 @@ ERROR_CLASSES: dict[str, type[WasmCoreError]] = {
 }
 
 
-def error_from_code(code: str, message: str, details: dict[str, Any] | None = None) -> WasmCoreError:
+def error_from_code(
+    code: str, message: str, details: dict[str, Any] | None = None
+) -> WasmCoreError:
     """Rebuild the exception for a wire error; unknown codes (a newer server) stay readable."""
     cls = ERROR_CLASSES.get(code)
     if cls is None:

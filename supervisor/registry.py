@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 
 import msgspec
-
 from wasmcore.supervisor.protocol import BinaryInfo
 
 _SCHEMA = """

@@ -23,11 +23,10 @@ from typing import Any
 
 import msgspec
 import zmq
-
 from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig
 from wasmcore.sandbox_worker.worker import EXIT_BOOT_ERROR, WorkerSettings
 from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.config import MiB, Config
+from wasmcore.supervisor.config import Config, MiB
 from wasmcore.supervisor.errors import (
     BadRequest,
     Busy,

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 import psutil
-
 from wasmcore.sandbox_worker.worker import WorkerSettings
 
 
