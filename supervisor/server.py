@@ -651,6 +651,7 @@ class Supervisor:
             pub_endpoint=self.pub_endpoint,
             parent_pid=os.getpid(),
             sandbox=SandboxConfig(default_limits=limits.to_limits(),
+                                  epoch_tick_ms=pool.epoch_tick_ms,
                                   max_wasm_stack=limits.max_wasm_stack),
             heartbeat_interval_ms=pool.heartbeat_interval_ms,
             rlimit_data_bytes=pool.rlimit_data_mb * MiB,
@@ -787,7 +788,7 @@ class Supervisor:
         for slot, when in list(self.spawn_at.items()):
             if now >= when and not self.draining:
                 self._spawn(slot)
-        if self.draining:
+        if self.draining and self.exit_code is None:
             self._drain_step(now)
 
     def _watchdog(self) -> None:

@@ -1,0 +1,379 @@
+"""Crash isolation: real processes are killed, stopped and starved; every request gets one reply."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import HOSTILE, PLUGINS
+from wasmcore.supervisor import errors
+from wasmcore.supervisor.client import AsyncClient
+from wasmcore.supervisor.launcher import start_service
+
+FAST_POOL = {
+    "heartbeat_interval_ms": 100,
+    "heartbeat_timeout_ms": 1000,
+    "watchdog_interval_ms": 100,
+    "deadline_grace_ms": 500,
+    "restart_backoff_initial_ms": 50,
+}
+
+
+def _hog_input(mib: int, spin_millions: int) -> bytes:
+    return struct.pack("<II", mib, spin_millions)
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _live_pids(client) -> set[int]:
+    return {w.pid for w in client.stats().workers if w.state in ("idle", "busy")}
+
+
+def _busy_pid(client) -> int:
+    def find() -> int:
+        busy = [w.pid for w in client.stats().workers if w.state == "busy"]
+        return busy[0] if busy else 0
+
+    return _wait_for(find, 10, "a busy worker")
+
+
+class Background:
+    """Runs one blocking client call in a thread and keeps its outcome."""
+
+    def __init__(self, service, fn) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.finished_at = 0.0
+
+        def run() -> None:
+            with service.client() as c:
+                try:
+                    self.result = fn(c)
+                except BaseException as exc:  # noqa: BLE001 - kept for the test to inspect
+                    self.error = exc
+            self.finished_at = time.monotonic()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout_s: float = 30) -> None:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "request got no reply in time"
+
+
+@pytest.fixture
+def fault_service():
+    svc = start_service(workers=2, config={"pool": FAST_POOL, "limits": {"fuel": 10**13}})
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+def test_sigkill_worker_mid_request(fault_service):
+    svc = fault_service
+    with svc.client() as c:
+        loop = c.load(HOSTILE / "loop.wat").binary_id
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        before = _live_pids(c)
+        victim = Background(svc, lambda cl: cl.execute(loop, "x", timeout_ms=20_000))
+        pid = _busy_pid(c)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        victim.join()
+        assert isinstance(victim.error, errors.WorkerLost), victim.error
+        assert victim.finished_at - killed_at < 2.0
+        assert c.execute(upper, "other").output == b"OTHER"
+        after = _wait_for(lambda: len(_live_pids(c)) == 2 and _live_pids(c), 10, "pool at size")
+        assert pid not in after and len(after & before) == 1
+        assert c.stats().restarts_by_cause.get("crash") == 1
+
+
+def test_sigstop_worker_is_declared_dead(fault_service):
+    svc = fault_service
+    with svc.client() as c:
+        loop = c.load(HOSTILE / "loop.wat").binary_id
+        victim = Background(svc, lambda cl: cl.execute(loop, "x", timeout_ms=20_000))
+        pid = _busy_pid(c)
+        os.kill(pid, signal.SIGSTOP)
+        victim.join()
+        assert isinstance(victim.error, errors.WorkerLost), victim.error
+        _wait_for(lambda: not psutil.pid_exists(pid) or
+                  psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, "stopped worker gone")
+        _wait_for(lambda: len(_live_pids(c)) == 2, 10, "pool at size")
+        assert c.stats().restarts_by_cause.get("heartbeat") == 1
+
+
+def test_blocking_host_call_hits_supervisor_deadline(fault_service):
+    svc = fault_service
+    with svc.client() as c:
+        sleeper = c.load(HOSTILE / "sleep.wat").binary_id
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        started = time.monotonic()
+        with pytest.raises(errors.Timeout) as info:
+            c.execute(sleeper, "", timeout_ms=300)
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, elapsed  # 300 ms + 500 ms grace, not the plugin's 60 s sleep
+        assert "killed" in info.value.message
+        assert c.execute(upper, "next").output == b"NEXT"
+        _wait_for(lambda: c.stats().restarts_by_cause.get("timeout") == 1, 10, "restart")
+        _wait_for(lambda: len(_live_pids(c)) == 2, 10, "pool at size")
+
+
+def test_late_reply_never_answers_another_request(fault_service):
+    """A worker that is SIGSTOPped past its deadline and then resumed must not have its stale
+    reply delivered: the request was already answered TIMEOUT and the worker killed."""
+    svc = fault_service
+    with svc.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        sleeper = c.load(HOSTILE / "sleep.wat").binary_id
+        with pytest.raises(errors.Timeout):
+            c.execute(sleeper, "", timeout_ms=200)
+        for i in range(50):
+            assert c.execute(upper, f"req {i}").output == f"REQ {i}".encode()
+
+
+def test_rss_soft_limit_recycles_after_the_execution():
+    svc = start_service(workers=1, config={
+        "pool": {**FAST_POOL, "rss_soft_limit_mb": 150, "rss_hard_limit_mb": 4000},
+        "limits": {"memory_mb": 512, "fuel": 10**13, "timeout_ms": 30_000},
+    })
+    try:
+        with svc.client() as c:
+            hog = c.load(HOSTILE / "rss_hog.wat").binary_id
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            pid = _live_pids(c).pop()
+            result = c.execute(hog, _hog_input(256, 600))  # resident 256 MiB, then spins
+            assert result.worker_pid == pid
+            _wait_for(lambda: c.stats().restarts_by_cause.get("memory") == 1, 10, "recycle")
+            _wait_for(lambda: _live_pids(c) and pid not in _live_pids(c), 10, "replacement")
+            assert c.execute(upper, "fresh").output == b"FRESH"
+    finally:
+        svc.cleanup()
+
+
+def test_rss_hard_limit_kills_with_memory_limit():
+    svc = start_service(workers=1, config={
+        "pool": {**FAST_POOL, "rss_soft_limit_mb": 100, "rss_hard_limit_mb": 150},
+        "limits": {"memory_mb": 512, "fuel": 10**13, "timeout_ms": 30_000},
+    })
+    try:
+        with svc.client() as c:
+            hog = c.load(HOSTILE / "rss_hog.wat").binary_id
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            started = time.monotonic()
+            with pytest.raises(errors.MemoryLimit) as info:
+                c.execute(hog, _hog_input(256, 100_000))  # would spin for minutes
+            assert time.monotonic() - started < 10
+            assert "hard RSS limit" in info.value.message
+            assert _wait_for(lambda: c.execute(upper, "ok").output, 10, "service") == b"OK"
+            assert c.stats().restarts_by_cause.get("memory") == 1
+    finally:
+        svc.cleanup()
+
+
+def test_recycling_under_load_loses_nothing():
+    svc = start_service(workers=2, config={
+        "pool": {**FAST_POOL, "max_executions_per_worker": 25, "recycle_jitter": 0.5},
+    })
+    try:
+        with svc.client() as c:
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+
+        async def load() -> None:
+            async with AsyncClient(svc.endpoint) as ac:
+                texts = [f"payload {i}" for i in range(600)]
+                sem = asyncio.Semaphore(16)
+
+                async def one(text: str):
+                    async with sem:
+                        return await ac.execute(upper, text)
+
+                results = await asyncio.gather(*(one(t) for t in texts))
+                assert [r.output for r in results] == [t.upper().encode() for t in texts]
+
+        asyncio.run(asyncio.wait_for(load(), 120))
+        with svc.client() as c:
+            stats = c.stats()
+            assert stats.restarts_by_cause.get("recycle", 0) >= 600 // 25 - 4
+            assert stats.errors_by_code == {}
+    finally:
+        svc.cleanup()
+
+
+def test_worker_that_cannot_start_trips_the_breaker(tmp_path: Path):
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'broken install: no module wasmcore' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    svc = start_service(workers=2, wait=False, stderr=subprocess.PIPE, config={
+        "pool": {"python": str(broken), "breaker_failures": 4, "breaker_window_s": 30,
+                 "restart_backoff_initial_ms": 50, "restart_backoff_max_ms": 400},
+    })
+    try:
+        _, stderr = svc.process.communicate(timeout=30)
+        assert svc.process.returncode == 2
+        text = stderr.decode()
+        assert "worker pool stopped" in text and "failed to start" in text
+        assert text.count("broken install") >= 4
+    finally:
+        svc.cleanup()
+
+
+def test_sigterm_answers_every_request(tmp_path: Path):
+    svc = start_service(workers=1, config={"pool": FAST_POOL,
+                                           "limits": {"fuel": 10**13, "timeout_ms": 30_000}})
+    try:
+        with svc.client() as c:
+            hog = c.load(HOSTILE / "rss_hog.wat").binary_id
+        slow = _hog_input(0, 400)  # about a second of spinning, then success
+        calls = [Background(svc, lambda cl: cl.execute(hog, slow)) for _ in range(4)]
+        with svc.client() as c:
+            _wait_for(lambda: c.stats().queue_depth == 3, 10, "three queued")
+        svc.process.send_signal(signal.SIGTERM)
+        for call in calls:
+            call.join(30)
+        outcomes = [type(call.error).__name__ if call.error else "ok" for call in calls]
+        assert outcomes.count("ok") == 1, outcomes
+        assert outcomes.count("ShuttingDown") == 3, outcomes
+        assert svc.process.wait(timeout=30) == 0
+    finally:
+        svc.cleanup()
+
+
+def test_supervisor_sigkill_leaves_no_worker():
+    svc = start_service(workers=2)
+    try:
+        with svc.client() as c:
+            pids = _live_pids(c)
+        assert len(pids) == 2
+        svc.process.send_signal(signal.SIGKILL)
+        svc.process.wait(timeout=10)
+        _wait_for(lambda: not any(_alive(pid) for pid in pids), 5, "workers to exit")
+    finally:
+        svc.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_no_zombies_after_restarts(fault_service):
+    svc = fault_service
+    with svc.client() as c:
+        for _ in range(3):
+            pid = next(iter(_live_pids(c)))
+            os.kill(pid, signal.SIGKILL)
+            _wait_for(lambda p=pid: len(_live_pids(c)) == 2 and p not in _live_pids(c), 10,
+                      "replacement")
+    children = psutil.Process(svc.pid).children()
+    assert all(ch.status() != psutil.STATUS_ZOMBIE for ch in children)
+    assert len(children) == 2
+
+
+def test_soak_mixed_load_with_random_kills():
+    """Client threads send good and hostile executions while workers are killed at random.
+    Every request gets exactly one reply; every good result has the right output."""
+    import random
+
+    svc = start_service(workers=2, config={"pool": FAST_POOL, "limits": {"fuel": 50_000_000}})
+    try:
+        with svc.client() as c:
+            ids = {
+                "upper": c.load(PLUGINS / "uppercase.wat").binary_id,
+                "rot13": c.load(PLUGINS / "rot13.wat").binary_id,
+                "loop": c.load(HOSTILE / "loop.wat").binary_id,
+                "trap": c.load(HOSTILE / "trap.wat").binary_id,
+                "bomb": c.load(HOSTILE / "memory_bomb.wat").binary_id,
+            }
+        stop_at = time.monotonic() + float(os.environ.get("WASM_CORE_SOAK_SECONDS", "8"))
+        counts: dict[str, int] = {}
+        wrong: list[str] = []
+        kills = 0
+        lock = threading.Lock()
+
+        def client_thread(seed: int) -> None:
+            rng = random.Random(seed)
+            with svc.client(timeout_s=30) as c:
+                n = 0
+                while time.monotonic() < stop_at:
+                    n += 1
+                    kind = rng.choice(["upper", "upper", "rot13", "loop", "trap", "bomb"])
+                    text = f"t{seed} n{n} {rng.random()}"
+                    try:
+                        result = c.execute(ids[kind], text, timeout_ms=300, memory_mb=8)
+                        outcome = "ok"
+                        expected = {"upper": text.upper(),
+                                    "rot13": text.translate(_ROT13)}.get(kind)
+                        if expected is None or result.output != expected.encode():
+                            wrong.append(f"{kind}: {result.output[:60]!r}")
+                    except errors.WasmCoreError as exc:
+                        outcome = exc.code
+                        if kind in ("upper", "rot13") and exc.code != "WORKER_LOST":
+                            wrong.append(f"{kind}: {exc}")
+                    with lock:
+                        counts[outcome] = counts.get(outcome, 0) + 1
+
+        threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        rng = random.Random(42)
+        with svc.client() as c:
+            while time.monotonic() < stop_at:
+                time.sleep(rng.uniform(0.3, 0.8))
+                pids = list(_live_pids(c))
+                if pids:
+                    try:
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        kills += 1
+                    except ProcessLookupError:
+                        pass
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive(), "a client thread is stuck without a reply"
+        print(f"soak: kills={kills} outcomes={counts}")
+        assert not wrong, wrong[:5]
+        assert counts.get("ok", 0) > 0
+        assert counts.get("WORKER_LOST", 0) <= kills
+        with svc.client() as c:
+            _wait_for(lambda: len(_live_pids(c)) == 2, 10, "pool at size after soak")
+            assert c.execute(ids["upper"], "end").output == b"END"
+    finally:
+        svc.cleanup()
+
+
+_ROT13 = str.maketrans(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+    "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm",
+)
+
+
+def test_worker_exits_when_supervisor_pid_changes():
+    """The worker's own parent check (the PR_SET_PDEATHSIG race window)."""
+    code = subprocess.run(
+        [sys.executable, "-m", "wasmcore.sandbox_worker",
+         '{"worker_id":"x","back_endpoint":"ipc:///tmp/none.b","pub_endpoint":'
+         '"ipc:///tmp/none.p","parent_pid":1}'],
+        timeout=30, capture_output=True,
+    ).returncode
+    assert code == 4
