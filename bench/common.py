@@ -130,3 +130,21 @@ def machine_info() -> dict[str, Any]:
         "pyzmq": version("pyzmq"),
         "extism": version("extism"),
     }
+
+
+def measure_serial(fn: Any, payload: bytes, iterations: int, warmup: int = 50,
+                   progress: Any = None) -> list[float]:
+    """Per-call microseconds of `fn(payload)`, one call at a time, after a warm-up."""
+    import time
+
+    for _ in range(warmup):
+        fn(payload)
+    clock = time.perf_counter_ns
+    samples: list[float] = []
+    for _ in range(iterations):
+        start = clock()
+        fn(payload)
+        samples.append((clock() - start) / 1000.0)
+        if progress is not None:
+            progress(1)
+    return samples

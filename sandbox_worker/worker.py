@@ -73,6 +73,8 @@ class Worker:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(settings.pub_endpoint)
         self.busy_token = 0
+        self.compiled = 0
+        self.deserialized = 0
         self.running = True
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True)
@@ -154,6 +156,7 @@ class Worker:
                     self.modules[message.sha256] = self.sandbox.load_serialized(
                         message.artifact_path, message.sha256
                     )
+                    self.deserialized += 1
                 except WasmCoreError:
                     pass  # fetched again, or compiled, when a job needs it
 
@@ -167,10 +170,12 @@ class Worker:
         if ref.artifact_path and Path(ref.artifact_path).exists():
             try:
                 module = self.sandbox.load_serialized(ref.artifact_path, ref.sha256)
+                self.deserialized += 1
             except WasmCoreError:
                 module = None
         if module is None:
             module = self.sandbox.compile(Path(ref.blob_path).read_bytes())
+            self.compiled += 1
         self.modules[ref.sha256] = module
         return module
 
@@ -244,6 +249,7 @@ class Worker:
         ref = job.module
         try:
             module = self.sandbox.compile(Path(ref.blob_path).read_bytes())
+            self.compiled += 1
             Path(ref.artifact_path).parent.mkdir(parents=True, exist_ok=True)
             self.sandbox.serialize(module, ref.artifact_path)
         except WasmCoreError as exc:
@@ -267,7 +273,8 @@ class Worker:
         interval = self.settings.heartbeat_interval_ms / 1000
         try:
             while not self._stop_heartbeat.wait(interval):
-                beat = p.Heartbeat(worker_id=self.settings.worker_id, busy_token=self.busy_token)
+                beat = p.Heartbeat(worker_id=self.settings.worker_id, busy_token=self.busy_token,
+                                   compiled=self.compiled, deserialized=self.deserialized)
                 try:
                     socket.send(p.encode(beat), zmq.NOBLOCK)
                 except zmq.Again:

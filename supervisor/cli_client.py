@@ -55,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     unload = sub.add_parser("unload", help="remove a binary")
     unload.add_argument("--binary-id", required=True)
     sub.add_parser("stats", help="workers, binaries and queue of the service")
+
+    bench = sub.add_parser("bench", help="load test: many executes in flight, latency and "
+                           "throughput (see docs/performance.md)")
+    bench.add_argument("--binary-id", required=True)
+    bench_source = bench.add_mutually_exclusive_group()
+    bench_source.add_argument("--input", default=None, help="input text")
+    bench_source.add_argument("--input-file", help="read the input from a file ('-' = stdin)")
+    bench.add_argument("--requests", type=int, default=1000, metavar="N",
+                       help="executions to send (default 1000)")
+    bench.add_argument("--concurrency", type=int, default=64, metavar="C",
+                       help="requests in flight at once (default 64)")
+    bench.add_argument("--warmup", type=int, default=0, metavar="N",
+                       help="executions sent first and not counted (default 0)")
     return parser
 
 
@@ -110,7 +123,31 @@ def _print_stats(stats: Any) -> None:
     _print_binaries(stats.binaries)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    # Imported here: asyncio and the load generator are only needed by this command.
+    import asyncio
+
+    from wasmcore.supervisor import loadgen
+
+    if args.requests < 1 or args.concurrency < 1:
+        raise ValueError("--requests and --concurrency must be at least 1")
+    payload = _input_bytes(args)
+    raw = asyncio.run(loadgen.execute_load(args.endpoint, args.tenant, args.binary_id, payload,
+                                           args.requests, args.concurrency,
+                                           args.client_timeout, args.warmup))
+    rep = loadgen.report(raw, args.requests, args.concurrency, input_bytes=len(payload))
+    if args.json:
+        _print_json(rep)
+    else:
+        print(loadgen.format_report(rep))
+    sys.stdout.flush()
+    # Every request failing (wrong id, service down) is an error; some failing is a result.
+    return EXIT_ERROR if rep["ok"] == 0 else 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        return _bench(args)
     with Client(args.endpoint, tenant=args.tenant, timeout_s=args.client_timeout) as client:
         match args.command:
             case "load":

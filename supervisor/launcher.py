@@ -30,12 +30,19 @@ def _toml_value(value: Any) -> str:
     return str(value)
 
 
-def render_toml(sections: dict[str, dict[str, Any]]) -> str:
+def render_toml(sections: dict[str, Any], prefix: str = "") -> str:
+    """TOML for a dict of tables (nested dicts become [a.b] tables)."""
     lines: list[str] = []
     for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
+        name = f"{prefix}{section}"
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+        if scalars or not tables:
+            lines.append(f"[{name}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items())
+            lines.append("")
+        if tables:
+            lines.append(render_toml(tables, prefix=f"{name}."))
     return "\n".join(lines)
 
 

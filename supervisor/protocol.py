@@ -160,6 +160,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     rss_bytes: int
     executions: int
     started_at: float
+    compiled: int = 0
+    deserialized: int = 0
 
 
 class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
@@ -172,6 +174,7 @@ class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     errors_by_code: dict[str, int] = {}
     restarts_by_cause: dict[str, int] = {}
     uptime_s: float = 0.0
+    config_error: str | None = None  # why the last config change was refused, if it was
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
@@ -238,6 +241,8 @@ class Ready(msgspec.Struct, tag="ready", kw_only=True):
 class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
     worker_id: str
     busy_token: int = 0
+    compiled: int = 0  # modules this worker compiled itself
+    deserialized: int = 0  # modules it mapped from a shared artifact
 
 
 class JobDone(msgspec.Struct, tag="done", kw_only=True):

@@ -26,7 +26,7 @@ import zmq
 from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig
 from wasmcore.sandbox_worker.worker import EXIT_BOOT_ERROR, WorkerSettings
 from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.config import Config, MiB
+from wasmcore.supervisor.config import Config, ConfigError, MiB, load_config, resolved
 from wasmcore.supervisor.errors import (
     BadRequest,
     Busy,
@@ -43,6 +43,7 @@ from wasmcore.supervisor.errors import (
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.registry import Binary, Registry
 from wasmcore.supervisor.restart_policy import RestartPolicy
+from wasmcore.supervisor.watcher import FileWatcher
 from wasmcore.supervisor.workers import RestartCause, WorkerHandle, WorkerState, spawn_worker
 
 log = logging.getLogger("wasmcore.supervisor")
@@ -50,6 +51,7 @@ log = logging.getLogger("wasmcore.supervisor")
 EXIT_POOL_FAILED = 2
 EXIT_FORCED = 130
 _DRAIN_BATCH = 256  # messages per socket per turn, so neither side starves the other
+_WATCH_ADDRESS = "inproc://wasm-core-watch"
 
 
 class EndpointInUse(RuntimeError):
@@ -109,6 +111,11 @@ class Supervisor:
         self.back = self.ctx.socket(zmq.ROUTER)
         self.pub = self.ctx.socket(zmq.PUB)
         self._signal_r, self._signal_w = socket.socketpair()
+        self.watch_events = self.ctx.socket(zmq.PAIR)
+        self.watch_events.bind(_WATCH_ADDRESS)
+        self.watcher = FileWatcher(self.ctx, _WATCH_ADDRESS)
+        self.config_error: str | None = None
+        self._reloading: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ setup
 
@@ -132,6 +139,7 @@ class Supervisor:
         self.poller.register(self.front, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
         self.poller.register(self._signal_r.fileno(), zmq.POLLIN)
+        self.poller.register(self.watch_events, zmq.POLLIN)
 
     def _lock_endpoint(self, path: Path) -> None:
         """ZeroMQ's ipc bind silently steals a live server's socket file; refuse instead."""
@@ -164,6 +172,7 @@ class Supervisor:
         self.install_signals()
         for slot in range(len(self.slots)):
             self._spawn(slot)
+        self._update_watch()
         log.info(
             "wasm-core serving on %s with %d workers, %d binaries",
             self.endpoint,
@@ -180,6 +189,8 @@ class Supervisor:
                         self._drain_back()
                     elif target == self._signal_r.fileno():
                         self._handle_signals()
+                    elif target is self.watch_events:
+                        self._drain_watch_events()
                     else:
                         handle = self.by_pidfd.get(target)
                         if handle is not None:
@@ -465,6 +476,8 @@ class Supervisor:
                                       sha256=sha256, size=size, kind=kind, exports=exports)
         self._broadcast(binary, removed=False)
         log.info("binary %s (%s) is now version %d", binary_id, name, binary.version)
+        if path is not None:
+            self._update_watch()
         return binary
 
     def _broadcast(self, binary: Binary, removed: bool) -> None:
@@ -487,6 +500,7 @@ class Supervisor:
             for stale in (self.registry.blobs.path_for(binary.sha256),
                           self._artifact_path(binary.sha256)):
                 stale.unlink(missing_ok=True)
+        self._update_watch()
         self._reply(envelope, p.Unloaded(id=req.id, binary_id=binary.binary_id))
 
     def _stats(self, req: p.Stats) -> p.StatsReply:
@@ -500,6 +514,8 @@ class Supervisor:
                     rss_bytes=handle.rss_bytes or handle.sample_rss(),
                     executions=handle.executions,
                     started_at=handle.started_at,
+                    compiled=handle.compiled,
+                    deserialized=handle.deserialized,
                 )
             )
         workers.sort(key=lambda w: (w.slot, w.started_at))
@@ -513,6 +529,7 @@ class Supervisor:
             errors_by_code=dict(self.errors_by_code),
             restarts_by_cause=dict(self.restarts),
             uptime_s=time.time() - self.started,
+            config_error=self.config_error,
         )
 
     # ------------------------------------------------------------------ scheduling
@@ -603,6 +620,8 @@ class Supervisor:
                 handle = self.by_id.get(event.worker_id)
                 if handle is not None:
                     handle.last_seen = time.monotonic()
+                    handle.compiled = event.compiled
+                    handle.deserialized = event.deserialized
             case p.Ready():
                 handle = self.by_id.get(event.worker_id)
                 if handle is None or handle.state is not WorkerState.STARTING:
@@ -689,7 +708,8 @@ class Supervisor:
         except zmq.ZMQError:
             handle.kill(cause)
         handle.last_seen = time.monotonic()  # grace for a clean exit, then heartbeat kills it
-        if replace and not handle.replaced and not self.draining:
+        if (replace and not handle.replaced and not self.draining
+                and handle.slot < len(self.slots)):
             handle.replaced = True
             self.restarts[cause] += 1
             log.info("replacing worker %s (pid %d): %s", handle.worker_id, handle.pid, cause)
@@ -738,7 +758,7 @@ class Supervisor:
             log.warning("worker %s (pid %d) exited: %s; cause %s",
                         handle.worker_id, handle.pid, _describe_exit(code), cause)
         self.restarts[cause] += 1
-        if self.slots[handle.slot] is handle:
+        if handle.slot < len(self.slots) and self.slots[handle.slot] is handle:
             self.spawn_at[handle.slot] = time.monotonic() + self.policy.delay_s()
 
     def _check_breaker(self, reason: str) -> bool:
@@ -807,6 +827,106 @@ class Supervisor:
                             handle.worker_id, rss // MiB, pool.rss_soft_limit_mb)
                 self._retire(handle, RestartCause.MEMORY)
 
+    # ------------------------------------------------------------------ hot reload
+
+    def _update_watch(self) -> None:
+        files = {b.path for b in self.registry.all() if b.path}
+        if self.config_path:
+            files.add(os.path.abspath(self.config_path))
+        self.watcher.set_files(files)
+
+    def _drain_watch_events(self) -> None:
+        while True:
+            try:
+                path = self.watch_events.recv_string(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self.config_path and path == os.path.abspath(self.config_path):
+                self.reload_config("config file changed")
+            else:
+                self._on_file_changed(path)
+
+    def _on_file_changed(self, path: str) -> None:
+        """A watched module file changed: validate, compile once, make it the next version.
+        If the new content is invalid the old version keeps serving; the error is logged and
+        shown in list and stats."""
+        if self.draining:
+            return
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            log.warning("cannot read changed file %s: %s", path, exc)
+            return
+        sha256 = hashlib.sha256(data).hexdigest()
+        for binary in [b for b in self.registry.all() if b.path == path]:
+            key = (binary.binary_id, sha256)
+            if binary.sha256 == sha256 or key in self._reloading:
+                continue
+            if len(data) > self.config.server.max_payload_bytes:
+                self.registry.record_error(binary.binary_id, "PAYLOAD_TOO_LARGE: file too big")
+                continue
+            self._reloading.add(key)
+
+            def done(new: Binary | None, error: WasmCoreError | None, key=key,
+                     old=binary) -> None:
+                self._reloading.discard(key)
+                if error is not None:
+                    log.error("reload of %s (%s) refused, version %d keeps serving: %s",
+                              old.binary_id, path, old.version, error)
+                    self.registry.record_error(old.binary_id, f"{error.code}: {error.message}")
+                elif new is not None:
+                    log.info("hot reload: %s (%s) is now version %d", new.binary_id, path,
+                             new.version)
+
+            self.stage_version(binary.tenant, binary.name, path, data, sha256,
+                               binary.binary_id, done)
+
+    def reload_config(self, why: str) -> None:
+        """Apply a changed config without a restart; an invalid one is refused and logged."""
+        if not self.config_path:
+            log.info("%s: running on built-in defaults, nothing to reload", why)
+            return
+        try:
+            new = resolved(load_config(self.config_path))
+        except (ConfigError, OSError) as exc:
+            self.config_error = str(exc)
+            log.error("%s: refused the new config, the running one stays: %s", why, exc)
+            return
+        fixed = ("endpoint", "data_dir", "artifact_dir")
+        server = self.config.server
+        changed_fixed = [k for k in fixed if getattr(new.server, k) != getattr(server, k)]
+        if changed_fixed:
+            log.warning("%s: server.%s only change on restart; kept", why,
+                        ", server.".join(changed_fixed))
+            keep = {k: getattr(self.config.server, k) for k in fixed}
+            new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **keep))
+        old_size = len(self.slots)
+        self.config = new
+        self.config_error = None
+        self.policy.initial_delay_s = new.pool.restart_backoff_initial_ms / 1000
+        self.policy.max_delay_s = new.pool.restart_backoff_max_ms / 1000
+        self.policy.max_failures = new.pool.breaker_failures
+        self.policy.window_s = new.pool.breaker_window_s
+        self._resize_pool(new.pool.workers)
+        log.info("%s: config reloaded (workers %d -> %d)", why, old_size, len(self.slots))
+
+    def _resize_pool(self, size: int) -> None:
+        old = len(self.slots)
+        if size > old:
+            self.slots.extend([None] * (size - old))
+            for slot in range(old, size):
+                self._spawn(slot)
+        elif size < old:
+            removed = self.slots[size:]
+            del self.slots[size:]
+            for slot in list(self.spawn_at):
+                if slot >= size:
+                    del self.spawn_at[slot]
+            for handle in removed:
+                if handle is not None and handle.state is not WorkerState.DEAD:
+                    handle.replaced = True
+                    self._retire(handle, RestartCause.RECYCLE, replace=False)
+
     # ------------------------------------------------------------------ signals and shutdown
 
     def _handle_signals(self) -> None:
@@ -822,6 +942,8 @@ class Supervisor:
                     return
                 if not self.draining:
                     self._begin_drain(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self.reload_config("SIGHUP")
             elif signum == signal.SIGCHLD:
                 for handle in list(self.by_id.values()):
                     self._reap(handle)
@@ -877,7 +999,8 @@ class Supervisor:
                 pass
             handle.reap()
         signal.set_wakeup_fd(-1)
-        for sock in (self.front, self.back, self.pub):
+        self.watcher.stop()
+        for sock in (self.front, self.back, self.pub, self.watch_events):
             sock.close()
         self.ctx.term()
         self.registry.close()

@@ -50,6 +50,8 @@ class WorkerHandle:
     last_seen: float = field(default_factory=time.monotonic)
     executions: int = 0
     rss_bytes: int = 0
+    compiled: int = 0
+    deserialized: int = 0
     job: object | None = None  # the PendingJob it runs, if any
     kill_cause: RestartCause | None = None
     retire_cause: RestartCause | None = None
