@@ -54,7 +54,10 @@ class ExtismFresh:
 
     def __init__(self) -> None:
         assert extism is not None
-        self.compiled = extism.CompiledPlugin(EXTISM_PLUGIN.read_bytes(), wasi=False)
+        # Not re-exported at the package's top level in extism 1.1.
+        from extism.extism import CompiledPlugin
+
+        self.compiled = CompiledPlugin(EXTISM_PLUGIN.read_bytes(), wasi=False)
 
     def __call__(self, data: bytes) -> bytes:
         plugin = extism.Plugin(self.compiled)

@@ -318,7 +318,7 @@ class Sandbox:
             raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
             raw.context_set_fuel(ctx, lim.fuel)
             # +1: the first tick may come right after this call; never time out early.
-            raw.context_set_epoch_deadline(ctx, math.ceil(lim.timeout_ms / self._tick_ms) + 1)
+            raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms, self._tick_ms))
             if cm.kind == "wasi" or cm.needs_wasi:
                 stderr = StderrSink(state)
                 self._install_wasi(ctx, cm, state, env, data, stderr)
@@ -507,6 +507,12 @@ class Sandbox:
     def _check_open(self) -> None:
         if self._closed:
             raise InternalError("sandbox is closed")
+
+
+def deadline_ticks(timeout_ms: int, tick_ms: float) -> int:
+    """Epoch ticks for a timeout: rounded up, plus one because the current tick is already
+    partly gone, so a timeout never fires early on a ticker that keeps time."""
+    return math.ceil(timeout_ms / tick_ms) + 1
 
 
 def _engine_config(config: SandboxConfig) -> wasmtime.Config:

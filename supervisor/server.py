@@ -115,6 +115,7 @@ class Supervisor:
         self.watch_events.bind(_WATCH_ADDRESS)
         self.watcher = FileWatcher(self.ctx, _WATCH_ADDRESS)
         self.config_error: str | None = None
+        self._config_text = Path(config_path).read_bytes() if config_path else b""
         self._reloading: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ setup
@@ -887,6 +888,10 @@ class Supervisor:
             log.info("%s: running on built-in defaults, nothing to reload", why)
             return
         try:
+            text = Path(self.config_path).read_bytes()
+            if why != "SIGHUP" and text == self._config_text:
+                self.config_error = None  # back to the running config (or just touched)
+                return
             new = resolved(load_config(self.config_path))
         except (ConfigError, OSError) as exc:
             self.config_error = str(exc)
@@ -902,6 +907,7 @@ class Supervisor:
             new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **keep))
         old_size = len(self.slots)
         self.config = new
+        self._config_text = text
         self.config_error = None
         self.policy.initial_delay_s = new.pool.restart_backoff_initial_ms / 1000
         self.policy.max_delay_s = new.pool.restart_backoff_max_ms / 1000

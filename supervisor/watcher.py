@@ -16,6 +16,7 @@ import watchfiles
 import zmq
 
 log = logging.getLogger("wasmcore.supervisor.watcher")
+logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch at INFO
 
 # inotify delivers within a millisecond or two; a short debounce still merges the burst of
 # events one save makes (truncate + write + close, or write temp + rename).
@@ -71,13 +72,20 @@ class FileWatcher:
 
     def _watch(self, dirs: list[str], out: zmq.Socket[bytes]) -> None:
         stop = _EitherEvent(self._stop, self._restart)
+        rescanned = False
         try:
             for changes in watchfiles.watch(*dirs, watch_filter=None, debounce=_DEBOUNCE_MS,
                                             step=_STEP_MS, stop_event=stop, recursive=False,
-                                            raise_interrupt=False, rust_timeout=1000,
-                                            yield_on_timeout=False):
+                                            raise_interrupt=False, rust_timeout=200,
+                                            yield_on_timeout=True):
                 with self._lock:
                     wanted = self._files
+                if not rescanned:
+                    # The first yield means inotify is set up. A file written between its
+                    # load and this moment raised no event: offer every file once; the loop
+                    # compares content hashes, so unchanged files cost a read.
+                    rescanned = True
+                    changes = {(watchfiles.Change.modified, f) for f in wanted} | changes
                 hits = sorted({path for change, path in changes
                                if path in wanted and change != watchfiles.Change.deleted})
                 for path in hits:

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.conftest import PLUGINS
 from wasmcore.supervisor.launcher import RunningService
+
+from tests.conftest import PLUGINS
 
 ROOT = Path(__file__).resolve().parent.parent
 

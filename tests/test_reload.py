@@ -186,7 +186,9 @@ def test_config_hot_reload(tmp_path: Path):
 
 def test_invalid_config_at_start_names_key_and_line(tmp_path: Path):
     config = tmp_path / "bad.toml"
-    config.write_text("[server]\nlog_level = 'info'\n\n[pool]\nworkers = 2\nheartbeat_intervl_ms = 5\n")
+    config.write_text(
+        "[server]\nlog_level = 'info'\n\n[pool]\nworkers = 2\nheartbeat_intervl_ms = 5\n"
+    )
     done = subprocess.run([sys.executable, "-m", "wasmcore.supervisor.cli_server", "--config",
                            str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
