@@ -49,6 +49,8 @@ class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Epoch tick period: the resolution of execution timeouts. 1 ms ticks cost ~100 us of
     # round-trip latency through the service (measured), so the default is coarser.
     epoch_tick_ms: float = 10.0
+    # Under load a worker may hold this many jobs of quick binaries (one wake-up, many jobs).
+    prefetch: int = 4
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -112,6 +114,7 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
     checks: list[tuple[str, bool, str]] = [
         ("pool.workers", config.pool.workers >= 0, "must be 0 (one per core) or more"),
         ("pool.heartbeat_interval_ms", config.pool.heartbeat_interval_ms > 0, "must be > 0"),
+        ("pool.prefetch", config.pool.prefetch >= 1, "must be at least 1"),
         ("pool.epoch_tick_ms", 0.1 <= config.pool.epoch_tick_ms <= 1000, "must be in [0.1, 1000]"),
         (
             "pool.heartbeat_timeout_ms",

@@ -23,5 +23,7 @@ class PendingJob:
     budget_s: float  # how long the execution may run, before the supervisor's grace
     binary_ids: list[str] = field(default_factory=list)
     on_done: Completion | None = None
-    deadline: float = 0.0
+    deadline: float = 0.0  # set when the job reaches the head of its worker's FIFO
+    started: float = 0.0
     tenant: str = ""
+    requeued: bool = False

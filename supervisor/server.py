@@ -52,6 +52,10 @@ EXIT_POOL_FAILED = 2
 EXIT_FORCED = 130
 _DRAIN_BATCH = 256  # messages per socket per turn, so neither side starves the other
 _WATCH_ADDRESS = "inproc://wasm-core-watch"
+# Timers (deadlines, heartbeats, watchdog, respawns) are checked at most this often.
+_TICK_S = 0.002
+# Binaries whose executions average less than this may be pipelined behind each other.
+_QUICK_MS = 2.0
 
 
 class EndpointInUse(RuntimeError):
@@ -117,6 +121,11 @@ class Supervisor:
         self.config_error: str | None = None
         self._config_text = Path(config_path).read_bytes() if config_path else b""
         self._reloading: set[tuple[str, str]] = set()
+        self._front_out: list[list[Any]] = []
+        self._refs: dict[str, p.ModuleRef] = {}
+        self._next_tick = 0.0
+        self._back_out: list[tuple[WorkerHandle, list[Any]]] = []
+        self.exec_ms: dict[str, float] = {}  # per binary: moving average of execution time
 
     # ------------------------------------------------------------------ setup
 
@@ -196,7 +205,11 @@ class Supervisor:
                         handle = self.by_pidfd.get(target)
                         if handle is not None:
                             self._reap(handle)
-                self._tick(time.monotonic())
+                now = time.monotonic()
+                if now >= self._next_tick or self.draining:
+                    self._next_tick = now + _TICK_S
+                    self._tick(now)
+                self._flush()
         finally:
             self.close()
         return self.exit_code
@@ -276,6 +289,27 @@ class Supervisor:
         self._send_client([*envelope, p.encode(body)])
 
     def _send_client(self, frames: list[Any]) -> None:
+        self._front_out.append(frames)
+
+    def _flush(self) -> None:
+        """Send what this loop turn produced, back to back: ZeroMQ wakes its I/O thread once
+        per burst rather than once per message, the largest cost per request (measured)."""
+        if self._back_out:
+            outgoing, self._back_out = self._back_out, []
+            for handle, frames in outgoing:
+                try:
+                    self.back.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError as exc:
+                    # Its socket is gone: it is dying and its pidfd will tell; its jobs are
+                    # requeued (never started) or answered WORKER_LOST then.
+                    log.warning("worker %s unreachable (%s)", handle.worker_id, exc)
+                    handle.kill(RestartCause.CRASH)
+        if self._front_out:
+            outgoing, self._front_out = self._front_out, []
+            for frames in outgoing:
+                self._send_now(frames)
+
+    def _send_now(self, frames: list[Any]) -> None:
         try:
             self.front.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -334,13 +368,18 @@ class Supervisor:
         )
 
     def _module_ref(self, binary: Binary) -> p.ModuleRef:
-        return p.ModuleRef(
-            binary_id=binary.binary_id,
-            version=binary.version,
-            sha256=binary.sha256,
-            blob_path=str(self.registry.blobs.path_for(binary.sha256)),
-            artifact_path=str(self._artifact_path(binary.sha256)),
-        )
+        ref = self._refs.get(binary.binary_id)
+        if ref is None or ref.version != binary.version or ref.sha256 != binary.sha256:
+            # Cached: building the paths costs more than the rest of routing a request.
+            ref = p.ModuleRef(
+                binary_id=binary.binary_id,
+                version=binary.version,
+                sha256=binary.sha256,
+                blob_path=str(self.registry.blobs.path_for(binary.sha256)),
+                artifact_path=str(self._artifact_path(binary.sha256)),
+            )
+            self._refs[binary.binary_id] = ref
+        return ref
 
     def _artifact_path(self, sha256: str) -> Path:
         return self.artifact_dir / f"{sha256}-{self.fingerprint}.cwasm"
@@ -525,7 +564,7 @@ class Supervisor:
             workers=workers,
             binaries=[b.info() for b in self.registry.for_tenant(req.tenant)],
             queue_depth=len(self.queue),
-            in_flight=sum(1 for h in self.by_id.values() if h.job is not None),
+            in_flight=sum(len(h.jobs) for h in self.by_id.values()),
             requests=self.requests,
             errors_by_code=dict(self.errors_by_code),
             restarts_by_cause=dict(self.restarts),
@@ -534,13 +573,18 @@ class Supervisor:
         )
 
     # ------------------------------------------------------------------ scheduling
+    #
+    # A worker takes one job at a time, but under load it may hold a short FIFO of jobs
+    # (pool.prefetch) so that one wake-up serves several. Only jobs of binaries known to be
+    # quick are ever queued behind each other: a slow or hostile plugin never has someone
+    # else's request parked behind it. Jobs behind the head have not started, so a worker's
+    # death requeues them instead of failing them.
 
     def _submit(self, job: PendingJob) -> None:
-        while self.idle:
-            handle = self.idle.popleft()
-            if handle.state is WorkerState.IDLE:
-                self._assign(handle, job)
-                return
+        handle = self._pick_worker()
+        if handle is not None:
+            self._assign(handle, job)
+            return
         if len(self.queue) >= self.config.server.max_queue:
             raise Busy(
                 f"all {len(self.slots)} workers are busy and {len(self.queue)} requests are "
@@ -549,35 +593,68 @@ class Supervisor:
             )
         self.queue.append(job)
 
+    def _pick_worker(self) -> WorkerHandle | None:
+        while self.idle:
+            handle = self.idle.popleft()
+            if handle.state is WorkerState.IDLE and not handle.jobs:
+                return handle
+        depth = self.config.pool.prefetch
+        best: WorkerHandle | None = None
+        for handle in self.by_id.values():
+            if (handle.state is WorkerState.BUSY and len(handle.jobs) < depth
+                    and handle.executions + len(handle.jobs) < handle.recycle_after
+                    and (best is None or len(handle.jobs) < len(best.jobs))
+                    and all(self._is_quick(j) for j in handle.jobs)):
+                best = handle
+        return best
+
+    def _is_quick(self, job: PendingJob) -> bool:
+        if job.on_done is not None:
+            return False
+        for binary_id in job.binary_ids:
+            if self.exec_ms.get(binary_id, _QUICK_MS) >= _QUICK_MS:
+                return False
+        return True
+
     def _assign(self, handle: WorkerHandle, job: PendingJob) -> None:
         frames: list[Any] = [handle.worker_id.encode(), job.header]
         if job.payload is not None:
             frames.append(job.payload)
-        try:
-            self.back.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            # The worker's socket is gone: it is dying; its pidfd will tell. Keep the job.
-            log.warning("worker %s unreachable (%s); requeueing job", handle.worker_id, exc)
-            handle.state = WorkerState.RETIRING
-            handle.kill(RestartCause.CRASH)
-            self.queue.appendleft(job)
-            return
+        self._back_out.append((handle, frames))
         handle.state = WorkerState.BUSY
-        handle.job = job
-        job.deadline = time.monotonic() + job.budget_s + self.config.pool.deadline_grace_ms / 1000
+        handle.jobs.append(job)
+        if len(handle.jobs) == 1:
+            self._start_clock(job, time.monotonic())
+
+    def _start_clock(self, job: PendingJob, now: float) -> None:
+        job.started = now
+        job.deadline = now + job.budget_s + self.config.pool.deadline_grace_ms / 1000
 
     def _dispatch_queue(self) -> None:
-        while self.queue and self.idle:
-            handle = self.idle.popleft()
-            if handle.state is WorkerState.IDLE:
-                self._assign(handle, self.queue.popleft())
+        while self.queue:
+            handle = self._pick_worker()
+            if handle is None:
+                return
+            self._assign(handle, self.queue.popleft())
 
     def _make_idle(self, handle: WorkerHandle) -> None:
         handle.state = WorkerState.IDLE
         if self.queue:
             self._assign(handle, self.queue.popleft())
+            self._dispatch_queue()
         else:
             self.idle.append(handle)
+
+    def _requeue(self, jobs: list[PendingJob], error: WasmCoreError) -> None:
+        """Jobs that were waiting behind a lost head never started: run them elsewhere.
+        Once only: a job requeued before is failed instead (it may be the killer)."""
+        for job in reversed(jobs):
+            if job.requeued:
+                self._fail(job, error)
+            else:
+                job.requeued = True
+                self.queue.appendleft(job)
+        self._dispatch_queue()
 
     # ------------------------------------------------------------------ workers
 
@@ -600,16 +677,25 @@ class Supervisor:
                 handle = self.by_id.get(identity.decode())
                 if handle is None:
                     return
-                handle.last_seen = time.monotonic()
-                job = handle.job
-                if job is None or job.token != event.token:
+                now = time.monotonic()
+                handle.last_seen = now
+                if not handle.jobs or handle.jobs[0].token != event.token:
                     # Late reply for a job already answered (timed out, or its worker was
                     # declared lost): it must never answer anything else.
                     log.info("dropping late reply %d from %s", event.token, handle.worker_id)
                     return
-                handle.job = None
+                job = handle.jobs.popleft()
                 handle.executions += 1
+                elapsed_ms = (now - job.started) * 1000
+                for binary_id in job.binary_ids:
+                    previous = self.exec_ms.get(binary_id)
+                    self.exec_ms[binary_id] = (elapsed_ms if previous is None
+                                               else 0.8 * previous + 0.2 * elapsed_ms)
+                if handle.jobs:
+                    self._start_clock(handle.jobs[0], now)
                 self._finish(job, event, rest)
+                if handle.jobs:
+                    return
                 if handle.state is WorkerState.BUSY:
                     if handle.executions >= handle.recycle_after:
                         self._retire(handle, RestartCause.RECYCLE)
@@ -701,8 +787,8 @@ class Supervisor:
             return
         handle.retire_cause = cause
         handle.state = WorkerState.RETIRING
-        if handle.job is not None:
-            return  # asked again when its job finishes
+        if handle.jobs:
+            return  # asked again when its last job finishes
         try:
             self.back.send_multipart([handle.worker_id.encode(),
                                       p.encode(p.Shutdown(reason=str(cause)))], zmq.NOBLOCK)
@@ -720,6 +806,7 @@ class Supervisor:
         code = handle.reap()
         if code is None:
             return
+        self._drain_back()  # replies it sent before dying still count
         if handle.pidfd < 0:
             for fd, h in list(self.by_pidfd.items()):
                 if h is handle:
@@ -732,18 +819,26 @@ class Supervisor:
         handle.state = WorkerState.DEAD
         self.by_id.pop(handle.worker_id, None)
         cause = handle.kill_cause or handle.retire_cause or RestartCause.CRASH
-        if handle.job is not None:
-            job, handle.job = handle.job, None
+        if handle.jobs:
+            head, *waiting = handle.jobs
+            handle.jobs.clear()
+            lost: WasmCoreError
             if handle.kill_cause is RestartCause.MEMORY:
-                self._fail(job, MemoryLimit(
+                lost = MemoryLimit(
                     f"worker pid {handle.pid} passed the hard RSS limit "
                     f"({self.config.pool.rss_hard_limit_mb} MiB) and was killed",
-                    {"rss_bytes": handle.rss_bytes}))
+                    {"rss_bytes": handle.rss_bytes})
             else:
-                self._fail(job, WorkerLost(
+                lost = WorkerLost(
                     f"the worker running this request died ({_describe_exit(code)}); "
                     "the request may be retried",
-                    {"exit": code, "cause": str(cause), "pid": handle.pid}))
+                    {"exit": code, "cause": str(cause), "pid": handle.pid})
+            self._fail(head, lost)
+            if self.draining:
+                for job in waiting:
+                    self._fail(job, lost)
+            else:
+                self._requeue(waiting, lost)
         if handle.replaced or self.draining or self.exit_code is not None:
             return
         handle.replaced = True
@@ -783,9 +878,11 @@ class Supervisor:
             if handle.pidfd < 0 and handle.state is not WorkerState.DEAD:
                 self._reap(handle)  # no pidfd: fall back to polling
                 continue
-            job = handle.job
+            job = handle.jobs[0] if handle.jobs else None
             if job is not None and now > job.deadline:
-                handle.job = None
+                handle.jobs.popleft()
+                waiting = list(handle.jobs)
+                handle.jobs.clear()
                 self._fail(job, Timeout(
                     f"no reply within the {job.budget_s * 1000:.0f} ms timeout plus "
                     f"{pool.deadline_grace_ms} ms grace (a blocked host call or a native hang); "
@@ -793,6 +890,8 @@ class Supervisor:
                     {"timeout_ms": int(job.budget_s * 1000), "pid": handle.pid}))
                 handle.kill(RestartCause.TIMEOUT)
                 handle.state = WorkerState.RETIRING
+                self._requeue(waiting, WorkerLost("its worker was killed for another request's "
+                                                  "deadline", {"pid": handle.pid}))
             elif handle.state is WorkerState.STARTING:
                 if now - handle.last_seen > start_timeout:
                     log.error("worker %s not ready after %.1fs; killing it",
@@ -956,7 +1055,7 @@ class Supervisor:
 
     def _begin_drain(self, why: str) -> None:
         log.info("%s: draining (finishing %d in-flight requests, answering %d queued)",
-                 why, sum(1 for h in self.by_id.values() if h.job), len(self.queue))
+                 why, sum(len(h.jobs) for h in self.by_id.values()), len(self.queue))
         self.draining = True
         self.drain_deadline = time.monotonic() + self.config.pool.shutdown_grace_ms / 1000
         self.spawn_at.clear()
@@ -965,13 +1064,13 @@ class Supervisor:
                 "the service is shutting down; this request was not started"))
 
     def _drain_step(self, now: float) -> None:
-        busy = [h for h in self.by_id.values() if h.job is not None]
+        busy = [h for h in self.by_id.values() if h.jobs]
         if busy and now < self.drain_deadline:
             return
         for handle in busy:
-            job, handle.job = handle.job, None
-            assert job is not None
-            self._fail(job, ShuttingDown("the shutdown grace period ended before this finished"))
+            while handle.jobs:
+                self._fail(handle.jobs.popleft(),
+                           ShuttingDown("the shutdown grace period ended before this finished"))
         for handle in list(self.by_id.values()):
             if handle.state is not WorkerState.RETIRING:
                 self._retire(handle, RestartCause.RECYCLE, replace=False)
@@ -988,13 +1087,13 @@ class Supervisor:
         while self.queue:
             self._fail(self.queue.popleft(), error)
         for handle in list(self.by_id.values()):
-            if handle.job is not None:
-                job, handle.job = handle.job, None
-                self._fail(job, error)
+            while handle.jobs:
+                self._fail(handle.jobs.popleft(), error)
             handle.kill(RestartCause.RECYCLE)
         self.exit_code = code
 
     def close(self) -> None:
+        self._flush()  # replies decided in the last turn (SHUTTING_DOWN ones, say) go out
         deadline = time.monotonic() + 3
         for handle in list(self.by_id.values()):
             handle.kill(RestartCause.RECYCLE)

@@ -8,6 +8,7 @@ is noticed at once, and signals sent through it can never hit a recycled PID.
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import psutil
@@ -52,7 +54,8 @@ class WorkerHandle:
     rss_bytes: int = 0
     compiled: int = 0
     deserialized: int = 0
-    job: object | None = None  # the PendingJob it runs, if any
+    # Jobs sent to it, in order: the head runs, the rest wait (see the scheduler).
+    jobs: collections.deque[Any] = field(default_factory=collections.deque)
     kill_cause: RestartCause | None = None
     retire_cause: RestartCause | None = None
     replaced: bool = False  # a successor already holds this slot
