@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import wasmtime
+
 from wasmcore.sandbox_worker.limits import Limits
 from wasmcore.sandbox_worker.runtime import Sandbox
 

@@ -22,9 +22,6 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/bench_service.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wasmcore.supervisor import loadgen
-from wasmcore.supervisor.launcher import RunningService, start_service
-
 from bench.common import (
     BENCH_LIMITS_NOTE,
     PLUGIN,
@@ -38,6 +35,8 @@ from bench.common import (
     summarize,
 )
 from bench.echo import AsyncEcho, BlockingEcho, EchoServer
+from wasmcore.supervisor import loadgen
+from wasmcore.supervisor.launcher import RunningService, start_service
 
 TARGET_RATIO = 3.0
 TARGET_THROUGHPUT = 15_000

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench.common import BENCH_MEMORY_MB, BENCH_OUTPUT_BYTES, EXTISM_PLUGIN, PLUGIN, MiB
 from wasmcore.sandbox_worker.limits import Limits
 from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig
-
-from bench.common import BENCH_MEMORY_MB, BENCH_OUTPUT_BYTES, EXTISM_PLUGIN, PLUGIN, MiB
 
 try:  # optional: the `bench` extra; its rows are skipped (with a note) without it
     import extism

@@ -23,8 +23,6 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/suite.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wasmcore.supervisor import loadgen
-
 from bench import rows as in_process
 from bench.bench_service import start_bench_service
 from bench.common import (
@@ -42,6 +40,7 @@ from bench.common import (
     summarize,
 )
 from bench.echo import AsyncEcho, BlockingEcho, EchoServer
+from wasmcore.supervisor import loadgen
 
 DEFAULT_SIZES = [100, 64 * KiB, MiB, 16 * MiB]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -15,8 +15,9 @@ import ctypes
 from typing import Any
 
 import wasmtime
-from wasmcore.supervisor.errors import InternalError, OutputLimit, WasmCoreError
 from wasmtime import _ffi as ffi
+
+from wasmcore.supervisor.errors import InternalError, OutputLimit, WasmCoreError
 
 from . import _raw
 

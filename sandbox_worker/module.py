@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import Literal
 
 import wasmtime
+
 from wasmcore.supervisor.errors import InvalidModule
 
 from . import _raw
@@ -40,6 +41,7 @@ class CompiledModule:
         "sha256",
         "kind",
         "exports",
+        "index_names",
         "size",
         "module",
         "pre",
@@ -64,6 +66,7 @@ class CompiledModule:
         self.pre_addr = _raw.addr(pre)
         self.kind: Literal["core", "wasi"] = "core"
         self.exports: list[str] = []
+        self.index_names: dict[int, str] = {}  # export index -> name, for indices in use
         # entry name -> (kind, export index for wasmtime_instance_export_nth)
         self.entries: dict[str, tuple[EntryKind, int]] = {}
         self.memory_index: int | None = None
@@ -129,7 +132,8 @@ def analyze(compiled: CompiledModule) -> None:
     """Classify the module and record the export indices the hot path uses."""
     entries: dict[str, tuple[EntryKind, int]] = {}
     start_index: int | None = None
-    for index, export in enumerate(compiled.module.exports):
+    exports = compiled.module.exports  # costly for big modules (types per export): once
+    for index, export in enumerate(exports):
         ty = export.type
         name = export.name
         if isinstance(ty, wasmtime.MemoryType):
@@ -151,6 +155,9 @@ def analyze(compiled: CompiledModule) -> None:
         elif sig in _ENTRY_SIGNATURES:
             entries[name] = (_ENTRY_SIGNATURES[sig], index)
 
+    used = [compiled.memory_index, compiled.alloc_index, compiled.initialize_index, start_index,
+            *(i for _, i in entries.values())]
+    compiled.index_names = {i: exports[i].name for i in used if i is not None}
     if start_index is not None:
         compiled.kind = "wasi"
         compiled.entries = {"_start": (EntryKind.VOID, start_index)}

@@ -9,6 +9,7 @@ an error code, and the useful answer is MEMORY_LIMIT); then the plain trap / plu
 from __future__ import annotations
 
 import wasmtime
+
 from wasmcore.supervisor.errors import (
     MemoryLimit,
     OutOfFuel,

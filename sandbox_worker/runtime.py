@@ -25,6 +25,8 @@ from importlib import metadata
 
 import msgspec
 import wasmtime
+from wasmtime import _ffi as ffi
+
 from wasmcore.supervisor.errors import (
     BadRequest,
     InternalError,
@@ -33,7 +35,6 @@ from wasmcore.supervisor.errors import (
     Trap,
     WasmCoreError,
 )
-from wasmtime import _ffi as ffi
 
 from . import _raw
 from .host import HostState, define_host_functions, make_host_callbacks
@@ -241,7 +242,7 @@ class Sandbox:
     def execute(
         self,
         module: CompiledModule,
-        input: bytes,
+        input: bytes | memoryview,
         *,
         env: dict[str, str] | None = None,
         entry: str | None = None,
@@ -250,8 +251,15 @@ class Sandbox:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
         every error's details carry the metering so far and the logs produced so far."""
         self._check_open()
-        if type(input) is not bytes:
-            input = bytes(input)  # memmove and the WASI stdin copy want real bytes
+        if type(input) is not bytes and not (
+            type(input) is memoryview and not input.readonly and input.contiguous
+        ):
+            # memmove wants bytes or a writable buffer (a memoryview over a mapped
+            # shared-memory segment is copied straight into the guest, never into bytes)
+            input = bytes(input)
+        module_wants_bytes = module.kind == "wasi"
+        if module_wants_bytes and type(input) is not bytes:
+            input = bytes(input)  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
         spec = module.entries.get(name)
@@ -295,7 +303,7 @@ class Sandbox:
         cm: CompiledModule,
         kind: EntryKind,
         index: int,
-        data: bytes,
+        data: bytes | memoryview,
         env_bytes: bytes,
         env: dict[str, str],
         lim: Limits,
@@ -426,14 +434,16 @@ class Sandbox:
         """Once per module: the instance's export order must be the module's (the hot path
         addresses exports by index). Cheap insurance against a wasmtime behaviour change."""
         extern = ffi.wasmtime_extern_t()
-        for i, export in enumerate(cm.module.exports):
+        # Only the indices the hot path uses: listing every export's type again would cost
+        # seconds for modules with thousands of exports.
+        for i, name in cm.index_names.items():
             self._export(ctx, i, ctypes.addressof(extern))
             got = ctypes.string_at(self._name_ptr.value or 0, self._name_len.value)
-            if got != export.name.encode():
-                raise InternalError(f"export #{i} is {got!r}, expected {export.name!r}")
+            if got != name.encode():
+                raise InternalError(f"export #{i} is {got!r}, expected {name!r}")
         cm.verified = True
 
-    def _place(self, ctx: int, cm: CompiledModule, data: bytes, lim: Limits) -> int:
+    def _place(self, ctx: int, cm: CompiledModule, data: bytes | memoryview, lim: Limits) -> int:
         """alloc(len) in the guest, then copy `data` there; returns the guest pointer."""
         assert cm.alloc_index is not None
         state = self._state
@@ -455,7 +465,13 @@ class Sandbox:
                 f"alloc({n}) returned {ptr:#x}, outside the plugin's memory",
                 {"trap_code": None},
             )
-        ctypes.memmove(_raw.memory_data(ctx, state.memory_addr) + ptr, data, n)
+        target = _raw.memory_data(ctx, state.memory_addr) + ptr
+        if type(data) is bytes:
+            ctypes.memmove(target, data, n)
+        else:
+            source = (ctypes.c_char * n).from_buffer(data)
+            ctypes.memmove(target, source, n)
+            del source  # the buffer's owner (an mmap) can be closed only once this is gone
         return ptr
 
     def _install_wasi(

@@ -12,8 +12,9 @@ import ctypes
 import errno
 
 import wasmtime
-from wasmcore.supervisor.errors import OutputLimit
 from wasmtime import _ffi as ffi
+
+from wasmcore.supervisor.errors import OutputLimit
 
 from .host import HostState
 

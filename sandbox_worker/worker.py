@@ -19,10 +19,12 @@ from typing import Any
 
 import msgspec
 import zmq
+
 from wasmcore.sandbox_worker.limits import ExecutionResult, Limits
 from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox, SandboxConfig
 from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.errors import InternalError, WasmCoreError
+from wasmcore.supervisor import shm
+from wasmcore.supervisor.errors import BadRequest, InternalError, WasmCoreError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -43,6 +45,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     sandbox: SandboxConfig = SandboxConfig()
     heartbeat_interval_ms: int = 250
     rlimit_data_bytes: int = 0
+    shm_dir: str = ""  # empty: shared-memory payloads are off
+    shm_threshold_bytes: int = 1024 * 1024
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -132,7 +136,7 @@ class Worker:
 
     def _flush(self) -> None:
         for frames in self.outbox:
-            self.back.send_multipart(frames, copy=len(frames[-1]) < 65536)
+            self.back.send_multipart(frames, copy=sum(len(f) for f in frames) < 65536)
         self.outbox.clear()
 
     def _record_time(self, sha256: str, started: float) -> None:
@@ -150,12 +154,14 @@ class Worker:
             command = p.command_decoder.decode(frames[0].buffer)
         except msgspec.DecodeError:
             return  # only the supervisor talks to us; a bad frame is a bug, not a tenant
-        payload = frames[1].bytes if len(frames) > 1 else b""
         match command:
             case p.RunJob():
                 self.busy_token = command.token
                 try:
-                    self._run(command, payload)
+                    if command.batch:
+                        self._run_batch(command, [f.bytes for f in frames[1:]])
+                    else:
+                        self._run(command, frames[1].bytes if len(frames) > 1 else b"")
                 finally:
                     self.busy_token = 0
             case p.CompileJob():
@@ -206,10 +212,28 @@ class Worker:
         if module is None:
             module = self.sandbox.compile(Path(ref.blob_path).read_bytes())
             self.compiled += 1
+            if ref.artifact_path:
+                # The shared artifact is gone (/dev/shm after a reboot): put it back so the
+                # other workers map it instead of compiling too.
+                try:
+                    self.sandbox.serialize(module, ref.artifact_path)
+                except OSError:
+                    pass
         self.modules[ref.sha256] = module
         return module
 
     def _run(self, job: p.RunJob, payload: bytes) -> None:
+        if job.input_shm is None:
+            self._run_on(job, payload)
+            return
+        try:
+            with shm.mapped(self.settings.shm_dir, job.input_shm) as view:
+                self._run_on(job, view)
+        except (shm.SegmentError, OSError) as exc:
+            self._reply_error(job, BadRequest.code, f"cannot map the input segment: {exc}",
+                              {"segment": job.input_shm.name})
+
+    def _run_on(self, job: p.RunJob, payload: bytes | memoryview) -> None:
         limits = Limits(
             timeout_ms=job.timeout_ms,
             fuel=job.fuel,
@@ -260,6 +284,14 @@ class Worker:
             header: Any = p.Chained(id=job.request_id, steps=steps, worker_pid=pid)
         else:
             ref = job.modules[0]
+            output_shm = None
+            if (job.output_shm_pid and self.settings.shm_dir
+                    and len(data) >= self.settings.shm_threshold_bytes):
+                try:
+                    output_shm = shm.write(self.settings.shm_dir, job.output_shm_pid, data)
+                    data = b""
+                except OSError:
+                    output_shm = None  # /dev/shm full: the output still goes inline
             header = p.Executed(
                 id=job.request_id,
                 logs=result.logs,
@@ -268,9 +300,48 @@ class Worker:
                 binary_id=ref.binary_id,
                 version=ref.version,
                 worker_pid=pid,
+                output_shm=output_shm,
             )
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
         self._send([p.encode(done), p.encode(header), data])
+
+    def _run_batch(self, job: p.RunJob, inputs: list[bytes]) -> None:
+        """One module, many inputs, one reply: each input succeeds or fails on its own."""
+        limits = Limits(
+            timeout_ms=job.timeout_ms,
+            fuel=job.fuel,
+            memory_bytes=job.memory_bytes,
+            output_bytes=self.settings.sandbox.default_limits.output_bytes,
+            log_bytes=self.settings.sandbox.default_limits.log_bytes,
+        )
+        ref = job.modules[0]
+        self._flush_before([ref.sha256])
+        items: list[p.BatchItem] = []
+        outputs: list[bytes] = []
+        fuel_total = 0
+        try:
+            module = self._module(ref)
+        except WasmCoreError as exc:
+            self._reply_error(job, exc.code, exc.message, dict(exc.details))
+            return
+        for data in inputs:
+            started = time.perf_counter()
+            try:
+                result = self.sandbox.execute(module, data, env=job.env, entry=job.entry,
+                                              limits=limits)
+            except WasmCoreError as exc:
+                items.append(p.BatchItem(code=exc.code, message=exc.message,
+                                         details=dict(exc.details)))
+                outputs.append(b"")
+            else:
+                items.append(p.BatchItem(logs=result.logs, metering=_metering(result)))
+                outputs.append(result.output)
+                fuel_total += result.metering.fuel_consumed
+            self._record_time(ref.sha256, started)
+        header = p.BatchExecuted(id=job.request_id, items=items, binary_id=ref.binary_id,
+                                 version=ref.version, worker_pid=os.getpid())
+        done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
+        self._send([p.encode(done), p.encode(header), *outputs])
 
     def _reply_error(
         self, job: p.RunJob | p.CompileJob, code: str, message: str, details: dict[str, Any]

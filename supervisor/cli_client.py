@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+
 from wasmcore.supervisor.client import Client
 from wasmcore.supervisor.errors import WasmCoreError
 

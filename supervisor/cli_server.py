@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import msgspec
 import zmq
+
 from wasmcore.supervisor.config import ConfigError, load_config, resolved, runtime_dir, validate
 from wasmcore.supervisor.server import EndpointInUse, Supervisor
 

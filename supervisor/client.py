@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from wasmcore.supervisor import protocol as p
+from wasmcore.supervisor import shm
 from wasmcore.supervisor.config import default_endpoint
-from wasmcore.supervisor.errors import Unavailable, error_from_code
+from wasmcore.supervisor.errors import Unavailable, WasmCoreError, error_from_code
+from wasmcore.supervisor.shm import ShmRef
 
 ENDPOINT_ENV = "WASM_CORE_ENDPOINT"
 
@@ -31,7 +34,7 @@ def resolve_endpoint(endpoint: str | None) -> str:
 class Execution:
     """The result of one execute: the plugin's output, its logs and its metering."""
 
-    output: bytes
+    output: bytes  # a read-only memoryview for shared-memory outputs of a zero_copy client
     logs: list[str]
     metering: p.MeteringInfo
     binary_id: str = ""
@@ -56,6 +59,28 @@ def _execute_request(binary_id: str, input: bytes | str, tenant: str, timeout_ms
     return request, data
 
 
+def _batch_request(binary_id: str, inputs: Iterable[bytes | str], tenant: str,
+                   timeout_ms: int | None, memory_mb: int | None, fuel: int | None,
+                   env: Mapping[str, str] | None,
+                   entry: str | None) -> tuple[p.ExecuteBatch, list[bytes]]:
+    frames = [i.encode() if isinstance(i, str) else bytes(i) for i in inputs]
+    if not frames:
+        raise ValueError("execute_batch needs at least one input")
+    request = p.ExecuteBatch(binary_id=binary_id, tenant=tenant, count=len(frames),
+                             timeout_ms=timeout_ms, memory_mb=memory_mb, fuel=fuel,
+                             env=dict(env or {}), entry=entry)
+    return request, frames
+
+
+def _frames(request: Any, payload: bytes | list[bytes] | None) -> list[bytes]:
+    header = p.encode(request)
+    if payload is None:
+        return [header]
+    if isinstance(payload, list):
+        return [header, *payload]
+    return [header, payload]
+
+
 def _load_request(path: str | os.PathLike[str] | None, data: bytes | None, name: str | None,
                   tenant: str) -> tuple[p.Load, bytes | None]:
     if path is not None and data is not None:
@@ -71,26 +96,111 @@ def _load_request(path: str | os.PathLike[str] | None, data: bytes | None, name:
     return p.Load(tenant=tenant, name=name), bytes(data)
 
 
-def _unpack(reply: Any, payload: bytes) -> Any:
+def _unpack(reply: Any, frames: list[bytes], shared: SharedMemory | None = None) -> Any:
+    payload = frames[0] if frames else b""
     match reply:
         case p.ErrorReply():
             raise error_from_code(reply.code, reply.message, reply.details)
         case p.Executed():
+            if reply.output_shm is not None:
+                if shared is None:
+                    raise Unavailable("the server sent a shared-memory output to a client "
+                                      "that did not ask for one")
+                payload = shared.take_output(reply.output_shm)
             return Execution(output=payload, logs=reply.logs, metering=reply.metering,
                              binary_id=reply.binary_id, version=reply.version,
                              worker_pid=reply.worker_pid, logs_truncated=reply.logs_truncated)
         case p.Chained():
             return ChainExecution(output=payload, steps=reply.steps, worker_pid=reply.worker_pid)
+        case p.BatchExecuted():
+            results: list[Execution | WasmCoreError] = []
+            for item, output in zip(reply.items, frames, strict=False):
+                if item.code:
+                    results.append(error_from_code(item.code, item.message, item.details))
+                else:
+                    results.append(Execution(output=output, logs=item.logs,
+                                             metering=item.metering, binary_id=reply.binary_id,
+                                             version=reply.version, worker_pid=reply.worker_pid))
+            return results
         case _:
             return reply
 
 
+class SharedMemory:
+    """The client's side of shared-memory payloads, settled once per client by `hello`.
+
+    Used only when the server's boot id matches this host's and its segment directory is
+    writable here. Input segments are reused from a small free list; output segments are read
+    and removed at once. Whatever a crash leaves behind, the server sweeps (segments carry
+    this process's pid).
+    """
+
+    _KEEP = 4
+
+    def __init__(self, welcome: p.Welcome, zero_copy: bool = False) -> None:
+        self.pid = os.getpid()
+        self.zero_copy = zero_copy
+        self.directory: str | None = None
+        self.threshold = welcome.shm_threshold_bytes
+        if (welcome.shm_dir and welcome.boot_id and welcome.boot_id == shm.boot_id()
+                and os.access(welcome.shm_dir, os.W_OK)):
+            self.directory = welcome.shm_dir
+        self._free: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def wants(self, data: bytes) -> bool:
+        return self.directory is not None and len(data) >= self.threshold
+
+    def put(self, data: bytes) -> ShmRef:
+        assert self.directory is not None
+        while self._free:
+            name = self._free.pop()
+            try:
+                return shm.overwrite(self.directory, name, data)
+            except OSError:
+                continue  # swept or removed: make a new one
+        return shm.write(self.directory, self.pid, data)
+
+    def release(self, ref: ShmRef) -> None:
+        if self.directory is None:
+            return
+        if len(self._free) < self._KEEP:
+            self._free.append(ref.name)
+        else:
+            shm.remove(self.directory, ref.name)
+
+    def take_output(self, ref: ShmRef) -> bytes:
+        if self.directory is None:
+            raise Unavailable("shared-memory output without a shared-memory directory")
+        if self.zero_copy:
+            return shm.take_mapped(self.directory, ref)  # type: ignore[return-value]
+        try:
+            return shm.read(self.directory, ref)
+        finally:
+            shm.remove(self.directory, ref.name)
+
+    def close(self) -> None:
+        if self.directory is not None:
+            for name in self._free:
+                shm.remove(self.directory, name)
+        self._free.clear()
+
+
 class Client:
-    """A blocking client. One request at a time; not thread-safe (use one per thread)."""
+    """A blocking client. One request at a time; not thread-safe (use one per thread).
+
+    `zero_copy=True`: an output that came through shared memory is returned as a read-only
+    memoryview over the mapped segment instead of being copied into bytes.
+    """
 
     def __init__(self, endpoint: str | None = None, tenant: str = p.DEFAULT_TENANT,
-                 timeout_s: float = 30.0, context: zmq.Context[Any] | None = None) -> None:
+                 timeout_s: float = 30.0, context: zmq.Context[Any] | None = None,
+                 zero_copy: bool = False) -> None:
         self.endpoint = resolve_endpoint(endpoint)
+        self.zero_copy = zero_copy
         self.tenant = tenant
         self.timeout_s = timeout_s
         self._own_context = context is None
@@ -99,8 +209,11 @@ class Client:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.endpoint)
         self._ids = itertools.count(1)
+        self._shared: SharedMemory | None = None
 
     def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
         self._socket.close()
         if self._own_context:
             self._ctx.term()
@@ -111,12 +224,12 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, request: Any, payload: bytes | None = None,
-             timeout_s: float | None = None) -> tuple[Any, bytes]:
-        """Send one request and wait for its reply: (reply header, payload bytes)."""
+    def call(self, request: Any, payload: bytes | list[bytes] | None = None,
+             timeout_s: float | None = None) -> tuple[Any, list[bytes]]:
+        """Send one request, wait for its reply: (reply header, payload frames)."""
         request.id = next(self._ids)
-        frames = [p.encode(request)] if payload is None else [p.encode(request), payload]
-        self._socket.send_multipart(frames, copy=payload is None or len(payload) < 65536)
+        frames = _frames(request, payload)
+        self._socket.send_multipart(frames, copy=sum(len(f) for f in frames) < 65536)
         wait_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
         while True:
             if not self._socket.poll(wait_ms):
@@ -127,8 +240,20 @@ class Client:
             reply_frames = self._socket.recv_multipart()
             reply = p.reply_decoder.decode(reply_frames[0])
             if reply.id == request.id:
-                return reply, reply_frames[1] if len(reply_frames) > 1 else b""
+                return reply, reply_frames[1:]
             # An older request's late reply (it timed out here): not ours, skip it.
+
+    def hello(self) -> p.Welcome:
+        """What the server offers (limits, shared memory); asked once, then remembered."""
+        welcome = _unpack(*self.call(p.Hello(tenant=self.tenant), None, min(self.timeout_s, 10)))
+        self._shared = SharedMemory(welcome, self.zero_copy)
+        return welcome
+
+    def _shared_memory(self) -> SharedMemory:
+        if self._shared is None:
+            self.hello()
+        assert self._shared is not None
+        return self._shared
 
     def _timeout_for(self, timeout_ms: int | None) -> float:
         return max(self.timeout_s, (timeout_ms or 0) / 1000 + 5)
@@ -143,7 +268,30 @@ class Client:
                 env: Mapping[str, str] | None = None, entry: str | None = None) -> Execution:
         request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
                                          fuel, env, entry)
-        return _unpack(*self.call(request, data, self._timeout_for(timeout_ms)))
+        shared = self._shared_memory()
+        if not shared.enabled:
+            return _unpack(*self.call(request, data, self._timeout_for(timeout_ms)))
+        request.output_shm_pid = shared.pid
+        segment = shared.put(data) if shared.wants(data) else None
+        request.input_shm = segment
+        try:
+            reply, frames = self.call(request, None if segment else data,
+                                      self._timeout_for(timeout_ms))
+        finally:
+            if segment is not None:
+                shared.release(segment)
+        return _unpack(reply, frames, shared)
+
+    def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
+                      timeout_ms: int | None = None, memory_mb: int | None = None,
+                      fuel: int | None = None, env: Mapping[str, str] | None = None,
+                      entry: str | None = None) -> list[Execution | WasmCoreError]:
+        """One request, one result per input in order: an `Execution`, or the error of that
+        input (returned, not raised, so one bad input does not hide the others' results)."""
+        request, frames = _batch_request(binary_id, inputs, self.tenant, timeout_ms, memory_mb,
+                                         fuel, env, entry)
+        timeout = self.timeout_s + len(frames) * (timeout_ms or 0) / 1000
+        return _unpack(*self.call(request, frames, timeout))
 
     def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
               timeout_ms: int | None = None, memory_mb: int | None = None,
@@ -175,10 +323,11 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str | None = None, tenant: str = p.DEFAULT_TENANT,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, zero_copy: bool = False) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         self.tenant = tenant
         self.timeout_s = timeout_s
+        self.zero_copy = zero_copy
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -187,10 +336,14 @@ class AsyncClient:
         self._socket.connect(self.endpoint)
         self._fd = self._socket.getsockopt(zmq.FD)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[Any, bytes]]] = {}
+        self._pending: dict[int, asyncio.Future[tuple[Any, list[bytes]]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._shared: SharedMemory | None = None
+        self._hello: asyncio.Future[p.Welcome] | None = None
 
     async def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._loop = None
@@ -220,7 +373,7 @@ class AsyncClient:
                 continue
             future = pending.pop(reply.id, None)
             if future is not None and not future.done():
-                future.set_result((reply, frames[1] if len(frames) > 1 else b""))
+                future.set_result((reply, frames[1:]))
 
     def _expire(self, request_id: int, wait: float) -> None:
         future = self._pending.pop(request_id, None)
@@ -228,17 +381,17 @@ class AsyncClient:
             future.set_exception(Unavailable(
                 f"no reply from {self.endpoint} within {wait:.1f} s", {"endpoint": self.endpoint}))
 
-    async def call(self, request: Any, payload: bytes | None = None,
-                   timeout_s: float | None = None) -> tuple[Any, bytes]:
+    async def call(self, request: Any, payload: bytes | list[bytes] | None = None,
+                   timeout_s: float | None = None) -> tuple[Any, list[bytes]]:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
             loop.add_reader(self._fd, self._drain)
         request.id = request_id = next(self._ids)
-        future: asyncio.Future[tuple[Any, bytes]] = loop.create_future()
+        future: asyncio.Future[tuple[Any, list[bytes]]] = loop.create_future()
         self._pending[request_id] = future
-        frames = [p.encode(request)] if payload is None else [p.encode(request), payload]
-        self._socket.send_multipart(frames, copy=payload is None or len(payload) < 65536)
+        frames = _frames(request, payload)
+        self._socket.send_multipart(frames, copy=sum(len(f) for f in frames) < 65536)
         self._drain()
         wait = self.timeout_s if timeout_s is None else timeout_s
         # One timer handle per request: cheaper than wait_for's extra task.
@@ -261,7 +414,47 @@ class AsyncClient:
         request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
                                          fuel, env, entry)
         timeout = max(self.timeout_s, (timeout_ms or 0) / 1000 + 5)
-        return _unpack(*await self.call(request, data, timeout))
+        shared = self._shared
+        if shared is None:
+            shared = await self._shared_memory()
+        if not shared.enabled:
+            return _unpack(*await self.call(request, data, timeout))
+        request.output_shm_pid = shared.pid
+        segment = shared.put(data) if shared.wants(data) else None
+        request.input_shm = segment
+        try:
+            reply, frames = await self.call(request, None if segment else data, timeout)
+        finally:
+            if segment is not None:
+                shared.release(segment)
+        return _unpack(reply, frames, shared)
+
+    async def hello(self) -> p.Welcome:
+        welcome = _unpack(*await self.call(p.Hello(tenant=self.tenant), None,
+                                           min(self.timeout_s, 10)))
+        self._shared = SharedMemory(welcome, self.zero_copy)
+        return welcome
+
+    async def _shared_memory(self) -> SharedMemory:
+        # Many requests may start at once: they share one hello.
+        if self._hello is None:
+            self._hello = asyncio.ensure_future(self.hello())
+        try:
+            await asyncio.shield(self._hello)
+        except BaseException:
+            self._hello = None
+            raise
+        assert self._shared is not None
+        return self._shared
+
+    async def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
+                            timeout_ms: int | None = None, memory_mb: int | None = None,
+                            fuel: int | None = None, env: Mapping[str, str] | None = None,
+                            entry: str | None = None) -> list[Execution | WasmCoreError]:
+        request, frames = _batch_request(binary_id, inputs, self.tenant, timeout_ms, memory_mb,
+                                         fuel, env, entry)
+        timeout = self.timeout_s + len(frames) * (timeout_ms or 0) / 1000
+        return _unpack(*await self.call(request, frames, timeout))
 
     async def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
                     timeout_ms: int | None = None, memory_mb: int | None = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from wasmcore.sandbox_worker.limits import Limits
 
 MiB = 1024 * 1024
@@ -25,6 +26,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     artifact_dir: str = ""  # empty: /dev/shm/wasm-core-<uid> (or the runtime dir)
     max_queue: int = 4096
     max_payload_bytes: int = 64 * MiB
+    # Payloads at least this large travel through shared memory between a client on the
+    # same host, the supervisor and the workers. Empty dir: /dev/shm/wasm-core-<uid>/payloads;
+    # "off" disables it.
+    shm_dir: str = ""
+    shm_threshold_bytes: int = 1 * MiB
     log_level: str = "info"
 
 
@@ -130,6 +136,7 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("pool.recycle_jitter", 0 <= config.pool.recycle_jitter < 1, "must be in [0, 1)"),
         ("server.max_queue", config.server.max_queue >= 0, "must be >= 0"),
         ("server.max_payload_bytes", config.server.max_payload_bytes > 0, "must be > 0"),
+        ("server.shm_threshold_bytes", config.server.shm_threshold_bytes >= 0, "must be >= 0"),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
         ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),
@@ -215,6 +222,13 @@ def default_artifact_dir() -> Path:
     return runtime_dir() / "artifacts"
 
 
+def default_shm_dir() -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm / f"wasm-core-{os.getuid()}" / "payloads"
+    return runtime_dir() / "payloads"
+
+
 def resolved(config: Config) -> Config:
     """The config with every empty place filled in with its default."""
     server = msgspec.structs.replace(
@@ -222,6 +236,7 @@ def resolved(config: Config) -> Config:
         endpoint=config.server.endpoint or default_endpoint(),
         data_dir=config.server.data_dir or str(default_data_dir()),
         artifact_dir=config.server.artifact_dir or str(default_artifact_dir()),
+        shm_dir=config.server.shm_dir or str(default_shm_dir()),
     )
     pool = config.pool
     if pool.workers == 0:

@@ -27,3 +27,4 @@ class PendingJob:
     started: float = 0.0
     tenant: str = ""
     requeued: bool = False
+    extra: list[Any] = field(default_factory=list)  # a batch's input frames

@@ -54,6 +54,7 @@ class RunningService:
         self.process = process
         self.config_path = config_path
         self.owns_workdir = owns_workdir
+        self.shm_dir = workdir / "shm"
 
     @property
     def pid(self) -> int:
@@ -95,6 +96,7 @@ class RunningService:
         self.stop()
         if self.owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
 
 
 def start_service(
@@ -114,6 +116,9 @@ def start_service(
     server.setdefault("endpoint", endpoint or f"ipc://{workdir}/s.sock")
     server.setdefault("data_dir", str(workdir / "data"))
     server.setdefault("artifact_dir", str(workdir / "art"))
+    shm_root = Path("/dev/shm")
+    server.setdefault("shm_dir", str(shm_root / workdir.name if shm_root.is_dir()
+                                     else workdir / "shm"))
     sections.setdefault("pool", {}).setdefault("workers", workers)
     config_path = workdir / "wasm-core.toml"
     if not config_path.exists() or config is not None:
@@ -127,6 +132,7 @@ def start_service(
         env=env,
     )
     service = RunningService(workdir, server["endpoint"], process, config_path, owns)
+    service.shm_dir = Path(server["shm_dir"])
     if wait:
         try:
             service.wait_ready(sections["pool"]["workers"], ready_timeout_s)

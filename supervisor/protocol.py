@@ -20,6 +20,8 @@ from typing import Any
 
 import msgspec
 
+from wasmcore.supervisor.shm import ShmRef
+
 PROTOCOL_VERSION = 1
 DEFAULT_TENANT = "default"
 
@@ -37,7 +39,7 @@ class Load(msgspec.Struct, tag="load", kw_only=True):
 
 
 class Execute(msgspec.Struct, tag="execute", kw_only=True):
-    """Run one binary on the payload frame (the input)."""
+    """Run one binary on the payload frame (the input), or on a shared-memory segment."""
 
     id: int = 0
     tenant: str = DEFAULT_TENANT
@@ -47,6 +49,30 @@ class Execute(msgspec.Struct, tag="execute", kw_only=True):
     fuel: int | None = None
     env: dict[str, str] = {}
     entry: str | None = None
+    input_shm: ShmRef | None = None  # the input is in this segment (no payload frame)
+    output_shm_pid: int = 0  # non-zero: a large output may come back as a segment owned by it
+
+
+class ExecuteBatch(msgspec.Struct, tag="execute_batch", kw_only=True):
+    """Run one binary on each of `count` inputs (frames 2..count+1); one reply, one result
+    per input, in order. A failing input fails only its own item."""
+
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
+    binary_id: str
+    count: int
+    timeout_ms: int | None = None
+    memory_mb: int | None = None
+    fuel: int | None = None
+    env: dict[str, str] = {}
+    entry: str | None = None
+
+
+class Hello(msgspec.Struct, tag="hello", kw_only=True):
+    """What the server offers: limits, and shared memory for clients on the same host."""
+
+    id: int = 0
+    tenant: str = DEFAULT_TENANT
 
 
 class Chain(msgspec.Struct, tag="chain", kw_only=True):
@@ -77,7 +103,7 @@ class Stats(msgspec.Struct, tag="stats", kw_only=True):
     tenant: str = DEFAULT_TENANT
 
 
-Request = Load | Execute | Chain | ListBinaries | Unload | Stats
+Request = Load | Execute | ExecuteBatch | Chain | ListBinaries | Unload | Stats | Hello
 
 
 # --------------------------------------------------------------------------- replies
@@ -109,6 +135,36 @@ class Executed(msgspec.Struct, tag="executed", kw_only=True):
     binary_id: str = ""
     version: int = 0
     worker_pid: int = 0
+    output_shm: ShmRef | None = None  # the output is in this segment: read it, then remove it
+
+
+class BatchItem(msgspec.Struct, kw_only=True):
+    """One input's outcome; its output is the matching payload frame (empty on error)."""
+
+    code: str = ""  # empty: success
+    message: str = ""
+    details: dict[str, Any] = {}
+    logs: list[str] = []
+    metering: MeteringInfo = MeteringInfo()
+
+
+class BatchExecuted(msgspec.Struct, tag="batch_executed", kw_only=True):
+    id: int
+    items: list[BatchItem] = []
+    binary_id: str = ""
+    version: int = 0
+    worker_pid: int = 0
+
+
+class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
+    id: int
+    server_version: str
+    protocol_version: int = PROTOCOL_VERSION
+    max_payload_bytes: int = 0
+    shm_dir: str = ""  # empty: shared-memory payloads are off
+    shm_threshold_bytes: int = 0
+    boot_id: str = ""  # a client with the same boot id shares the server's /dev/shm
+    workers: int = 0
 
 
 class StepResult(msgspec.Struct, kw_only=True):
@@ -184,7 +240,8 @@ class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
     details: dict[str, Any] = {}
 
 
-Reply = Loaded | Executed | Chained | Listed | Unloaded | StatsReply | ErrorReply
+Reply = (Loaded | Executed | BatchExecuted | Chained | Listed | Unloaded | StatsReply | Welcome
+         | ErrorReply)
 
 
 # --------------------------------------------------------------------------- supervisor <-> worker
@@ -213,6 +270,9 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     env: dict[str, str] = {}
     entry: str | None = None
     chain: bool = False
+    batch: int = 0  # > 0: that many inputs in the payload frames, one result each
+    input_shm: ShmRef | None = None
+    output_shm_pid: int = 0
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import msgspec
+
 from wasmcore.supervisor.protocol import BinaryInfo
 
 _SCHEMA = """

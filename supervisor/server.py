@@ -23,14 +23,18 @@ from typing import Any
 
 import msgspec
 import zmq
+
+from wasmcore import __version__
 from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig
 from wasmcore.sandbox_worker.worker import EXIT_BOOT_ERROR, WorkerSettings
 from wasmcore.supervisor import protocol as p
+from wasmcore.supervisor import shm
 from wasmcore.supervisor.config import Config, ConfigError, MiB, load_config, resolved
 from wasmcore.supervisor.errors import (
     BadRequest,
     Busy,
     Forbidden,
+    InternalError,
     MemoryLimit,
     NotFound,
     PayloadTooLarge,
@@ -52,6 +56,8 @@ EXIT_POOL_FAILED = 2
 EXIT_FORCED = 130
 _DRAIN_BATCH = 256  # messages per socket per turn, so neither side starves the other
 _WATCH_ADDRESS = "inproc://wasm-core-watch"
+# Payload segments of processes that exited are removed this often.
+_SWEEP_S = 1.0
 # Timers (deadlines, heartbeats, watchdog, respawns) are checked at most this often.
 _TICK_S = 0.002
 # Binaries whose executions average less than this may be pipelined behind each other.
@@ -81,6 +87,11 @@ class Supervisor:
         self.back_endpoint, self.pub_endpoint = internal_endpoints(self.endpoint, runtime_dir)
         self.artifact_dir = Path(config.server.artifact_dir)
         self.artifact_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.shm_dir: str | None = None
+        if config.server.shm_dir != "off":
+            Path(config.server.shm_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.shm_dir = config.server.shm_dir
+            shm.sweep(self.shm_dir)
         self.registry = Registry(Path(config.server.data_dir))
         self.fingerprint = Sandbox.engine_fingerprint()
         pool = config.pool
@@ -123,6 +134,7 @@ class Supervisor:
         self._reloading: set[tuple[str, str]] = set()
         self._front_out: list[list[Any]] = []
         self._refs: dict[str, p.ModuleRef] = {}
+        self._next_sweep = 0.0
         self._next_tick = 0.0
         self._back_out: list[tuple[WorkerHandle, list[Any]]] = []
         self.exec_ms: dict[str, float] = {}  # per binary: moving average of execution time
@@ -238,8 +250,8 @@ class Supervisor:
         envelope = frames[:split]
         body = frames[split:]
         self.requests += 1
-        if not body or len(body) > 2:
-            self._reply_error(envelope, 0, BadRequest("expected 1 or 2 frames: header, payload"))
+        if not body:
+            self._reply_error(envelope, 0, BadRequest("empty message: expected a header frame"))
             return
         header = body[0]
         try:
@@ -248,20 +260,33 @@ class Supervisor:
             error = BadRequest(f"malformed request: {exc}", {"hint": "see docs/protocol.md"})
             self._reply_error(envelope, p.peek_request_id(header), error)
             return
-        payload = body[1] if len(body) > 1 else None
+        payloads = body[1:]
         try:
+            if isinstance(request, p.ExecuteBatch):
+                if request.count != len(payloads) or request.count < 1:
+                    raise BadRequest(f"execute_batch says count={request.count} but carries "
+                                     f"{len(payloads)} input frames")
+            elif len(payloads) > 1:
+                raise BadRequest(f"expected 1 or 2 frames (header, payload), got {len(body)}")
             if self.draining:
                 raise ShuttingDown("the service is shutting down; retry on its replacement")
-            size = len(payload) if payload is not None else 0
+            size = sum(len(f) for f in payloads)
             if size > self.config.server.max_payload_bytes:
                 raise PayloadTooLarge(
                     f"payload is {size} bytes; this server accepts at most "
                     f"{self.config.server.max_payload_bytes} (server.max_payload_bytes)",
                     {"size": size, "limit": self.config.server.max_payload_bytes},
                 )
-            self._dispatch_request(envelope, request, payload)
+            if isinstance(request, p.ExecuteBatch):
+                self._on_batch(envelope, request, payloads)
+            else:
+                self._dispatch_request(envelope, request, payloads[0] if payloads else None)
         except WasmCoreError as exc:
             self._reply_error(envelope, request.id, exc)
+        except Exception as exc:  # a bug of ours: answer, log, keep serving everyone else
+            log.exception("internal error handling %s", type(request).__name__)
+            self._reply_error(envelope, request.id, InternalError(
+                f"internal error: {exc!r}; the service keeps running, please report it"))
 
     def _dispatch_request(self, envelope: list[bytes], request: Any, payload: Any) -> None:
         match request:
@@ -278,6 +303,16 @@ class Supervisor:
                 self._on_unload(envelope, request)
             case p.Stats():
                 self._reply(envelope, self._stats(request))
+            case p.Hello():
+                self._reply(envelope, p.Welcome(
+                    id=request.id,
+                    server_version=__version__,
+                    max_payload_bytes=self.config.server.max_payload_bytes,
+                    shm_dir=self.shm_dir or "",
+                    shm_threshold_bytes=self.config.server.shm_threshold_bytes,
+                    boot_id=shm.boot_id(),
+                    workers=len(self.slots),
+                ))
 
     def _reply(self, envelope: list[bytes], header: Any, payload: Any = None) -> None:
         frames = [*envelope, p.encode(header)]
@@ -394,6 +429,16 @@ class Supervisor:
         binary = self._owned(req.tenant, req.binary_id)
         entry = self._entry_for(binary, req.entry)
         timeout_ms, fuel, memory = self._limits(binary, req.timeout_ms, req.memory_mb, req.fuel)
+        input_shm = req.input_shm
+        if input_shm is not None:
+            if self.shm_dir is None:
+                raise BadRequest("shared-memory payloads are off on this server; send the "
+                                 "input inline")
+            if not shm.NAME.match(input_shm.name) or input_shm.size < 0:
+                raise BadRequest(f"not a segment name: {input_shm.name!r}")
+            if input_shm.size > self.config.server.max_payload_bytes:
+                raise PayloadTooLarge(f"input segment is {input_shm.size} bytes; limit is "
+                                      f"{self.config.server.max_payload_bytes}")
         token = self._token()
         job = p.RunJob(
             token=token,
@@ -404,6 +449,8 @@ class Supervisor:
             memory_bytes=memory,
             env=req.env,
             entry=entry,
+            input_shm=input_shm,
+            output_shm_pid=req.output_shm_pid if self.shm_dir else 0,
         )
         self._submit(
             PendingJob(
@@ -417,6 +464,21 @@ class Supervisor:
                 tenant=req.tenant,
             )
         )
+
+    def _on_batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any]) -> None:
+        binary = self._owned(req.tenant, req.binary_id)
+        entry = self._entry_for(binary, req.entry)
+        timeout_ms, fuel, memory = self._limits(binary, req.timeout_ms, req.memory_mb, req.fuel)
+        token = self._token()
+        job = p.RunJob(token=token, request_id=req.id, modules=[self._module_ref(binary)],
+                       timeout_ms=timeout_ms, fuel=fuel, memory_bytes=memory, env=req.env,
+                       entry=entry, batch=req.count)
+        pending = PendingJob(token=token, envelope=envelope, request_id=req.id,
+                             header=p.encode(job), payload=None,
+                             budget_s=timeout_ms * req.count / 1000,
+                             binary_ids=[binary.binary_id], tenant=req.tenant)
+        pending.extra = inputs
+        self._submit(pending)
 
     def _on_chain(self, envelope: list[bytes], req: p.Chain, payload: Any) -> None:
         if not req.binary_ids:
@@ -485,7 +547,7 @@ class Supervisor:
         self.stage_version(req.tenant, name, path, data, sha256, binary_id, done)
 
     def stage_version(self, tenant: str, name: str, path: str | None, data: bytes, sha256: str,
-                      binary_id: str, done: Any) -> None:
+                      binary_id: str, done: Any, bounded: bool = True) -> None:
         """Store the blob, have a worker validate and compile it once, then commit and
         broadcast. Untrusted bytes never reach the compiler inside the supervisor."""
         _, blob_path = self.registry.blobs.put(data)
@@ -509,8 +571,9 @@ class Supervisor:
             done(self._commit(tenant, name, path, sha256, len(data), binary_id, event.kind,
                               list(event.exports)), None)
 
+        # A hot reload is never refused for a full queue (bounded=False): it would be lost.
         self._submit(PendingJob(token=token, envelope=None, request_id=0, header=header,
-                                payload=None, budget_s=60.0, on_done=compiled))
+                                payload=None, budget_s=60.0, on_done=compiled), bounded)
 
     def _commit(self, tenant: str, name: str, path: str | None, sha256: str, size: int,
                 binary_id: str, kind: str, exports: list[str]) -> Binary:
@@ -582,12 +645,12 @@ class Supervisor:
     # else's request parked behind it. Jobs behind the head have not started, so a worker's
     # death requeues them instead of failing them.
 
-    def _submit(self, job: PendingJob) -> None:
+    def _submit(self, job: PendingJob, bounded: bool = True) -> None:
         handle = self._pick_worker()
         if handle is not None:
             self._assign(handle, job)
             return
-        if len(self.queue) >= self.config.server.max_queue:
+        if bounded and len(self.queue) >= self.config.server.max_queue:
             raise Busy(
                 f"all {len(self.slots)} workers are busy and {len(self.queue)} requests are "
                 "queued; retry shortly",
@@ -622,6 +685,8 @@ class Supervisor:
         frames: list[Any] = [handle.worker_id.encode(), job.header]
         if job.payload is not None:
             frames.append(job.payload)
+        elif job.extra:
+            frames.extend(job.extra)
         self._back_out.append((handle, frames))
         handle.state = WorkerState.BUSY
         handle.jobs.append(job)
@@ -671,7 +736,10 @@ class Supervisor:
             except (msgspec.DecodeError, IndexError):
                 log.error("undecodable message from worker %r", frames[0].bytes)
                 continue
-            self._on_worker_event(frames[0].bytes, event, frames[2:])
+            try:
+                self._on_worker_event(frames[0].bytes, event, frames[2:])
+            except Exception:
+                log.exception("internal error handling %s from a worker", type(event).__name__)
 
     def _on_worker_event(self, identity: bytes, event: Any, rest: list[zmq.Frame]) -> None:
         match event:
@@ -763,6 +831,8 @@ class Supervisor:
                                   max_wasm_stack=limits.max_wasm_stack),
             heartbeat_interval_ms=pool.heartbeat_interval_ms,
             rlimit_data_bytes=pool.rlimit_data_mb * MiB,
+            shm_dir=self.shm_dir or "",
+            shm_threshold_bytes=self.config.server.shm_threshold_bytes,
         )
         try:
             handle = spawn_worker(slot, self.generation, settings, pool.python or None)
@@ -914,6 +984,12 @@ class Supervisor:
             self._drain_step(now)
 
     def _watchdog(self) -> None:
+        now = time.monotonic()
+        if self.shm_dir and now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_S
+            removed = shm.sweep(self.shm_dir)
+            if removed:
+                log.info("removed %d payload segments of exited processes", removed)
         pool = self.config.pool
         soft, hard = pool.rss_soft_limit_mb * MiB, pool.rss_hard_limit_mb * MiB
         for handle in list(self.by_id.values()):
@@ -943,10 +1019,13 @@ class Supervisor:
                 path = self.watch_events.recv_string(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if self.config_path and path == os.path.abspath(self.config_path):
-                self.reload_config("config file changed")
-            else:
-                self._on_file_changed(path)
+            try:
+                if self.config_path and path == os.path.abspath(self.config_path):
+                    self.reload_config("config file changed")
+                else:
+                    self._on_file_changed(path)
+            except Exception:
+                log.exception("internal error handling a change of %s", path)
 
     def _on_file_changed(self, path: str) -> None:
         """A watched module file changed: validate, compile once, make it the next version.
@@ -981,7 +1060,7 @@ class Supervisor:
                              new.version)
 
             self.stage_version(binary.tenant, binary.name, path, data, sha256,
-                               binary.binary_id, done)
+                               binary.binary_id, done, bounded=False)
 
     def reload_config(self, why: str) -> None:
         """Apply a changed config without a restart; an invalid one is refused and logged."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 import psutil
+
 from wasmcore.sandbox_worker.worker import WorkerSettings
 
 

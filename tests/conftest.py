@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from wasmcore.supervisor.launcher import RunningService, start_service
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"

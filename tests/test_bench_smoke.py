@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from wasmcore.supervisor.launcher import RunningService
 
 from tests.conftest import PLUGINS
+from wasmcore.supervisor.launcher import RunningService
 
 ROOT = Path(__file__).resolve().parent.parent
 

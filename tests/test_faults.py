@@ -14,11 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.conftest import HOSTILE, PLUGINS
 from wasmcore.supervisor import errors
 from wasmcore.supervisor.client import AsyncClient
 from wasmcore.supervisor.launcher import start_service
-
-from tests.conftest import HOSTILE, PLUGINS
 
 FAST_POOL = {
     "heartbeat_interval_ms": 100,

@@ -16,12 +16,12 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
+
+from tests.conftest import HOSTILE, PLUGINS
 from wasmcore.sandbox_worker.worker import WorkerSettings
 from wasmcore.supervisor import errors
 from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.launcher import render_toml, start_service
-
-from tests.conftest import HOSTILE, PLUGINS
 
 
 def _wait_for(predicate, timeout_s: float, what: str):

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from wasmcore.sandbox_worker.limits import ExecutionResult, Limits
 from wasmcore.sandbox_worker.runtime import (
     CompiledModule,

@@ -10,12 +10,12 @@ import time
 import msgspec
 import pytest
 import zmq
+
+from tests.conftest import HOSTILE, PLUGINS
 from wasmcore.supervisor import errors
 from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.client import AsyncClient
 from wasmcore.supervisor.launcher import start_service
-
-from tests.conftest import HOSTILE, PLUGINS
 
 
 def test_load_execute_uppercase(service):
