@@ -1,0 +1,202 @@
+"""Shared-memory payloads, batches and the hello handshake, through the real service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from tests.conftest import HOSTILE, PLUGINS
+from wasmcore.supervisor import errors, shm
+from wasmcore.supervisor import protocol as p
+from wasmcore.supervisor.client import Client, SharedMemory
+from wasmcore.supervisor.launcher import start_service
+
+THRESHOLD = 4096
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def shm_service():
+    svc = start_service(workers=2, config={
+        "server": {"shm_threshold_bytes": THRESHOLD},
+        "pool": {"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 1000},
+        "limits": {"fuel": 10**13},
+    })
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+def test_hello_describes_the_server(shm_service):
+    with shm_service.client() as c:
+        welcome = c.hello()
+    assert welcome.shm_dir == str(shm_service.shm_dir)
+    assert welcome.shm_threshold_bytes == THRESHOLD
+    assert welcome.boot_id == shm.boot_id() and welcome.workers == 2
+    assert welcome.protocol_version == p.PROTOCOL_VERSION
+
+
+def test_large_payloads_travel_through_shared_memory(shm_service):
+    data = bytes(range(97, 123)) * 40_000  # ~1 MB of a-z
+    with shm_service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        result = c.execute(upper, data)
+        assert result.output == data.upper()
+        shared = c._shared
+        assert shared is not None and shared.enabled
+        assert len(shared._free) == 1  # the input went in a segment, kept for reuse
+        # The output segment was read and removed at once; only our reusable input is left.
+        assert os.listdir(shm_service.shm_dir) == shared._free
+        again = c.execute(upper, data[:THRESHOLD * 2])
+        assert again.output == data[:THRESHOLD * 2].upper()
+        assert os.listdir(shm_service.shm_dir) == shared._free  # the same segment, reused
+        small = c.execute(upper, "small")  # under the threshold: inline frames
+        assert small.output == b"SMALL"
+    assert os.listdir(shm_service.shm_dir) == []  # close() removes what the client kept
+
+
+def test_zero_copy_output_is_a_view(shm_service):
+    data = b"z" * (THRESHOLD * 8)
+    with Client(shm_service.endpoint, zero_copy=True) as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        result = c.execute(upper, data)
+        assert isinstance(result.output, memoryview) and result.output.readonly
+        assert bytes(result.output) == data.upper()
+    assert os.listdir(shm_service.shm_dir) == []
+
+
+def test_forged_segment_names_are_refused(shm_service):
+    with shm_service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        for name in ("../../etc/passwd", "wc-1-" + "0" * 32, "wc-x"):
+            request = p.Execute(binary_id=upper, input_shm=shm.ShmRef(name=name, size=10))
+            reply, _ = c.call(request)
+            assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST", reply
+        # A segment whose size differs from its descriptor is refused too.
+        ref = shm.write(shm_service.shm_dir, os.getpid(), b"x" * 100)
+        try:
+            reply, _ = c.call(p.Execute(binary_id=upper,
+                                        input_shm=shm.ShmRef(name=ref.name, size=50)))
+            assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST"
+        finally:
+            shm.remove(shm_service.shm_dir, ref.name)
+        assert c.execute(upper, "ok").output == b"OK"
+
+
+def test_crashed_client_leaves_nothing_behind(shm_service, tmp_path: Path):
+    with shm_service.client() as c:
+        loop = c.load(HOSTILE / "loop.wat").binary_id
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys\n"
+        "from wasmcore.supervisor.client import Client\n"
+        f"c = Client({shm_service.endpoint!r})\n"
+        "print('sending', flush=True)\n"
+        f"c.execute({loop!r}, b'x' * {THRESHOLD * 4}, timeout_ms=20000)\n"
+    )
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"sending\n"
+        _wait_for(lambda: os.listdir(shm_service.shm_dir), 10, "the client's input segment")
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    # Its segment is swept once the supervisor sees its owner is gone.
+    _wait_for(lambda: os.listdir(shm_service.shm_dir) == [], 10, "the segment to be swept")
+
+
+def test_worker_killed_mid_request_leaves_nothing_behind(shm_service):
+    with shm_service.client() as c:
+        loop = c.load(HOSTILE / "loop.wat").binary_id
+        # An earlier test's abandoned loop may still occupy a worker: start from an idle pool.
+        _wait_for(lambda: c.stats().in_flight == 0, 15, "an idle pool")
+        pids = {w.pid for w in c.stats().workers}
+
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            with shm_service.client() as victim:
+                try:
+                    victim.execute(loop, b"y" * (THRESHOLD * 4), timeout_ms=20000)
+                except errors.WasmCoreError as exc:
+                    outcome.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        busy = _wait_for(lambda: [w.pid for w in c.stats().workers if w.state == "busy"], 10,
+                         "a busy worker")
+        os.kill(busy[0], signal.SIGKILL)
+        thread.join(30)
+        assert outcome and isinstance(outcome[0], errors.WorkerLost)
+        assert busy[0] in pids
+        _wait_for(lambda: os.listdir(shm_service.shm_dir) == [], 10, "no segment left")
+
+
+def test_remote_client_falls_back_to_inline_frames():
+    welcome = p.Welcome(id=1, server_version="x", shm_dir="/dev/shm", shm_threshold_bytes=1,
+                        boot_id="another-host")
+    assert not SharedMemory(welcome).enabled
+    welcome = p.Welcome(id=1, server_version="x", shm_dir="", boot_id=shm.boot_id())
+    assert not SharedMemory(welcome).enabled
+
+
+def test_shared_memory_off_in_config():
+    svc = start_service(workers=1, config={"server": {"shm_dir": "off",
+                                                      "shm_threshold_bytes": 16}})
+    try:
+        with svc.client() as c:
+            assert c.hello().shm_dir == ""
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            assert c.execute(upper, b"q" * 1000).output == b"Q" * 1000
+    finally:
+        svc.cleanup()
+
+
+def test_execute_batch(shm_service):
+    with shm_service.client() as c:
+        env_reader = c.load(PLUGINS / "env_reader.wat").binary_id
+        results = c.execute_batch(env_reader, ["A", "missing", "B", ""],
+                                  env={"A": "1", "B": "two"})
+        assert [r.output if not isinstance(r, errors.WasmCoreError) else r.code
+                for r in results] == [b"1", "PLUGIN_ERROR", b"two", b"A=1\nB=two\n"]
+        assert results[1].details["plugin_code"] == 2
+        assert all(r.logs for r in results if not isinstance(r, errors.WasmCoreError))
+        with pytest.raises(ValueError):
+            c.execute_batch(env_reader, [])
+
+
+def test_batch_frame_count_must_match(shm_service):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(shm_service.endpoint)
+    try:
+        header = msgspec.msgpack.encode(
+            {"op": "execute_batch", "id": 9, "binary_id": "x", "count": 3})
+        sock.send_multipart([header, b"a", b"b"])
+        assert sock.poll(10_000)
+        reply = p.reply_decoder.decode(sock.recv_multipart()[0])
+        assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST" and reply.id == 9
+    finally:
+        sock.close()
