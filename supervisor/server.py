@@ -227,20 +227,22 @@ class Supervisor:
         return self.exit_code
 
     def _poll_timeout_ms(self) -> int:
-        # Deadlines and heartbeats have ~10 ms resolution; a tight loop would burn a core.
-        return 10 if (self.spawn_at or self.draining or self.by_id) else 100
+        # Deadlines need ~10 ms resolution while anything runs; idle, heartbeats and the
+        # watchdog are fine at 100 ms and the process stays quiet.
+        busy = self.spawn_at or self.draining or any(h.jobs for h in self.by_id.values())
+        return 10 if busy else 100
 
     # ------------------------------------------------------------------ clients
 
     def _drain_front(self) -> None:
+        front = self.front
         for _ in range(_DRAIN_BATCH):
-            try:
-                # Copied: for small requests bytes are cheaper than Frame objects; a large
-                # payload is copied once here and forwarded without another copy.
-                frames = self.front.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            # Asking ZMQ_EVENTS is cheaper than the Again exception a dry recv raises.
+            if not front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
-            self._on_client_message(frames)
+            # Copied: for small requests bytes are cheaper than Frame objects; a large
+            # payload is copied once here and forwarded without another copy.
+            self._on_client_message(front.recv_multipart(zmq.NOBLOCK))
 
     def _on_client_message(self, frames: list[bytes]) -> None:
         # Envelope: the identity, plus an empty delimiter when the peer is a REQ socket.
@@ -726,11 +728,11 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
 
     def _drain_back(self) -> None:
+        back = self.back
         for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self.back.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not back.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = back.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 event = p.event_decoder.decode(frames[1].buffer)
             except (msgspec.DecodeError, IndexError):
@@ -1196,7 +1198,9 @@ class Supervisor:
             Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
         for internal in (self.back_endpoint, self.pub_endpoint):
             Path(internal[len("ipc://"):]).unlink(missing_ok=True)
-        if self._lock_fd >= 0:
+        if self._lock_fd >= 0 and self.endpoint.startswith("ipc://"):
+            lock = Path(self.endpoint[len("ipc://"):] + ".lock")
+            lock.unlink(missing_ok=True)  # still ours: the flock is held until the close below
             os.close(self._lock_fd)
 
 

@@ -193,10 +193,11 @@ def test_batch_frame_count_must_match(shm_service):
     sock.connect(shm_service.endpoint)
     try:
         header = msgspec.msgpack.encode(
-            {"op": "execute_batch", "id": 9, "binary_id": "x", "count": 3})
+            {"type": "execute_batch", "id": 9, "binary_id": "x", "count": 3})
         sock.send_multipart([header, b"a", b"b"])
         assert sock.poll(10_000)
         reply = p.reply_decoder.decode(sock.recv_multipart()[0])
         assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST" and reply.id == 9
+        assert "count=3" in reply.message  # refused for the count, not for the header
     finally:
         sock.close()

@@ -208,8 +208,8 @@ def test_malformed_frames_get_bad_request(service):
     try:
         cases = [
             [b"\xc1garbage"],  # not msgpack
-            [msgspec.msgpack.encode({"op": "nope", "id": 5})],  # unknown operation
-            [msgspec.msgpack.encode({"op": "execute", "id": 6})],  # missing binary_id
+            [msgspec.msgpack.encode({"type": "nope", "id": 5})],  # unknown operation
+            [msgspec.msgpack.encode({"type": "execute", "id": 6})],  # missing binary_id
             [b"a", b"b", b"c"],  # too many frames
             [msgspec.msgpack.encode([1, 2, 3])],
         ]
@@ -218,9 +218,10 @@ def test_malformed_frames_get_bad_request(service):
             assert sock.poll(10_000), f"no reply to {frames!r}"
             reply = p.reply_decoder.decode(sock.recv_multipart()[0])
             assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST", reply
-        sock.send_multipart([msgspec.msgpack.encode({"op": "execute", "id": 6})])
+        sock.send_multipart([msgspec.msgpack.encode({"type": "execute", "id": 6})])
         assert sock.poll(10_000)
-        assert p.reply_decoder.decode(sock.recv_multipart()[0]).id == 6
+        reply = p.reply_decoder.decode(sock.recv_multipart()[0])
+        assert reply.id == 6 and "binary_id" in reply.message
     finally:
         sock.close()
     with service.client() as c:
