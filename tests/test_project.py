@@ -1,0 +1,63 @@
+"""Project-level checks: the shipped config, the quick start, the import rule, lint."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from wasmcore.supervisor.config import Config, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_lists_every_default():
+    shipped = load_config(ROOT / "config" / "wasm-core.toml")
+    assert msgspec.to_builtins(shipped) == msgspec.to_builtins(Config())
+    text = (ROOT / "config" / "wasm-core.toml").read_text()
+    for table in ("server", "pool", "limits"):
+        for key in msgspec.to_builtins(getattr(Config(), table)):
+            assert re.search(rf"^{key} = ", text, re.M), f"{table}.{key} missing"
+
+
+def test_config_errors_name_key_and_line():
+    with pytest.raises(ConfigError, match=r"workerz.*line 3"):
+        parse_config("[pool]\nworkers = 1\nworkerz = 2\n")
+    with pytest.raises(ConfigError, match=r"pool.recycle_jitter.*line 2"):
+        parse_config("[pool]\nrecycle_jitter = 1.5\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("[pool\n")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^(python3 -m venv .*)$", readme, re.M)
+    assert len(commands) == 2, commands
+    assert commands[1] in ci.splitlines()
+
+
+def test_code_never_imports_bare_supervisor_package():
+    # A bare `supervisor` would be supervisord's package; ours installs as wasmcore.supervisor.
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if any(part in (".venv", "venv", "build") for part in path.parts):
+            continue
+        for line in path.read_text().splitlines():
+            if re.match(r"\s*(from|import)\s+(supervisor|sandbox_worker)\b", line):
+                offenders.append(f"{path}: {line.strip()}")
+    assert not offenders, offenders
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and not Path(sys.executable).with_name("ruff")
+                    .exists(), reason="ruff not installed")
+def test_ruff_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    done = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
