@@ -118,6 +118,8 @@ def _print_stats(stats: Any) -> None:
     if stats.restarts_by_cause:
         causes = ", ".join(f"{k}={v}" for k, v in sorted(stats.restarts_by_cause.items()))
         print(f"restarts: {causes}")
+    if stats.config_error:
+        print(f"config change refused (running config kept): {stats.config_error}")
     if stats.errors_by_code:
         codes = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors_by_code.items()))
         print(f"errors: {codes}")
