@@ -340,6 +340,8 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shared: SharedMemory | None = None
         self._hello: asyncio.Future[p.Welcome] | None = None
+        self._outbox: list[list[bytes]] = []
+        self._flush_scheduled = False
 
     async def close(self) -> None:
         if self._shared is not None:
@@ -375,6 +377,16 @@ class AsyncClient:
             if future is not None and not future.done():
                 future.set_result((reply, frames[1:]))
 
+    def _flush(self) -> None:
+        """Send every request made since the last turn of the event loop, back to back: a send
+        that finds ZeroMQ's I/O thread asleep costs ~8 us here, one in a burst ~0.5 us."""
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, []
+        send = self._socket.send_multipart
+        for frames in outbox:
+            send(frames, copy=sum(len(f) for f in frames) < 65536)
+        self._drain()  # a send can consume the FD's edge of a reply that is already waiting
+
     def _expire(self, request_id: int, wait: float) -> None:
         future = self._pending.pop(request_id, None)
         if future is not None and not future.done():
@@ -390,9 +402,10 @@ class AsyncClient:
         request.id = request_id = next(self._ids)
         future: asyncio.Future[tuple[Any, list[bytes]]] = loop.create_future()
         self._pending[request_id] = future
-        frames = _frames(request, payload)
-        self._socket.send_multipart(frames, copy=sum(len(f) for f in frames) < 65536)
-        self._drain()
+        self._outbox.append(_frames(request, payload))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         wait = self.timeout_s if timeout_s is None else timeout_s
         # One timer handle per request: cheaper than wait_for's extra task.
         timer = loop.call_later(wait, self._expire, request_id, wait)

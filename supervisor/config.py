@@ -55,8 +55,9 @@ class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Epoch tick period: the resolution of execution timeouts. 1 ms ticks cost ~100 us of
     # round-trip latency through the service (measured), so the default is coarser.
     epoch_tick_ms: float = 10.0
-    # Under load a worker may hold this many jobs of quick binaries (one wake-up, many jobs).
-    prefetch: int = 4
+    # Under load a worker may hold up to this many jobs of quick binaries (one wake-up, many
+    # jobs), as long as their expected run time stays under 2 ms.
+    prefetch: int = 64
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -27,4 +27,5 @@ class PendingJob:
     started: float = 0.0
     tenant: str = ""
     requeued: bool = False
+    estimate_ms: float = 0.0  # expected run time when it was assigned (for prefetching)
     extra: list[Any] = field(default_factory=list)  # a batch's input frames

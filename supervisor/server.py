@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import random
 import signal
@@ -60,8 +61,10 @@ _WATCH_ADDRESS = "inproc://wasm-core-watch"
 _SWEEP_S = 1.0
 # Timers (deadlines, heartbeats, watchdog, respawns) are checked at most this often.
 _TICK_S = 0.002
-# Binaries whose executions average less than this may be pipelined behind each other.
-_QUICK_MS = 2.0
+# A busy worker is given more jobs only while the expected run time of those it already
+# holds stays under this: one wake-up serves many quick jobs, and nobody's request waits
+# long behind a slow or unknown one.
+_PREFETCH_BUDGET_MS = 2.0
 
 
 class EndpointInUse(RuntimeError):
@@ -669,19 +672,17 @@ class Supervisor:
         best: WorkerHandle | None = None
         for handle in self.by_id.values():
             if (handle.state is WorkerState.BUSY and len(handle.jobs) < depth
+                    and handle.queued_ms < _PREFETCH_BUDGET_MS
                     and handle.executions + len(handle.jobs) < handle.recycle_after
-                    and (best is None or len(handle.jobs) < len(best.jobs))
-                    and all(self._is_quick(j) for j in handle.jobs)):
+                    and (best is None or handle.queued_ms < best.queued_ms)):
                 best = handle
         return best
 
-    def _is_quick(self, job: PendingJob) -> bool:
+    def _estimate_ms(self, job: PendingJob) -> float:
+        """Expected run time from the binaries' moving averages; unknown counts as slow."""
         if job.on_done is not None:
-            return False
-        for binary_id in job.binary_ids:
-            if self.exec_ms.get(binary_id, _QUICK_MS) >= _QUICK_MS:
-                return False
-        return True
+            return math.inf
+        return sum(self.exec_ms.get(b, math.inf) for b in job.binary_ids)
 
     def _assign(self, handle: WorkerHandle, job: PendingJob) -> None:
         frames: list[Any] = [handle.worker_id.encode(), job.header]
@@ -692,6 +693,8 @@ class Supervisor:
         self._back_out.append((handle, frames))
         handle.state = WorkerState.BUSY
         handle.jobs.append(job)
+        job.estimate_ms = self._estimate_ms(job)
+        handle.queued_ms += job.estimate_ms
         if len(handle.jobs) == 1:
             self._start_clock(job, time.monotonic())
 
@@ -757,6 +760,12 @@ class Supervisor:
                     log.info("dropping late reply %d from %s", event.token, handle.worker_id)
                     return
                 job = handle.jobs.popleft()
+                if not handle.jobs:
+                    handle.queued_ms = 0.0
+                elif math.isinf(handle.queued_ms):  # inf - inf would be nan: recount
+                    handle.queued_ms = sum(j.estimate_ms for j in handle.jobs)
+                else:
+                    handle.queued_ms = max(0.0, handle.queued_ms - job.estimate_ms)
                 handle.executions += 1
                 elapsed_ms = (now - job.started) * 1000
                 for binary_id in job.binary_ids:

@@ -57,6 +57,7 @@ class WorkerHandle:
     deserialized: int = 0
     # Jobs sent to it, in order: the head runs, the rest wait (see the scheduler).
     jobs: collections.deque[Any] = field(default_factory=collections.deque)
+    queued_ms: float = 0.0  # expected run time of `jobs`
     kill_cause: RestartCause | None = None
     retire_cause: RestartCause | None = None
     replaced: bool = False  # a successor already holds this slot

@@ -373,3 +373,28 @@ def test_worker_exits_when_supervisor_pid_changes():
         timeout=30, capture_output=True,
     ).returncode
     assert code == 4
+
+
+def test_nothing_waits_on_a_worker_behind_a_slow_job():
+    """Prefetching queues jobs only behind quick ones: while a slow execution runs, the other
+    requests wait in the supervisor's queue (free to go to any worker), not on its worker."""
+    svc = start_service(workers=1, config={"pool": {**FAST_POOL, "prefetch": 64},
+                                           "limits": {"fuel": 10**13, "timeout_ms": 30_000}})
+    try:
+        with svc.client() as c:
+            hog = c.load(HOSTILE / "rss_hog.wat").binary_id
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            for _ in range(20):  # uppercase is now known to be quick
+                c.execute(upper, "warm")
+            c.execute(hog, _hog_input(0, 300))  # the hog's average is measured: slow
+            slow = Background(svc, lambda cl: cl.execute(hog, _hog_input(0, 3000)))
+            _wait_for(lambda: c.stats().in_flight == 1, 10, "the slow job to start")
+            quick = [Background(svc, lambda cl: cl.execute(upper, "q")) for _ in range(5)]
+            stats = _wait_for(lambda: (s := c.stats()).queue_depth == 5 and s, 10, "queued")
+            assert stats.in_flight == 1  # only the slow job is on the worker
+            for call in [slow, *quick]:
+                call.join(60)
+                assert call.error is None, call.error
+            assert all(call.result.output == b"Q" for call in quick)
+    finally:
+        svc.cleanup()
