@@ -46,7 +46,7 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     heartbeat_interval_ms: int = 250
     rlimit_data_bytes: int = 0
     shm_dir: str = ""  # empty: shared-memory payloads are off
-    shm_threshold_bytes: int = 1024 * 1024
+    shm_threshold_bytes: int = 256 * 1024
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -76,6 +76,7 @@ class Worker:
         self.back = self.ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
         self.back.setsockopt(zmq.LINGER, 1000)
+        self.back.copy_threshold = 1024 * 1024  # zero-copy only pays off for large frames
         self.back.connect(settings.back_endpoint)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -136,7 +137,7 @@ class Worker:
 
     def _flush(self) -> None:
         for frames in self.outbox:
-            self.back.send_multipart(frames, copy=sum(len(f) for f in frames) < 65536)
+            self.back.send_multipart(frames, copy=False)  # copied below copy_threshold
         self.outbox.clear()
 
     def _record_time(self, sha256: str, started: float) -> None:

@@ -207,6 +207,9 @@ class Client:
         self._ctx = context or zmq.Context()
         self._socket = self._ctx.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # pyzmq's zero-copy sends track each frame through a helper thread: only worth it
+        # for large frames.
+        self._socket.copy_threshold = 1024 * 1024
         self._socket.connect(self.endpoint)
         self._ids = itertools.count(1)
         self._shared: SharedMemory | None = None
@@ -229,7 +232,7 @@ class Client:
         """Send one request, wait for its reply: (reply header, payload frames)."""
         request.id = next(self._ids)
         frames = _frames(request, payload)
-        self._socket.send_multipart(frames, copy=sum(len(f) for f in frames) < 65536)
+        self._socket.send_multipart(frames, copy=False)  # copied below copy_threshold
         wait_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
         while True:
             if not self._socket.poll(wait_ms):
@@ -333,6 +336,7 @@ class AsyncClient:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 0)  # sends never block: nothing waits in a send
         self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.copy_threshold = 1024 * 1024  # zero-copy only pays off for large frames
         self._socket.connect(self.endpoint)
         self._fd = self._socket.getsockopt(zmq.FD)
         self._ids = itertools.count(1)
@@ -384,7 +388,7 @@ class AsyncClient:
         outbox, self._outbox = self._outbox, []
         send = self._socket.send_multipart
         for frames in outbox:
-            send(frames, copy=sum(len(f) for f in frames) < 65536)
+            send(frames, copy=False)  # copied below copy_threshold
         self._drain()  # a send can consume the FD's edge of a reply that is already waiting
 
     def _expire(self, request_id: int, wait: float) -> None:

@@ -30,7 +30,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # same host, the supervisor and the workers. Empty dir: /dev/shm/wasm-core-<uid>/payloads;
     # "off" disables it.
     shm_dir: str = ""
-    shm_threshold_bytes: int = 1 * MiB
+    shm_threshold_bytes: int = 256 * 1024
     log_level: str = "info"
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import msgspec
 
 NAME = re.compile(r"^wc-(\d+)-([0-9a-f]{32})$")
-DEFAULT_THRESHOLD = 1024 * 1024
 
 
 class ShmRef(msgspec.Struct, array_like=True, frozen=True):
