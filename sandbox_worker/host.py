@@ -12,7 +12,7 @@ a Sandbox must be used from one thread at a time.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, Protocol
 
 import wasmtime
 from wasmtime import _ffi as ffi
@@ -40,6 +40,8 @@ class HostState:
         "output",
         "output_len",
         "output_cap",
+        "sink",
+        "sink_active",
         "logs",
         "log_len",
         "log_cap",
@@ -58,6 +60,8 @@ class HostState:
         self.output: list[bytes] = []
         self.output_len = 0
         self.output_cap = 0
+        self.sink: OutputSink | None = None
+        self.sink_active = False
         self.logs: list[str] = []
         self.log_len = 0
         self.log_cap = 0
@@ -65,12 +69,15 @@ class HostState:
         # An error decided by the host (e.g. output cap) that explains the trap that follows.
         self.failure: WasmCoreError | None = None
 
-    def reset(self, ctx: int, output_cap: int, log_cap: int) -> None:
+    def reset(self, ctx: int, output_cap: int, log_cap: int,
+              sink: OutputSink | None = None) -> None:
         self.ctx = ctx
         self.has_memory = False
         self.output = []
         self.output_len = 0
         self.output_cap = output_cap
+        self.sink = sink
+        self.sink_active = False
         self.logs = []
         self.log_len = 0
         self.log_cap = log_cap
@@ -107,6 +114,17 @@ class HostState:
         self.has_memory = False
 
 
+class OutputSink(Protocol):
+    """Where a large output goes instead of memory (a shared-memory segment, say)."""
+
+    threshold: int
+
+    def write(self, address: int, length: int) -> None:
+        """Copy `length` bytes at host `address` (guest memory, valid only now)."""
+
+    def write_bytes(self, data: bytes) -> None: ...
+
+
 def _trap(message: str) -> int:
     msg = message.encode()
     return int(_raw.trap_new(msg, len(msg)) or 0)
@@ -124,8 +142,9 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
     memory_data_size = _raw.memory_data_size
     val_size = _raw.VAL_RAW_SIZE
 
-    def read_args(caller: int, args: int) -> bytes | None:
-        """The guest bytes [ptr, ptr+len) or None when out of bounds / no memory."""
+    def locate(caller: int, args: int) -> tuple[int, int] | None:
+        """(host address, length) of the guest bytes [ptr, ptr+len), or None when out of
+        bounds / no memory. Valid only until the guest runs again."""
         ptr = u32_at(args).value
         length = u32_at(args + val_size).value
         ctx = state.ctx
@@ -141,21 +160,38 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
             state.has_memory = True
         if ptr + length > memory_data_size(ctx, state.memory_addr):
             return None
-        return string_at(memory_data(ctx, state.memory_addr) + ptr, length)
+        return memory_data(ctx, state.memory_addr) + ptr, length
+
+    def read_args(caller: int, args: int) -> bytes | None:
+        found = locate(caller, args)
+        return None if found is None else string_at(found[0], found[1])
 
     def output(env: int, caller: int, args: int, nargs: int) -> int:
         try:
-            data = read_args(caller, args)
-            if data is None:
+            found = locate(caller, args)
+            if found is None:
                 return _trap("host.output: pointer/length outside the plugin's memory")
-            if state.output_len + len(data) > state.output_cap:
+            address, length = found
+            if state.output_len + length > state.output_cap:
                 state.failure = OutputLimit(
                     f"plugin output exceeds the {state.output_cap}-byte limit",
                     {"output_bytes": state.output_cap},
                 )
                 return _trap("output limit exceeded")
-            state.output.append(data)
-            state.output_len += len(data)
+            sink = state.sink
+            if sink is not None and (state.sink_active
+                                     or state.output_len + length >= sink.threshold):
+                # Large output: straight from guest memory into the sink (one copy, no
+                # intermediate bytes object); what was buffered so far goes first.
+                if not state.sink_active:
+                    for chunk in state.output:
+                        sink.write_bytes(chunk)
+                    state.output = []
+                    state.sink_active = True
+                sink.write(address, length)
+            else:
+                state.output.append(string_at(address, length))
+            state.output_len += length
             return 0
         except BaseException as exc:  # must never unwind into wasm
             state.failure = InternalError(f"host.output failed: {exc!r}")

@@ -43,7 +43,8 @@ class Metering(msgspec.Struct, frozen=True):
 
 
 class ExecutionResult(msgspec.Struct):
-    output: bytes
+    output: bytes  # empty when the output went to the execution's output sink
     logs: list[str]
     metering: Metering
     logs_truncated: bool = False
+    output_in_sink: bool = False

@@ -37,7 +37,7 @@ from wasmcore.supervisor.errors import (
 )
 
 from . import _raw
-from .host import HostState, define_host_functions, make_host_callbacks
+from .host import HostState, OutputSink, define_host_functions, make_host_callbacks
 from .limits import ExecutionResult, Limits, Metering
 from .module import (
     DEFAULT_ENTRY,
@@ -247,6 +247,7 @@ class Sandbox:
         env: dict[str, str] | None = None,
         entry: str | None = None,
         limits: Limits | None = None,
+        output_sink: OutputSink | None = None,
     ) -> ExecutionResult:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
         every error's details carry the metering so far and the logs produced so far."""
@@ -296,7 +297,7 @@ class Sandbox:
                     {"memory_bytes": lim.memory_bytes},
                 )
             )
-        return self._run(module, kind, index, input, env_bytes, env, lim)
+        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink)
 
     def _run(
         self,
@@ -307,6 +308,7 @@ class Sandbox:
         env_bytes: bytes,
         env: dict[str, str],
         lim: Limits,
+        sink: OutputSink | None = None,
     ) -> ExecutionResult:
         raw = _raw
         state = self._state
@@ -321,7 +323,7 @@ class Sandbox:
         started = time.perf_counter_ns()
         store = raw.store_new(self._engine_addr, None, None)
         ctx = raw.store_context(store)
-        state.reset(ctx, lim.output_bytes, lim.log_bytes)
+        state.reset(ctx, lim.output_bytes, lim.log_bytes, sink)
         try:
             raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
             raw.context_set_fuel(ctx, lim.fuel)
@@ -395,6 +397,7 @@ class Sandbox:
             logs=state.logs,
             metering=metering,
             logs_truncated=state.logs_truncated,
+            output_in_sink=state.sink_active,
         )
 
     # ------------------------------------------------------------------ raw helpers

@@ -248,14 +248,21 @@ class Worker:
         steps: list[p.StepResult] = []
         fuel_total = 0
         result: ExecutionResult | None = None
+        # A large final output streams from guest memory into a shared-memory segment.
+        sink = (shm.SegmentWriter(self.settings.shm_dir, job.output_shm_pid,
+                                  self.settings.shm_threshold_bytes)
+                if job.output_shm_pid and self.settings.shm_dir and not job.chain else None)
         for index, ref in enumerate(job.modules):
             started = time.perf_counter()
             try:
                 module = self._module(ref)
                 result = self.sandbox.execute(
-                    module, data, env=job.env, entry=job.entry, limits=limits
+                    module, data, env=job.env, entry=job.entry, limits=limits,
+                    output_sink=sink if index == len(job.modules) - 1 else None,
                 )
             except WasmCoreError as exc:
+                if sink is not None:
+                    sink.abort()
                 self._record_time(ref.sha256, started)
                 details = dict(exc.details)
                 message = exc.message
@@ -265,6 +272,8 @@ class Worker:
                 self._reply_error(job, exc.code, message, details)
                 return
             except Exception as exc:  # a bug of ours must still answer the request
+                if sink is not None:
+                    sink.abort()
                 self._reply_error(job, InternalError.code, f"worker error: {exc!r}", {})
                 return
             self._record_time(ref.sha256, started)
@@ -286,13 +295,19 @@ class Worker:
         else:
             ref = job.modules[0]
             output_shm = None
-            if (job.output_shm_pid and self.settings.shm_dir
-                    and len(data) >= self.settings.shm_threshold_bytes):
+            if sink is not None:
                 try:
-                    output_shm = shm.write(self.settings.shm_dir, job.output_shm_pid, data)
+                    if not result.output_in_sink and len(data) >= sink.threshold:
+                        sink.write_bytes(data)  # e.g. a WASI module's stdout, kept in memory
+                    output_shm = sink.finish()
+                except OSError as exc:
+                    sink.abort()
+                    if result.output_in_sink:
+                        self._reply_error(job, InternalError.code,
+                                          f"cannot hand over the output segment: {exc}", {})
+                        return
+                if output_shm is not None:
                     data = b""
-                except OSError:
-                    output_shm = None  # /dev/shm full: the output still goes inline
             header = p.Executed(
                 id=job.request_id,
                 logs=result.logs,

@@ -13,6 +13,7 @@ crashed client leaves nothing behind; a killed worker never owns a segment.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -69,8 +70,57 @@ def overwrite(directory: str | Path, ref_name: str, data: bytes | memoryview) ->
     return ShmRef(name=ref_name, size=len(data))
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
+class SegmentWriter:
+    """An output segment written while the plugin runs (a sandbox output sink).
+
+    It is written under the *writer's* pid and renamed to the reader's only when complete:
+    if the worker dies half way, the segment names a dead process and is swept.
+    """
+
+    def __init__(self, directory: str | Path, reader_pid: int, threshold: int) -> None:
+        self.directory = Path(directory)
+        self.reader_pid = reader_pid
+        self.threshold = threshold
+        self.size = 0
+        self._fd = -1
+        self._name = ""
+
+    def _ensure_open(self) -> int:
+        if self._fd < 0:
+            self._name = new_name(os.getpid())
+            self._fd = os.open(self.directory / self._name,
+                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        return self._fd
+
+    def write(self, address: int, length: int) -> None:
+        if length:
+            _write_all(self._ensure_open(), (ctypes.c_char * length).from_address(address))
+            self.size += length
+
+    def write_bytes(self, data: bytes) -> None:
+        if data:
+            _write_all(self._ensure_open(), data)
+            self.size += len(data)
+
+    def finish(self) -> ShmRef | None:
+        """Hand the segment to its reader; None if nothing was written."""
+        if self._fd < 0:
+            return None
+        os.close(self._fd)
+        self._fd = -1
+        final = new_name(self.reader_pid)
+        os.rename(self.directory / self._name, self.directory / final)
+        return ShmRef(name=final, size=self.size)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            remove(self.directory, self._name)
+
+
+def _write_all(fd: int, data: bytes | memoryview | ctypes.Array[ctypes.c_char]) -> None:
+    view = memoryview(data).cast("B")
     while view:
         written = os.write(fd, view)
         view = view[written:]

@@ -495,3 +495,38 @@ def test_timeout_is_not_early() -> None:
                 sb.compile((HOSTILE / "loop.wasm").read_bytes()), b"",
                 limits=Limits(timeout_ms=30, fuel=10**15),
             )
+
+
+class CollectingSink:
+    """An output sink that keeps what it is given (the worker's is a shm segment writer)."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.data = bytearray()
+
+    def write(self, address: int, length: int) -> None:
+        import ctypes
+
+        self.data += ctypes.string_at(address, length)
+
+    def write_bytes(self, data: bytes) -> None:
+        self.data += data
+
+
+def test_large_output_streams_into_the_sink(sandbox: Sandbox) -> None:
+    upper = load(sandbox, PLUGINS / "uppercase.wasm")
+    sink = CollectingSink(threshold=1000)
+    result = sandbox.execute(upper, b"a" * 5000, output_sink=sink)
+    assert result.output_in_sink and result.output == b"" and bytes(sink.data) == b"A" * 5000
+    small = CollectingSink(threshold=1000)
+    result = sandbox.execute(upper, b"b" * 10, output_sink=small)
+    assert not result.output_in_sink and result.output == b"B" * 10 and not small.data
+
+
+def test_sink_keeps_the_output_cap(sandbox: Sandbox) -> None:
+    flood = load(sandbox, HOSTILE / "output_flood.wasm")
+    sink = CollectingSink(threshold=1000)
+    with pytest.raises(OutputLimit):
+        sandbox.execute(flood, b"", output_sink=sink, limits=TIGHT)
+    assert len(sink.data) <= TIGHT.output_bytes
+    run_ok(sandbox)
