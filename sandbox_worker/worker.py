@@ -234,14 +234,18 @@ class Worker:
             self._reply_error(job, BadRequest.code, f"cannot map the input segment: {exc}",
                               {"segment": job.input_shm.name})
 
-    def _run_on(self, job: p.RunJob, payload: bytes | memoryview) -> None:
-        limits = Limits(
+    def _limits_for(self, job: p.RunJob) -> Limits:
+        """The job's timeout, fuel and memory; output and log caps are the worker's own."""
+        return Limits(
             timeout_ms=job.timeout_ms,
             fuel=job.fuel,
             memory_bytes=job.memory_bytes,
             output_bytes=self.settings.sandbox.default_limits.output_bytes,
             log_bytes=self.settings.sandbox.default_limits.log_bytes,
         )
+
+    def _run_on(self, job: p.RunJob, payload: bytes | memoryview) -> None:
+        limits = self._limits_for(job)
         self._flush_before([ref.sha256 for ref in job.modules])
         pid = os.getpid()
         data = payload
@@ -323,13 +327,7 @@ class Worker:
 
     def _run_batch(self, job: p.RunJob, inputs: list[bytes]) -> None:
         """One module, many inputs, one reply: each input succeeds or fails on its own."""
-        limits = Limits(
-            timeout_ms=job.timeout_ms,
-            fuel=job.fuel,
-            memory_bytes=job.memory_bytes,
-            output_bytes=self.settings.sandbox.default_limits.output_bytes,
-            log_bytes=self.settings.sandbox.default_limits.log_bytes,
-        )
+        limits = self._limits_for(job)
         ref = job.modules[0]
         self._flush_before([ref.sha256])
         items: list[p.BatchItem] = []

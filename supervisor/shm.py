@@ -126,20 +126,36 @@ def _write_all(fd: int, data: bytes | memoryview | ctypes.Array[ctypes.c_char]) 
         view = view[written:]
 
 
-def read(directory: str | Path, ref: ShmRef, max_size: int | None = None) -> bytes:
-    """The segment's bytes; refuses anything but a regular file of exactly `ref.size`."""
-    if ref.size < 0 or (max_size is not None and ref.size > max_size):
-        raise SegmentError(f"segment size {ref.size} out of range")
+def _open_verified(directory: str | Path, ref: ShmRef, *, missing_is_segment_error: bool = True
+                   ) -> int:
+    """A read-only descriptor on the segment, refused unless it is a regular file of exactly
+    `ref.size` bytes. The caller closes it."""
     try:
         fd = os.open(_path(directory, ref.name), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP):
+        if missing_is_segment_error and exc.errno in (errno.ENOENT, errno.ELOOP):
             raise SegmentError(f"no segment {ref.name} in {directory}") from None
         raise
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size != ref.size:
             raise SegmentError(f"segment {ref.name} is not {ref.size} bytes")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_size(ref: ShmRef, max_size: int | None) -> None:
+    if ref.size < 0 or (max_size is not None and ref.size > max_size):
+        raise SegmentError(f"segment size {ref.size} out of range")
+
+
+def read(directory: str | Path, ref: ShmRef, max_size: int | None = None) -> bytes:
+    """The segment's bytes; refuses anything but a regular file of exactly `ref.size`."""
+    _check_size(ref, max_size)
+    fd = _open_verified(directory, ref)
+    try:
         data = os.read(fd, ref.size)  # one copy, straight into the bytes object
         while len(data) < ref.size:  # regular files return short reads only past 2 GiB
             more = os.read(fd, ref.size - len(data))
@@ -156,21 +172,12 @@ def mapped(directory: str | Path, ref: ShmRef, max_size: int | None = None
            ) -> Iterator[memoryview]:
     """The segment mapped copy-on-write (MAP_PRIVATE): a writable view the sandbox copies
     straight into guest memory; nothing is ever written back to the segment."""
-    if ref.size < 0 or (max_size is not None and ref.size > max_size):
-        raise SegmentError(f"segment size {ref.size} out of range")
+    _check_size(ref, max_size)
     if ref.size == 0:
         yield memoryview(bytearray())
         return
+    fd = _open_verified(directory, ref)
     try:
-        fd = os.open(_path(directory, ref.name), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP):
-            raise SegmentError(f"no segment {ref.name} in {directory}") from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size != ref.size:
-            raise SegmentError(f"segment {ref.name} is not {ref.size} bytes")
         # Copy-on-write: writable for ctypes, never written. (MAP_POPULATE was measured
         # slower here: prefaulting a private writable mapping copies every page.)
         region = mmap.mmap(fd, ref.size, access=mmap.ACCESS_COPY)
@@ -188,11 +195,12 @@ def take_mapped(directory: str | Path, ref: ShmRef) -> memoryview:
     """The segment as a read-only view over its mapping, and its name removed: no copy.
     The memory lives until the view (and its mapping) is garbage-collected."""
     path = _path(directory, ref.name)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size != ref.size:
-            raise SegmentError(f"segment {ref.name} is not {ref.size} bytes")
+        fd = _open_verified(directory, ref, missing_is_segment_error=False)
+    except SegmentError:
+        path.unlink(missing_ok=True)  # the wrong-size segment is removed all the same
+        raise
+    try:
         if ref.size == 0:
             return memoryview(b"")
         region = mmap.mmap(fd, ref.size, access=mmap.ACCESS_READ)

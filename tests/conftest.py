@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -12,6 +14,21 @@ from wasmcore.supervisor.launcher import RunningService, start_service
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 HOSTILE = PLUGINS / "hostile"
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Poll until `predicate` returns something truthy, and return it; the error on timeout
+    names what was awaited and the last value seen."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")

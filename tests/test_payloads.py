@@ -7,30 +7,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
 
-from tests.conftest import HOSTILE, PLUGINS
+from tests.conftest import HOSTILE, PLUGINS, wait_for
 from wasmcore.supervisor import errors, shm
 from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.client import Client, SharedMemory
 from wasmcore.supervisor.launcher import start_service
 
 THRESHOLD = 4096
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -116,21 +105,21 @@ def test_crashed_client_leaves_nothing_behind(shm_service, tmp_path: Path):
     child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None and child.stdout.readline() == b"sending\n"
-        _wait_for(lambda: os.listdir(shm_service.shm_dir), 10, "the client's input segment")
+        wait_for(lambda: os.listdir(shm_service.shm_dir), 10, "the client's input segment")
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
     finally:
         if child.poll() is None:
             child.kill()
     # Its segment is swept once the supervisor sees its owner is gone.
-    _wait_for(lambda: os.listdir(shm_service.shm_dir) == [], 10, "the segment to be swept")
+    wait_for(lambda: os.listdir(shm_service.shm_dir) == [], 10, "the segment to be swept")
 
 
 def test_worker_killed_mid_request_leaves_nothing_behind(shm_service):
     with shm_service.client() as c:
         loop = c.load(HOSTILE / "loop.wat").binary_id
         # An earlier test's abandoned loop may still occupy a worker: start from an idle pool.
-        _wait_for(lambda: c.stats().in_flight == 0, 15, "an idle pool")
+        wait_for(lambda: c.stats().in_flight == 0, 15, "an idle pool")
         pids = {w.pid for w in c.stats().workers}
 
         outcome: list[BaseException] = []
@@ -144,13 +133,13 @@ def test_worker_killed_mid_request_leaves_nothing_behind(shm_service):
 
         thread = threading.Thread(target=run)
         thread.start()
-        busy = _wait_for(lambda: [w.pid for w in c.stats().workers if w.state == "busy"], 10,
-                         "a busy worker")
+        busy = wait_for(lambda: [w.pid for w in c.stats().workers if w.state == "busy"], 10,
+                        "a busy worker")
         os.kill(busy[0], signal.SIGKILL)
         thread.join(30)
         assert outcome and isinstance(outcome[0], errors.WorkerLost)
         assert busy[0] in pids
-        _wait_for(lambda: os.listdir(shm_service.shm_dir) == [], 10, "no segment left")
+        wait_for(lambda: os.listdir(shm_service.shm_dir) == [], 10, "no segment left")
 
 
 def test_remote_client_falls_back_to_inline_frames():

@@ -17,22 +17,11 @@ import msgspec
 import pytest
 import zmq
 
-from tests.conftest import HOSTILE, PLUGINS
+from tests.conftest import HOSTILE, PLUGINS, wait_for
 from wasmcore.sandbox_worker.worker import WorkerSettings
 from wasmcore.supervisor import errors
 from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.launcher import render_toml, start_service
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
 def test_compiled_once_then_deserialized_by_other_workers():
@@ -48,7 +37,7 @@ def test_compiled_once_then_deserialized_by_other_workers():
                 return (sum(w.compiled for w in workers), sum(w.deserialized for w in workers))
 
             # One compile in the whole pool; the other worker only mapped the artifact.
-            assert _wait_for(lambda: counters() == (1, 1) and counters(), 5, "counters")
+            assert wait_for(lambda: counters() == (1, 1) and counters(), 5, "counters")
             art = list((svc.workdir / "art").glob("*.cwasm"))
             assert len(art) == 1 and art[0].name.startswith(
                 hashlib.sha256((PLUGINS / "wordfreq.wasm").read_bytes()).hexdigest())
@@ -129,23 +118,23 @@ def test_hot_reload_in_place_and_by_rename(reload_service, tmp_path: Path):
         assert c.execute(loaded.binary_id, "abc").output == b"ABC"
         # In-place write.
         target.write_bytes((PLUGINS / "rot13.wat").read_bytes())
-        _wait_for(lambda: c.execute(loaded.binary_id, "abc").output == b"nop", 10, "v2")
+        wait_for(lambda: c.execute(loaded.binary_id, "abc").output == b"nop", 10, "v2")
         v2 = c.list()[0].version
         assert v2 == loaded.version + 1
         # An editor's save: write a temp file beside it, rename it over the original.
         temp = tmp_path / ".live.wat.swp"
         temp.write_bytes((PLUGINS / "counter.wat").read_bytes())
         os.replace(temp, target)
-        _wait_for(lambda: c.execute(loaded.binary_id, "abc").output.startswith(b"bytes="), 10,
-                  "v3")
+        wait_for(lambda: c.execute(loaded.binary_id, "abc").output.startswith(b"bytes="), 10,
+                 "v3")
         # Broken content: refused, the last good version keeps serving, the error is shown.
         target.write_bytes(b"(module (func")
-        _wait_for(lambda: c.list()[0].last_error, 10, "error recorded")
+        wait_for(lambda: c.list()[0].last_error, 10, "error recorded")
         assert c.execute(loaded.binary_id, "abc").output.startswith(b"bytes=")
         assert "INVALID_MODULE" in c.stats().binaries[0].last_error
         # Fixed again: serves, error cleared.
         target.write_bytes((PLUGINS / "uppercase.wat").read_bytes())
-        _wait_for(lambda: c.execute(loaded.binary_id, "abc").output == b"ABC", 10, "fixed")
+        wait_for(lambda: c.execute(loaded.binary_id, "abc").output == b"ABC", 10, "fixed")
         assert c.list()[0].last_error is None
 
 
@@ -163,8 +152,8 @@ def test_config_hot_reload(tmp_path: Path):
             config["limits"] = {"timeout_ms": 250}
             config["binaries"]["multi_entry"]["entries"] = ["fail", "hello"]
             svc.config_path.write_text(render_toml(config))
-            _wait_for(lambda: len([w for w in c.stats().workers if w.state == "idle"]) == 2,
-                      20, "pool grown to 2")
+            wait_for(lambda: len([w for w in c.stats().workers if w.state == "idle"]) == 2,
+                     20, "pool grown to 2")
             with pytest.raises(errors.PluginError):
                 c.execute(multi)  # "fail" now comes first
             loop = c.load(HOSTILE / "loop.wat").binary_id
@@ -173,13 +162,13 @@ def test_config_hot_reload(tmp_path: Path):
             # An invalid change is refused and the running config stays.
             good = svc.config_path.read_text()
             svc.config_path.write_text(good + "\n[pool2]\nworkerz = 3\n")
-            error = _wait_for(lambda: c.stats().config_error, 10, "refusal")
+            error = wait_for(lambda: c.stats().config_error, 10, "refusal")
             assert "pool2" in error
             assert len(c.stats().workers) == 2
             with pytest.raises(errors.PluginError):
                 c.execute(multi)
             svc.config_path.write_text(good)
-            _wait_for(lambda: c.stats().config_error is None, 10, "accepted again")
+            wait_for(lambda: c.stats().config_error is None, 10, "accepted again")
     finally:
         svc.cleanup()
 
