@@ -191,18 +191,18 @@ class OperationsMixin:
             input_shm=input_shm,
             output_shm_pid=req.output_shm_pid if self.shm_dir else 0,
         )
-        self._submit(
-            PendingJob(
-                token=token,
-                envelope=envelope,
-                request_id=req.id,
-                header=p.encode(job),
-                payload=payload,
-                budget_s=timeout_ms / 1000,
-                binary_ids=[binary.binary_id],
-                tenant=req.tenant,
-            )
-        )
+        self._submit_run(envelope, req, job, payload, timeout_ms / 1000, [binary.binary_id])
+
+    def _submit_run(self, envelope: list[bytes], req: Any, job: p.RunJob, payload: Any,
+                    budget_s: float, binary_ids: list[str], extra: list[Any] | None = None,
+                    ) -> None:
+        """Queue a RunJob answering `req`; `budget_s` is what its deadline allows."""
+        pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
+                             header=p.encode(job), payload=payload, budget_s=budget_s,
+                             binary_ids=binary_ids, tenant=req.tenant)
+        if extra:
+            pending.extra = extra
+        self._submit(pending)
 
     def _on_batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any]) -> None:
         binary, entry, (timeout_ms, fuel, memory) = self._resolve_run(req)
@@ -210,12 +210,8 @@ class OperationsMixin:
         job = p.RunJob(token=token, request_id=req.id, modules=[self._module_ref(binary)],
                        timeout_ms=timeout_ms, fuel=fuel, memory_bytes=memory, env=req.env,
                        entry=entry, batch=req.count)
-        pending = PendingJob(token=token, envelope=envelope, request_id=req.id,
-                             header=p.encode(job), payload=None,
-                             budget_s=timeout_ms * req.count / 1000,
-                             binary_ids=[binary.binary_id], tenant=req.tenant)
-        pending.extra = inputs
-        self._submit(pending)
+        self._submit_run(envelope, req, job, None, timeout_ms * req.count / 1000,
+                         [binary.binary_id], extra=inputs)
 
     def _on_chain(self, envelope: list[bytes], req: p.Chain, payload: Any) -> None:
         if not req.binary_ids:
@@ -233,18 +229,8 @@ class OperationsMixin:
             env=req.env,
             chain=True,
         )
-        self._submit(
-            PendingJob(
-                token=token,
-                envelope=envelope,
-                request_id=req.id,
-                header=p.encode(job),
-                payload=payload,
-                budget_s=job.timeout_ms * len(binaries) / 1000,
-                binary_ids=[b.binary_id for b in binaries],
-                tenant=req.tenant,
-            )
-        )
+        self._submit_run(envelope, req, job, payload, job.timeout_ms * len(binaries) / 1000,
+                         [b.binary_id for b in binaries])
 
     def _on_load(self, envelope: list[bytes], req: p.Load, payload: Any) -> None:
         if req.path:
