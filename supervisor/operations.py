@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from wasmcore import __version__
+from wasmcore.supervisor import __version__, shm
 from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor import shm
 from wasmcore.supervisor.config import Config, MiB
 from wasmcore.supervisor.errors import (
     BadRequest,

@@ -1,3 +1,0 @@
-"""wasm-core: a multi-tenant WebAssembly execution service."""
-
-__version__ = "0.1.0"
