@@ -216,3 +216,4 @@ def test_registry_survives_restart(stop_signal):
             svc.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(Path("/dev/shm") / workdir.name, ignore_errors=True)  # its payload dir
