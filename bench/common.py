@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import socket
 import statistics
 import tempfile
@@ -73,6 +75,7 @@ def endpoint_for(transport: str, tag: str) -> str:
     if transport == "tcp":
         return f"tcp://127.0.0.1:{free_tcp_port()}"
     directory = tempfile.mkdtemp(prefix="wcb", dir="/tmp")
+    atexit.register(shutil.rmtree, directory, True)  # the socket file outlives its server
     return f"ipc://{directory}/{tag}.sock"
 
 
