@@ -81,7 +81,6 @@ class Worker:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(settings.pub_endpoint)
-        self.busy_token = 0
         self.compiled = 0
         self.deserialized = 0
         self.outbox: list[list[Any]] = []
@@ -157,21 +156,13 @@ class Worker:
             return  # only the supervisor talks to us; a bad frame is a bug, not a tenant
         match command:
             case p.RunJob():
-                self.busy_token = command.token
-                try:
-                    if command.batch:
-                        self._run_batch(command, [f.bytes for f in frames[1:]])
-                    else:
-                        self._run(command, frames[1].bytes if len(frames) > 1 else b"")
-                finally:
-                    self.busy_token = 0
+                if command.batch:
+                    self._run_batch(command, [f.bytes for f in frames[1:]])
+                else:
+                    self._run(command, frames[1].bytes if len(frames) > 1 else b"")
             case p.CompileJob():
                 self._flush()
-                self.busy_token = command.token
-                try:
-                    self._compile(command)
-                finally:
-                    self.busy_token = 0
+                self._compile(command)
             case p.Shutdown():
                 self.running = False
 
@@ -393,8 +384,8 @@ class Worker:
         interval = self.settings.heartbeat_interval_ms / 1000
         try:
             while not self._stop_heartbeat.wait(interval):
-                beat = p.Heartbeat(worker_id=self.settings.worker_id, busy_token=self.busy_token,
-                                   compiled=self.compiled, deserialized=self.deserialized)
+                beat = p.Heartbeat(worker_id=self.settings.worker_id, compiled=self.compiled,
+                                   deserialized=self.deserialized)
                 try:
                     socket.send(p.encode(beat), zmq.NOBLOCK)
                 except zmq.Again:

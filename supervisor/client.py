@@ -72,6 +72,12 @@ def _batch_request(binary_id: str, inputs: Iterable[bytes | str], tenant: str,
     return request, frames
 
 
+def _reply_wait_s(client_timeout_s: float, timeout_ms: int | None) -> float:
+    """How long to wait for an execute's reply: the client's timeout, or longer when the
+    request allows the plugin more time (plus the server's grace to answer TIMEOUT)."""
+    return max(client_timeout_s, (timeout_ms or 0) / 1000 + 5)
+
+
 def _frames(request: Any, payload: bytes | list[bytes] | None) -> list[bytes]:
     header = p.encode(request)
     if payload is None:
@@ -164,8 +170,20 @@ class SharedMemory:
                 continue  # swept or removed: make a new one
         return shm.write(self.directory, self.pid, data)
 
-    def release(self, ref: ShmRef) -> None:
+    def attach(self, request: p.Execute, data: bytes) -> tuple[bytes | None, ShmRef | None]:
+        """Ready `request` for shared memory: a large output may come back as a segment,
+        a large input goes in one. Returns (inline payload or None, input segment or None);
+        hand the segment back to `release` once the reply is in."""
         if self.directory is None:
+            return data, None
+        request.output_shm_pid = self.pid
+        if not self.wants(data):
+            return data, None
+        request.input_shm = segment = self.put(data)
+        return None, segment
+
+    def release(self, ref: ShmRef | None) -> None:
+        if self.directory is None or ref is None:
             return
         if len(self._free) < self._KEEP:
             self._free.append(ref.name)
@@ -258,8 +276,6 @@ class Client:
         assert self._shared is not None
         return self._shared
 
-    def _timeout_for(self, timeout_ms: int | None) -> float:
-        return max(self.timeout_s, (timeout_ms or 0) / 1000 + 5)
 
     def load(self, path: str | os.PathLike[str] | None = None, *, data: bytes | None = None,
              name: str | None = None) -> p.Loaded:
@@ -272,17 +288,11 @@ class Client:
         request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
                                          fuel, env, entry)
         shared = self._shared_memory()
-        if not shared.enabled:
-            return _unpack(*self.call(request, data, self._timeout_for(timeout_ms)))
-        request.output_shm_pid = shared.pid
-        segment = shared.put(data) if shared.wants(data) else None
-        request.input_shm = segment
+        payload, segment = shared.attach(request, data)
         try:
-            reply, frames = self.call(request, None if segment else data,
-                                      self._timeout_for(timeout_ms))
+            reply, frames = self.call(request, payload, _reply_wait_s(self.timeout_s, timeout_ms))
         finally:
-            if segment is not None:
-                shared.release(segment)
+            shared.release(segment)
         return _unpack(reply, frames, shared)
 
     def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
@@ -430,20 +440,13 @@ class AsyncClient:
                       entry: str | None = None) -> Execution:
         request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
                                          fuel, env, entry)
-        timeout = max(self.timeout_s, (timeout_ms or 0) / 1000 + 5)
-        shared = self._shared
-        if shared is None:
-            shared = await self._shared_memory()
-        if not shared.enabled:
-            return _unpack(*await self.call(request, data, timeout))
-        request.output_shm_pid = shared.pid
-        segment = shared.put(data) if shared.wants(data) else None
-        request.input_shm = segment
+        shared = self._shared or await self._shared_memory()
+        payload, segment = shared.attach(request, data)
         try:
-            reply, frames = await self.call(request, None if segment else data, timeout)
+            reply, frames = await self.call(request, payload,
+                                            _reply_wait_s(self.timeout_s, timeout_ms))
         finally:
-            if segment is not None:
-                shared.release(segment)
+            shared.release(segment)
         return _unpack(reply, frames, shared)
 
     async def hello(self) -> p.Welcome:

@@ -9,13 +9,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from wasmcore.supervisor.client import Client
-from wasmcore.supervisor.errors import WasmCoreError
+from wasmcore.supervisor.launcher import wait_until_serving
 
 _READY_TIMEOUT_S = 60.0
 
@@ -40,22 +38,6 @@ def _cli(*args: str, endpoint: str | None) -> str:
     return done.stdout.strip()
 
 
-def _wait_ready(endpoint: str | None, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"wasm-core exited with status {server.returncode} at start")
-        try:
-            with Client(endpoint, timeout_s=1.0) as client:
-                stats = client.stats()
-            if any(w.state in ("idle", "busy") for w in stats.workers):
-                return
-        except WasmCoreError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"wasm-core did not become ready within {_READY_TIMEOUT_S:.0f}s")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wasm-core demo")
     parser.add_argument("--endpoint", help="serve the demo on this endpoint instead")
@@ -66,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"$ wasm-core {' '.join(server_argv[3:])} &", flush=True)
     server = subprocess.Popen(server_argv, env=os.environ.copy())
     try:
-        _wait_ready(args.endpoint, server)
+        wait_until_serving(args.endpoint, server, workers=1, timeout_s=_READY_TIMEOUT_S)
         ep = args.endpoint
         upper = _cli("load", "--path", str(_sample("uppercase.wat")), endpoint=ep)
         rot13 = _cli("load", "--path", str(_sample("rot13.wat")), endpoint=ep)
@@ -83,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cli("stats", endpoint=ep)
         print("demo finished: the service answered every request; stopping it (SIGTERM)")
         return 0
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     finally:

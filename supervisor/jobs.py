@@ -25,7 +25,6 @@ class PendingJob:
     on_done: Completion | None = None
     deadline: float = 0.0  # set when the job reaches the head of its worker's FIFO
     started: float = 0.0
-    tenant: str = ""
     requeued: bool = False
     estimate_ms: float = 0.0  # expected run time when it was assigned (for prefetching)
     extra: list[Any] = field(default_factory=list)  # a batch's input frames

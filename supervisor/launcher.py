@@ -46,15 +46,37 @@ def render_toml(sections: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def wait_until_serving(endpoint: str | None, process: subprocess.Popen[bytes], workers: int,
+                       timeout_s: float = 60.0) -> None:
+    """Until the server at `endpoint` has `workers` workers idle or busy; raises
+    RuntimeError if `process` exits first, TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last_error = "no reply"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"wasm-core exited with {process.returncode} at start")
+        try:
+            with Client(endpoint, timeout_s=1.0) as client:
+                stats = client.stats()
+            ready = sum(1 for w in stats.workers if w.state in ("idle", "busy"))
+            if ready >= workers:
+                return
+            last_error = f"{ready}/{workers} workers ready"
+        except WasmCoreError as exc:
+            last_error = str(exc)
+        time.sleep(0.05)
+    raise TimeoutError(f"wasm-core not ready within {timeout_s}s: {last_error}")
+
+
 class RunningService:
     def __init__(self, workdir: Path, endpoint: str, process: subprocess.Popen[bytes],
-                 config_path: Path, owns_workdir: bool) -> None:
+                 config_path: Path, owns_workdir: bool, shm_dir: Path) -> None:
         self.workdir = workdir
         self.endpoint = endpoint
         self.process = process
         self.config_path = config_path
         self.owns_workdir = owns_workdir
-        self.shm_dir = workdir / "shm"
+        self.shm_dir = shm_dir
 
     @property
     def pid(self) -> int:
@@ -65,22 +87,7 @@ class RunningService:
 
     def wait_ready(self, workers: int, timeout_s: float = 60.0) -> None:
         """Until `workers` workers are idle or busy (a started pool), or raise."""
-        deadline = time.monotonic() + timeout_s
-        last_error = "no reply"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"wasm-core exited with {self.process.returncode} at start")
-            try:
-                with self.client(timeout_s=1.0) as client:
-                    stats = client.stats()
-                ready = sum(1 for w in stats.workers if w.state in ("idle", "busy"))
-                if ready >= workers:
-                    return
-                last_error = f"{ready}/{workers} workers ready"
-            except WasmCoreError as exc:
-                last_error = str(exc)
-            time.sleep(0.05)
-        raise TimeoutError(f"wasm-core not ready within {timeout_s}s: {last_error}")
+        wait_until_serving(self.endpoint, self.process, workers, timeout_s)
 
     def stop(self, timeout_s: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -131,8 +138,8 @@ def start_service(
         stderr=stderr,
         env=env,
     )
-    service = RunningService(workdir, server["endpoint"], process, config_path, owns)
-    service.shm_dir = Path(server["shm_dir"])
+    service = RunningService(workdir, server["endpoint"], process, config_path, owns,
+                             Path(server["shm_dir"]))
     if wait:
         try:
             service.wait_ready(sections["pool"]["workers"], ready_timeout_s)

@@ -85,19 +85,24 @@ async def execute_load(endpoint: str | None, tenant: str, binary_id: str, payloa
     async with AsyncClient(endpoint, tenant=tenant, timeout_s=timeout_s) as client:
         if warmup:
             await drive(lambda: client.execute(binary_id, payload), warmup, concurrency)
-        collected = RawLoad()
+        return await _metered_load(client, binary_id, payload, requests, concurrency)
 
-        def record(result: Any) -> None:
-            m = result.metering
-            collected.fuel.append(m.fuel_consumed)
-            collected.wall_us.append(m.wall_time_us)
-            collected.peak_memory.append(m.peak_memory_bytes)
 
-        raw = await drive(lambda: client.execute(binary_id, payload), requests, concurrency,
-                          on_result=record)
-        raw.fuel, raw.wall_us, raw.peak_memory = (collected.fuel, collected.wall_us,
-                                                  collected.peak_memory)
-        return raw
+async def _metered_load(client: AsyncClient, binary_id: str, payload: bytes, requests: int,
+                        concurrency: int) -> RawLoad:
+    """`requests` executes, each result's metering kept beside the latencies."""
+    metered = RawLoad()
+
+    def record(result: Any) -> None:
+        m = result.metering
+        metered.fuel.append(m.fuel_consumed)
+        metered.wall_us.append(m.wall_time_us)
+        metered.peak_memory.append(m.peak_memory_bytes)
+
+    raw = await drive(lambda: client.execute(binary_id, payload), requests, concurrency,
+                      on_result=record)
+    raw.fuel, raw.wall_us, raw.peak_memory = metered.fuel, metered.wall_us, metered.peak_memory
+    return raw
 
 
 def _process_main(args: tuple[Any, ...], ready: Any, go: Any, out: Any) -> None:
@@ -111,19 +116,7 @@ def _process_main(args: tuple[Any, ...], ready: Any, go: Any, out: Any) -> None:
             ready.set()
             while not go.wait(0):  # bounded by the parent's timeout below
                 await asyncio.sleep(0.001)
-            collected = RawLoad()
-
-            def record(result: Any) -> None:
-                m = result.metering
-                collected.fuel.append(m.fuel_consumed)
-                collected.wall_us.append(m.wall_time_us)
-                collected.peak_memory.append(m.peak_memory_bytes)
-
-            raw = await drive(lambda: client.execute(binary_id, payload), requests,
-                              concurrency, on_result=record)
-            raw.fuel, raw.wall_us, raw.peak_memory = (collected.fuel, collected.wall_us,
-                                                      collected.peak_memory)
-            return raw
+            return await _metered_load(client, binary_id, payload, requests, concurrency)
 
     try:
         out.send(asyncio.run(main()))

@@ -198,7 +198,7 @@ class OperationsMixin:
         """Queue a RunJob answering `req`; `budget_s` is what its deadline allows."""
         pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
                              header=p.encode(job), payload=payload, budget_s=budget_s,
-                             binary_ids=binary_ids, tenant=req.tenant)
+                             binary_ids=binary_ids)
         if extra:
             pending.extra = extra
         self._submit(pending)
@@ -286,8 +286,8 @@ class OperationsMixin:
         def compiled(code: str, event: Any, frames: list[zmq.Frame]) -> None:
             if code:
                 error = _error_from_frames(code, frames)
-                if binary_id in {b.binary_id for b in self.registry.all()}:
-                    self.registry.record_error(binary_id, f"{error.code}: {error.message}")
+                # A no-op for a first load: only an existing binary keeps its last error.
+                self.registry.record_error(binary_id, f"{error.code}: {error.message}")
                 done(None, error)
                 return
             done(self._commit(tenant, name, path, sha256, len(data), binary_id, event.kind,

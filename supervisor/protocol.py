@@ -300,7 +300,6 @@ class Ready(msgspec.Struct, tag="ready", kw_only=True):
 
 class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
     worker_id: str
-    busy_token: int = 0
     compiled: int = 0  # modules this worker compiled itself
     deserialized: int = 0  # modules it mapped from a shared artifact
 

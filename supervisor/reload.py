@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from wasmcore.supervisor.config import Config, ConfigError, load_config, resolved
+from wasmcore.supervisor.config import Config, parse_config, resolved
 from wasmcore.supervisor.errors import WasmCoreError
 from wasmcore.supervisor.registry import Binary, Registry
 from wasmcore.supervisor.restart_policy import RestartPolicy
@@ -110,12 +110,14 @@ class ReloadMixin:
             if why != "SIGHUP" and text == self._config_text:
                 self.config_error = None  # back to the running config (or just touched)
                 return
-            new = resolved(load_config(self.config_path))
-        except (ConfigError, OSError) as exc:
+            # The bytes just read, not a second read of the file: what is compared is what
+            # gets applied. (ConfigError and a bad UTF-8 decode are both ValueErrors.)
+            new = resolved(parse_config(text.decode("utf-8"), str(self.config_path)))
+        except (ValueError, OSError) as exc:
             self.config_error = str(exc)
             log.error("%s: refused the new config, the running one stays: %s", why, exc)
             return
-        fixed = ("endpoint", "data_dir", "artifact_dir")
+        fixed = ("endpoint", "data_dir", "artifact_dir", "shm_dir")
         server = self.config.server
         changed_fixed = [k for k in fixed if getattr(new.server, k) != getattr(server, k)]
         if changed_fixed:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+import zmq
 
+from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.launcher import RunningService, start_service
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
@@ -29,6 +32,25 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, what: str) -> T:
             return last
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def raw_dealer(endpoint: str) -> Iterator[zmq.Socket[bytes]]:
+    """A bare DEALER on the service, for frames the real client would never send."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def exchange(sock: zmq.Socket[bytes], frames: list[bytes], timeout_ms: int = 10_000) -> Any:
+    """Send raw frames and decode the one reply, within a bound."""
+    sock.send_multipart(frames)
+    assert sock.poll(timeout_ms), f"no reply to {frames!r}"
+    return p.reply_decoder.decode(sock.recv_multipart()[0])
 
 
 @pytest.fixture(scope="module")

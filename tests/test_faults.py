@@ -29,6 +29,10 @@ FAST_POOL = {
 }
 
 
+# Room for rss_hog to make a worker's RSS grow past the watchdog's limits.
+HOG_LIMITS = {"memory_mb": 512, "fuel": 10**13, "timeout_ms": 30_000}
+
+
 def _hog_input(mib: int, spin_millions: int) -> bytes:
     return struct.pack("<II", mib, spin_millions)
 
@@ -142,7 +146,7 @@ def test_late_reply_never_answers_another_request(fault_service):
 def test_rss_soft_limit_recycles_after_the_execution():
     svc = start_service(workers=1, config={
         "pool": {**FAST_POOL, "rss_soft_limit_mb": 150, "rss_hard_limit_mb": 4000},
-        "limits": {"memory_mb": 512, "fuel": 10**13, "timeout_ms": 30_000},
+        "limits": HOG_LIMITS,
     })
     try:
         with svc.client() as c:
@@ -152,7 +156,7 @@ def test_rss_soft_limit_recycles_after_the_execution():
             result = c.execute(hog, _hog_input(256, 600))  # resident 256 MiB, then spins
             assert result.worker_pid == pid
             wait_for(lambda: c.stats().restarts_by_cause.get("memory") == 1, 10, "recycle")
-            wait_for(lambda: _live_pids(c) and pid not in _live_pids(c), 10, "replacement")
+            wait_for(lambda: (live := _live_pids(c)) and pid not in live, 10, "replacement")
             assert c.execute(upper, "fresh").output == b"FRESH"
     finally:
         svc.cleanup()
@@ -161,7 +165,7 @@ def test_rss_soft_limit_recycles_after_the_execution():
 def test_rss_hard_limit_kills_with_memory_limit():
     svc = start_service(workers=1, config={
         "pool": {**FAST_POOL, "rss_soft_limit_mb": 100, "rss_hard_limit_mb": 150},
-        "limits": {"memory_mb": 512, "fuel": 10**13, "timeout_ms": 30_000},
+        "limits": HOG_LIMITS,
     })
     try:
         with svc.client() as c:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import zmq
 
-from tests.conftest import HOSTILE, PLUGINS, wait_for
+from tests.conftest import HOSTILE, PLUGINS, exchange, raw_dealer, wait_for
 from wasmcore.supervisor import errors, shm
 from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.client import Client, SharedMemory
@@ -176,17 +175,9 @@ def test_execute_batch(shm_service):
 
 
 def test_batch_frame_count_must_match(shm_service):
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(shm_service.endpoint)
-    try:
+    with raw_dealer(shm_service.endpoint) as sock:
         header = msgspec.msgpack.encode(
             {"type": "execute_batch", "id": 9, "binary_id": "x", "count": 3})
-        sock.send_multipart([header, b"a", b"b"])
-        assert sock.poll(10_000)
-        reply = p.reply_decoder.decode(sock.recv_multipart()[0])
+        reply = exchange(sock, [header, b"a", b"b"])
         assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST" and reply.id == 9
         assert "count=3" in reply.message  # refused for the count, not for the header
-    finally:
-        sock.close()

@@ -9,9 +9,8 @@ import time
 
 import msgspec
 import pytest
-import zmq
 
-from tests.conftest import HOSTILE, PLUGINS
+from tests.conftest import HOSTILE, PLUGINS, exchange, raw_dealer
 from wasmcore.supervisor import errors
 from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.client import AsyncClient
@@ -201,11 +200,7 @@ def test_each_failure_code_then_clean_run(service, plugin, kwargs, error):
 
 
 def test_malformed_frames_get_bad_request(service):
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(service.endpoint)
-    try:
+    with raw_dealer(service.endpoint) as sock:
         cases = [
             [b"\xc1garbage"],  # not msgpack
             [msgspec.msgpack.encode({"type": "nope", "id": 5})],  # unknown operation
@@ -214,16 +209,10 @@ def test_malformed_frames_get_bad_request(service):
             [msgspec.msgpack.encode([1, 2, 3])],
         ]
         for frames in cases:
-            sock.send_multipart(frames)
-            assert sock.poll(10_000), f"no reply to {frames!r}"
-            reply = p.reply_decoder.decode(sock.recv_multipart()[0])
+            reply = exchange(sock, frames)
             assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST", reply
-        sock.send_multipart([msgspec.msgpack.encode({"type": "execute", "id": 6})])
-        assert sock.poll(10_000)
-        reply = p.reply_decoder.decode(sock.recv_multipart()[0])
+        reply = exchange(sock, [msgspec.msgpack.encode({"type": "execute", "id": 6})])
         assert reply.id == 6 and "binary_id" in reply.message
-    finally:
-        sock.close()
     with service.client() as c:
         assert c.stats().workers
 
