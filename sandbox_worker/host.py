@@ -114,6 +114,17 @@ class HostState:
         self.has_memory = False
 
 
+class InputSource(Protocol):
+    """Where a large input comes from instead of bytes (a shared-memory segment, say)."""
+
+    def __len__(self) -> int: ...
+
+    def copy_to(self, address: int, length: int) -> None:
+        """Write the first `length` bytes of the input at host `address` (guest memory)."""
+
+    def read_all(self) -> bytes: ...
+
+
 class OutputSink(Protocol):
     """Where a large output goes instead of memory (a shared-memory segment, say)."""
 

@@ -37,7 +37,7 @@ from wasmcore.supervisor.errors import (
 )
 
 from . import _raw
-from .host import HostState, OutputSink, define_host_functions, make_host_callbacks
+from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .limits import ExecutionResult, Limits, Metering
 from .module import (
     DEFAULT_ENTRY,
@@ -242,7 +242,7 @@ class Sandbox:
     def execute(
         self,
         module: CompiledModule,
-        input: bytes | memoryview,
+        input: bytes | memoryview | InputSource,
         *,
         env: dict[str, str] | None = None,
         entry: str | None = None,
@@ -252,15 +252,15 @@ class Sandbox:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
         every error's details carry the metering so far and the logs produced so far."""
         self._check_open()
-        if type(input) is not bytes and not (
-            type(input) is memoryview and not input.readonly and input.contiguous
-        ):
-            # memmove wants bytes or a writable buffer (a memoryview over a mapped
-            # shared-memory segment is copied straight into the guest, never into bytes)
-            input = bytes(input)
-        module_wants_bytes = module.kind == "wasi"
-        if module_wants_bytes and type(input) is not bytes:
-            input = bytes(input)  # the WASI stdin copy takes bytes
+        if type(input) is not bytes:
+            if isinstance(input, memoryview):
+                if input.readonly or not input.contiguous:
+                    input = bytes(input)  # memmove wants bytes or a writable buffer
+            elif not hasattr(input, "copy_to"):
+                input = bytes(input)
+        if module.kind == "wasi" and type(input) is not bytes:
+            # the WASI stdin copy takes bytes
+            input = input.read_all() if hasattr(input, "copy_to") else bytes(input)
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
         spec = module.entries.get(name)
@@ -304,7 +304,7 @@ class Sandbox:
         cm: CompiledModule,
         kind: EntryKind,
         index: int,
-        data: bytes | memoryview,
+        data: bytes | memoryview | InputSource,
         env_bytes: bytes,
         env: dict[str, str],
         lim: Limits,
@@ -446,7 +446,8 @@ class Sandbox:
                 raise InternalError(f"export #{i} is {got!r}, expected {name!r}")
         cm.verified = True
 
-    def _place(self, ctx: int, cm: CompiledModule, data: bytes | memoryview, lim: Limits) -> int:
+    def _place(self, ctx: int, cm: CompiledModule, data: bytes | memoryview | InputSource,
+               lim: Limits) -> int:
         """alloc(len) in the guest, then copy `data` there; returns the guest pointer."""
         assert cm.alloc_index is not None
         state = self._state
@@ -471,10 +472,12 @@ class Sandbox:
         target = _raw.memory_data(ctx, state.memory_addr) + ptr
         if type(data) is bytes:
             ctypes.memmove(target, data, n)
-        else:
+        elif type(data) is memoryview:
             source = (ctypes.c_char * n).from_buffer(data)
             ctypes.memmove(target, source, n)
-            del source  # the buffer's owner (an mmap) can be closed only once this is gone
+            del source  # the buffer's owner (an mmap, say) can be closed only once this is gone
+        else:
+            data.copy_to(target, n)  # e.g. read from a segment straight into guest memory
         return ptr
 
     def _install_wasi(

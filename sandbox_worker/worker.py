@@ -219,11 +219,13 @@ class Worker:
             self._run_on(job, payload)
             return
         try:
-            with shm.mapped(self.settings.shm_dir, job.input_shm) as view:
-                self._run_on(job, view)
+            source = shm.SegmentReader(self.settings.shm_dir, job.input_shm)
         except (shm.SegmentError, OSError) as exc:
-            self._reply_error(job, BadRequest.code, f"cannot map the input segment: {exc}",
+            self._reply_error(job, BadRequest.code, f"cannot open the input segment: {exc}",
                               {"segment": job.input_shm.name})
+            return
+        with source:
+            self._run_on(job, source)
 
     def _limits_for(self, job: p.RunJob) -> Limits:
         """The job's timeout, fuel and memory; output and log caps are the worker's own."""
@@ -235,7 +237,7 @@ class Worker:
             log_bytes=self.settings.sandbox.default_limits.log_bytes,
         )
 
-    def _run_on(self, job: p.RunJob, payload: bytes | memoryview) -> None:
+    def _run_on(self, job: p.RunJob, payload: bytes | shm.SegmentReader) -> None:
         limits = self._limits_for(job)
         self._flush_before([ref.sha256 for ref in job.modules])
         pid = os.getpid()
@@ -245,7 +247,7 @@ class Worker:
         result: ExecutionResult | None = None
         # A large final output streams from guest memory into a shared-memory segment.
         sink = (shm.SegmentWriter(self.settings.shm_dir, job.output_shm_pid,
-                                  self.settings.shm_threshold_bytes)
+                                  self.settings.shm_threshold_bytes, reuse=job.output_shm_into)
                 if job.output_shm_pid and self.settings.shm_dir and not job.chain else None)
         for index, ref in enumerate(job.modules):
             started = time.perf_counter()
@@ -265,6 +267,12 @@ class Worker:
                     details.update(step=index, binary_id=ref.binary_id, steps_done=len(steps))
                     message = f"chain step {index} ({ref.binary_id}) failed: {exc.message}"
                 self._reply_error(job, exc.code, message, details)
+                return
+            except (shm.SegmentError, OSError) as exc:  # the input segment let us down
+                if sink is not None:
+                    sink.abort()
+                self._reply_error(job, BadRequest.code, f"cannot read the input segment: {exc}",
+                                  {"segment": job.input_shm.name if job.input_shm else ""})
                 return
             except Exception as exc:  # a bug of ours must still answer the request
                 if sink is not None:

@@ -136,9 +136,14 @@ class SharedMemory:
     """The client's side of shared-memory payloads, settled once per client by `hello`.
 
     Used only when the server's boot id matches this host's and its segment directory is
-    writable here. Input segments are reused from a small free list; output segments are read
-    and removed at once. Whatever a crash leaves behind, the server sweeps (segments carry
-    this process's pid).
+    writable here. Segments are recycled through a small free list: a large input is written
+    over a spare segment, and the request lends that segment (or a spare one) to the worker
+    for a large output, which overwrites it in place once the input is read. Reused tmpfs
+    pages cost no allocation, zeroing or freeing. A segment goes back to the free list only
+    after a successful reply (the worker is then done with it); after anything else it is
+    removed. Whatever a crash leaves behind, the server sweeps (segments carry this
+    process's pid). `zero_copy` outputs are handed to the caller as mappings, so those
+    segments are never lent or reused.
     """
 
     _KEEP = 4
@@ -152,6 +157,7 @@ class SharedMemory:
                 and os.access(welcome.shm_dir, os.W_OK)):
             self.directory = welcome.shm_dir
         self._free: list[str] = []
+        self._lent: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -170,35 +176,65 @@ class SharedMemory:
                 continue  # swept or removed: make a new one
         return shm.write(self.directory, self.pid, data)
 
-    def attach(self, request: p.Execute, data: bytes) -> tuple[bytes | None, ShmRef | None]:
-        """Ready `request` for shared memory: a large output may come back as a segment,
-        a large input goes in one. Returns (inline payload or None, input segment or None);
-        hand the segment back to `release` once the reply is in."""
+    def attach(self, request: p.Execute, data: bytes) -> tuple[bytes | None, str]:
+        """Ready `request` for shared memory. Returns (the inline payload, or None when the
+        input went into a segment; the name of the segment lent to the request, or "").
+        Hand the reply and that name to `finish`, or the name to `release` on failure."""
         if self.directory is None:
-            return data, None
+            return data, ""
         request.output_shm_pid = self.pid
-        if not self.wants(data):
-            return data, None
-        request.input_shm = segment = self.put(data)
-        return None, segment
-
-    def release(self, ref: ShmRef | None) -> None:
-        if self.directory is None or ref is None:
-            return
-        if len(self._free) < self._KEEP:
-            self._free.append(ref.name)
+        lent = ""
+        if self.wants(data):
+            request.input_shm = self.put(data)
+            lent = request.input_shm.name
+            payload = None
         else:
-            shm.remove(self.directory, ref.name)
+            payload = data
+            if self._free and not self.zero_copy:
+                lent = self._free.pop()
+        if lent:
+            self._lent.add(lent)
+            if not self.zero_copy:
+                request.output_shm_into = lent
+        return payload, lent
+
+    def finish(self, reply: Any, frames: list[bytes], lent: str) -> Any:
+        """Unpack the reply, then take the lent segment back."""
+        reusable = False
+        try:
+            result = _unpack(reply, frames, self)
+            reusable = isinstance(reply, p.Executed)
+            return result
+        finally:
+            self.release(lent, reusable)
+
+    def release(self, name: str, reusable: bool = False) -> None:
+        if self.directory is None or not name:
+            return
+        self._lent.discard(name)
+        self._keep(name, reusable)
+
+    def _keep(self, name: str, reusable: bool) -> None:
+        assert self.directory is not None
+        if reusable and len(self._free) < self._KEEP:
+            self._free.append(name)
+        else:
+            shm.remove(self.directory, name)
 
     def take_output(self, ref: ShmRef) -> bytes:
         if self.directory is None:
             raise Unavailable("shared-memory output without a shared-memory directory")
         if self.zero_copy:
             return shm.take_mapped(self.directory, ref)  # type: ignore[return-value]
+        if ref.name in self._lent:
+            return shm.read(self.directory, ref)  # ours: `finish` takes it back
+        reusable = False
         try:
-            return shm.read(self.directory, ref)
+            data = shm.read(self.directory, ref)
+            reusable = True
+            return data
         finally:
-            shm.remove(self.directory, ref.name)
+            self._keep(ref.name, reusable)
 
     def close(self) -> None:
         if self.directory is not None:
@@ -288,12 +324,13 @@ class Client:
         request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
                                          fuel, env, entry)
         shared = self._shared_memory()
-        payload, segment = shared.attach(request, data)
+        payload, lent = shared.attach(request, data)
         try:
             reply, frames = self.call(request, payload, _reply_wait_s(self.timeout_s, timeout_ms))
-        finally:
-            shared.release(segment)
-        return _unpack(reply, frames, shared)
+        except BaseException:
+            shared.release(lent)
+            raise
+        return shared.finish(reply, frames, lent)
 
     def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
                       timeout_ms: int | None = None, memory_mb: int | None = None,
@@ -441,13 +478,14 @@ class AsyncClient:
         request, data = _execute_request(binary_id, input, self.tenant, timeout_ms, memory_mb,
                                          fuel, env, entry)
         shared = self._shared or await self._shared_memory()
-        payload, segment = shared.attach(request, data)
+        payload, lent = shared.attach(request, data)
         try:
             reply, frames = await self.call(request, payload,
                                             _reply_wait_s(self.timeout_s, timeout_ms))
-        finally:
-            shared.release(segment)
-        return _unpack(reply, frames, shared)
+        except BaseException:
+            shared.release(lent)
+            raise
+        return shared.finish(reply, frames, lent)
 
     async def hello(self) -> p.Welcome:
         welcome = _unpack(*await self.call(p.Hello(tenant=self.tenant), None,

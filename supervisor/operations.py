@@ -177,6 +177,8 @@ class OperationsMixin:
             if input_shm.size > self.config.server.max_payload_bytes:
                 raise PayloadTooLarge(f"input segment is {input_shm.size} bytes; limit is "
                                       f"{self.config.server.max_payload_bytes}")
+        if req.output_shm_into and not shm.NAME.match(req.output_shm_into):
+            raise BadRequest(f"not a segment name: {req.output_shm_into!r}")
         token = self._token()
         job = p.RunJob(
             token=token,
@@ -189,6 +191,7 @@ class OperationsMixin:
             entry=entry,
             input_shm=input_shm,
             output_shm_pid=req.output_shm_pid if self.shm_dir else 0,
+            output_shm_into=req.output_shm_into if self.shm_dir else "",
         )
         self._submit_run(envelope, req, job, payload, timeout_ms / 1000, [binary.binary_id])
 

@@ -51,6 +51,9 @@ class Execute(msgspec.Struct, tag="execute", kw_only=True):
     entry: str | None = None
     input_shm: ShmRef | None = None  # the input is in this segment (no payload frame)
     output_shm_pid: int = 0  # non-zero: a large output may come back as a segment owned by it
+    # A segment of the caller's (named for output_shm_pid) that a large output may overwrite
+    # in place, once the input has been read: reused pages instead of a new segment.
+    output_shm_into: str = ""
 
 
 class ExecuteBatch(msgspec.Struct, tag="execute_batch", kw_only=True):
@@ -273,6 +276,7 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     batch: int = 0  # > 0: that many inputs in the payload frames, one result each
     input_shm: ShmRef | None = None
     output_shm_pid: int = 0
+    output_shm_into: str = ""
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):

@@ -12,7 +12,6 @@ crashed client leaves nothing behind; a killed worker never owns a segment.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import mmap
@@ -20,7 +19,6 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -73,23 +71,42 @@ def overwrite(directory: str | Path, ref_name: str, data: bytes | memoryview) ->
 class SegmentWriter:
     """An output segment written while the plugin runs (a sandbox output sink).
 
-    It is written under the *writer's* pid and renamed to the reader's only when complete:
-    if the worker dies half way, the segment names a dead process and is swept.
+    A new segment is written under the *writer's* pid and renamed to the reader's only when
+    complete: if the worker dies half way, the segment names a dead process and is swept.
+    When the reader lends one of its own segments (`reuse`), the output overwrites it in
+    place instead: its tmpfs pages already exist, so no page is allocated, zeroed or freed,
+    and whatever happens the segment stays the reader's to remove.
     """
 
-    def __init__(self, directory: str | Path, reader_pid: int, threshold: int) -> None:
+    def __init__(self, directory: str | Path, reader_pid: int, threshold: int,
+                 reuse: str = "") -> None:
         self.directory = Path(directory)
         self.reader_pid = reader_pid
         self.threshold = threshold
         self.size = 0
         self._fd = -1
         self._name = ""
+        match = NAME.match(reuse) if reuse else None
+        # Only a segment named for the reader: the name is the capability, the pid a check.
+        self._reuse = reuse if match is not None and int(match.group(1)) == reader_pid else ""
+        self._reused = False
 
     def _ensure_open(self) -> int:
-        if self._fd < 0:
-            self._name = new_name(os.getpid())
-            self._fd = os.open(self.directory / self._name,
-                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        if self._fd >= 0:
+            return self._fd
+        if self._reuse:
+            try:
+                fd = os.open(self.directory / self._reuse, os.O_WRONLY | os.O_NOFOLLOW)
+            except OSError:
+                fd = -1  # removed meanwhile: fall back to a new segment
+            if fd >= 0:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    self._fd, self._name, self._reused = fd, self._reuse, True
+                    return fd
+                os.close(fd)
+        self._name = new_name(os.getpid())
+        self._fd = os.open(self.directory / self._name,
+                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         return self._fd
 
     def write(self, address: int, length: int) -> None:
@@ -106,8 +123,13 @@ class SegmentWriter:
         """Hand the segment to its reader; None if nothing was written."""
         if self._fd < 0:
             return None
-        os.close(self._fd)
-        self._fd = -1
+        fd, self._fd = self._fd, -1
+        try:
+            if self._reused:
+                os.ftruncate(fd, self.size)  # drop what is left of its previous content
+                return ShmRef(name=self._name, size=self.size)
+        finally:
+            os.close(fd)
         final = new_name(self.reader_pid)
         os.rename(self.directory / self._name, self.directory / final)
         return ShmRef(name=final, size=self.size)
@@ -116,7 +138,52 @@ class SegmentWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            remove(self.directory, self._name)
+            if not self._reused:
+                remove(self.directory, self._name)
+
+
+class SegmentReader:
+    """An input segment read straight into guest memory with `preadv` (a sandbox input
+    source): one copy and no mapping, so no page faults on the source side, and a client
+    that shrinks its segment mid-read gets an error instead of a SIGBUS in the worker."""
+
+    def __init__(self, directory: str | Path, ref: ShmRef, max_size: int | None = None) -> None:
+        _check_size(ref, max_size)
+        self.ref = ref
+        self._fd = _open_verified(directory, ref)
+
+    def __len__(self) -> int:
+        return self.ref.size
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def copy_to(self, address: int, length: int) -> None:
+        """Fill `length` bytes at host `address` from the start of the segment."""
+        view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+        done = 0
+        while done < length:
+            got = os.preadv(self._fd, [view[done:]], done)
+            if got <= 0:
+                raise SegmentError(f"segment {self.ref.name} shrank while being read")
+            done += got
+
+    def read_all(self) -> bytes:
+        data = os.pread(self._fd, self.ref.size, 0)
+        while len(data) < self.ref.size:  # regular files read short only past 2 GiB
+            more = os.pread(self._fd, self.ref.size - len(data), len(data))
+            if not more:
+                raise SegmentError(f"segment {self.ref.name} shrank while being read")
+            data += more
+        return data
 
 
 def _write_all(fd: int, data: bytes | memoryview | ctypes.Array[ctypes.c_char]) -> None:
@@ -165,30 +232,6 @@ def read(directory: str | Path, ref: ShmRef, max_size: int | None = None) -> byt
         return data
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def mapped(directory: str | Path, ref: ShmRef, max_size: int | None = None
-           ) -> Iterator[memoryview]:
-    """The segment mapped copy-on-write (MAP_PRIVATE): a writable view the sandbox copies
-    straight into guest memory; nothing is ever written back to the segment."""
-    _check_size(ref, max_size)
-    if ref.size == 0:
-        yield memoryview(bytearray())
-        return
-    fd = _open_verified(directory, ref)
-    try:
-        # Copy-on-write: writable for ctypes, never written. (MAP_POPULATE was measured
-        # slower here: prefaulting a private writable mapping copies every page.)
-        region = mmap.mmap(fd, ref.size, access=mmap.ACCESS_COPY)
-    finally:
-        os.close(fd)
-    view = memoryview(region)
-    try:
-        yield view
-    finally:
-        view.release()
-        region.close()
 
 
 def take_mapped(directory: str | Path, ref: ShmRef) -> memoryview:

@@ -52,7 +52,7 @@ def test_large_payloads_travel_through_shared_memory(shm_service):
         shared = c._shared
         assert shared is not None and shared.enabled
         assert len(shared._free) == 1  # the input went in a segment, kept for reuse
-        # The output segment was read and removed at once; only our reusable input is left.
+        # The output overwrote the input's segment in place: one segment, ours, for both.
         assert os.listdir(shm_service.shm_dir) == shared._free
         again = c.execute(upper, data[:THRESHOLD * 2])
         assert again.output == data[:THRESHOLD * 2].upper()
@@ -60,6 +60,52 @@ def test_large_payloads_travel_through_shared_memory(shm_service):
         small = c.execute(upper, "small")  # under the threshold: inline frames
         assert small.output == b"SMALL"
     assert os.listdir(shm_service.shm_dir) == []  # close() removes what the client kept
+
+
+def test_output_overwrites_a_lent_segment_only_if_it_is_the_callers(shm_service):
+    data = bytes(range(65, 91)) * 1000
+    directory = shm_service.shm_dir
+    with shm_service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        ours = shm.write(directory, os.getpid(), b"old content, longer than nothing" * 2000)
+        other = shm.write(directory, 1, b"someone else's")
+        try:
+            # Ours: the output lands in it, truncated to the output's size.
+            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_pid=os.getpid(),
+                                        output_shm_into=ours.name), data.lower())
+            assert isinstance(reply, p.Executed) and reply.output_shm == shm.ShmRef(
+                name=ours.name, size=len(data))
+            assert (directory / ours.name).read_bytes() == data
+            # Named for another pid: left alone, the output gets a new segment.
+            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_pid=os.getpid(),
+                                        output_shm_into=other.name), data.lower())
+            assert isinstance(reply, p.Executed) and reply.output_shm is not None
+            assert reply.output_shm.name not in (ours.name, other.name)
+            assert shm.read(directory, reply.output_shm) == data
+            shm.remove(directory, reply.output_shm.name)
+            assert (directory / other.name).read_bytes() == b"someone else's"
+            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_pid=os.getpid(),
+                                        output_shm_into="../escape"), data.lower())
+            assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST"
+        finally:
+            shm.remove(directory, ours.name)
+            shm.remove(directory, other.name)
+
+
+def test_segments_are_reused_across_requests(shm_service):
+    with shm_service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        names = set()
+        for i in range(6):
+            data = bytes([97 + i]) * (THRESHOLD * (2 + i))
+            assert c.execute(upper, data).output == data.upper()
+            names.update(os.listdir(shm_service.shm_dir))
+        assert len(names) == 1  # one segment carried every input and every output
+        # A failed request does not hand its segment back: a worker may still hold it.
+        with pytest.raises(errors.PluginError):
+            c.execute(c.load(HOSTILE / "nonzero.wat").binary_id, b"n" * THRESHOLD * 2)
+        assert c._shared is not None and c._shared._free == []
+        assert os.listdir(shm_service.shm_dir) == []
 
 
 def test_zero_copy_output_is_a_view(shm_service):
