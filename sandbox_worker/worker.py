@@ -35,6 +35,7 @@ EXIT_PARENT_GONE = 4
 
 # Modules whose executions average under this may have replies held back within a batch.
 _QUICK_US = 1000.0
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
 
 
 class WorkerSettings(msgspec.Struct, kw_only=True):
@@ -83,7 +84,9 @@ class Worker:
         self.sub.connect(settings.pub_endpoint)
         self.compiled = 0
         self.deserialized = 0
-        self.outbox: list[list[Any]] = []
+        self.outbox: list[list[Any]] = []  # messages ready to leave, in the order they ran
+        # Small replies since the last message in the outbox, leaving as one DonePack frame.
+        self._packed: list[tuple[p.JobDone, bytes, bytes | None]] = []
         self.exec_us: dict[str, float] = {}  # per module: moving average of execution time
         self.running = True
         self._stop_heartbeat = threading.Event()
@@ -120,21 +123,40 @@ class Worker:
 
     def _drain_jobs(self) -> None:
         try:
-            back = self.back
+            recv = self.back.recv_multipart
             while self.running:
-                # ZMQ_EVENTS is cheaper to ask than the Again exception of a dry recv.
-                if not back.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                # Trying beats asking ZMQ_EVENTS first: see Supervisor._drain_front.
+                try:
+                    frames = recv(_NOBLOCK, copy=False)
+                except zmq.Again:
                     return
-                self._handle(back.recv_multipart(zmq.NOBLOCK, copy=False))
+                self._handle(frames)
         finally:
             self._flush()
 
     def _send(self, frames: list[Any]) -> None:
         """Replies of one batch of quick jobs leave together: zmq wakes its I/O thread once
         for a burst instead of once per message (the largest cost per request, measured)."""
+        self._close_pack()
         self.outbox.append(frames)
 
+    def _send_run_reply(self, done: p.JobDone, header: bytes, payload: bytes | None) -> None:
+        """A run job's reply: packed with its neighbours unless its payload is large. Order
+        is kept: the supervisor matches replies to its FIFO of jobs for this worker."""
+        if payload is not None and len(payload) > p.PACK_MAX_BYTES:
+            self._send([p.encode(done), header, payload])
+        else:
+            self._packed.append((done, header, payload))
+
+    def _close_pack(self) -> None:
+        if self._packed:
+            done, replies, payloads = zip(*self._packed, strict=True)
+            self.outbox.append([p.encode(p.DonePack(done=list(done), replies=list(replies),
+                                                    payloads=list(payloads)))])
+            self._packed = []
+
     def _flush(self) -> None:
+        self._close_pack()
         for frames in self.outbox:
             self.back.send_multipart(frames, copy=False)  # copied below copy_threshold
         self.outbox.clear()
@@ -146,7 +168,8 @@ class Worker:
 
     def _flush_before(self, sha256s: list[str]) -> None:
         # Never hold finished replies while running something that may take long.
-        if self.outbox and any(self.exec_us.get(s, _QUICK_US) >= _QUICK_US for s in sha256s):
+        held = self.outbox or self._packed
+        if held and any(self.exec_us.get(s, _QUICK_US) >= _QUICK_US for s in sha256s):
             self._flush()
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
@@ -155,6 +178,9 @@ class Worker:
         except msgspec.DecodeError:
             return  # only the supervisor talks to us; a bad frame is a bug, not a tenant
         match command:
+            case p.JobPack():
+                for job, payload in zip(command.jobs, command.payloads, strict=True):
+                    self._run(job, payload)
             case p.RunJob():
                 if command.batch:
                     self._run_batch(command, [f.bytes for f in frames[1:]])
@@ -322,7 +348,7 @@ class Worker:
                 output_shm=output_shm,
             )
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
-        self._send([p.encode(done), p.encode(header), data])
+        self._send_run_reply(done, p.encode(header), data)
 
     def _run_batch(self, job: p.RunJob, inputs: list[bytes]) -> None:
         """One module, many inputs, one reply: each input succeeds or fails on its own."""
@@ -360,8 +386,12 @@ class Worker:
         self, job: p.RunJob | p.CompileJob, code: str, message: str, details: dict[str, Any]
     ) -> None:
         done = p.JobDone(token=job.token, code=code)
-        reply = p.ErrorReply(id=job.request_id, code=code, message=message, details=details)
-        self._send([p.encode(done), p.encode(reply)])
+        reply = p.encode(p.ErrorReply(id=job.request_id, code=code, message=message,
+                                      details=details))
+        if isinstance(job, p.RunJob):
+            self._send_run_reply(done, reply, None)
+        else:
+            self._send([p.encode(done), reply])  # its completion in the supervisor reads frames
 
     def _compile(self, job: p.CompileJob) -> None:
         ref = job.module

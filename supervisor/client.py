@@ -24,6 +24,7 @@ from wasmcore.supervisor.errors import Unavailable, WasmCoreError, error_from_co
 from wasmcore.supervisor.shm import ShmRef
 
 ENDPOINT_ENV = "WASM_CORE_ENDPOINT"
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -368,8 +369,8 @@ class AsyncClient:
 
     Built on a plain ZeroMQ socket watched with `loop.add_reader`, not on zmq.asyncio: its
     per-message futures cost more than the rest of a request. The socket's FD is
-    edge-triggered, so every drain runs until ZMQ_EVENTS shows nothing left, and every send
-    is followed by the same check (a send can consume the edge of a waiting reply).
+    edge-triggered, so every drain runs until a receive finds nothing left, and every burst
+    of sends is followed by a drain (a send can consume the edge of a waiting reply).
     """
 
     def __init__(self, endpoint: str | None = None, tenant: str = p.DEFAULT_TENANT,
@@ -414,10 +415,13 @@ class AsyncClient:
         await self.close()
 
     def _drain(self) -> None:
-        socket, pending = self._socket, self._pending
-        while socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        recv, pending = self._socket.recv_multipart, self._pending
+        while True:
+            # Until a dry recv: its Again also means libzmq has processed every pending
+            # command, which re-arms the FD's edge just as asking ZMQ_EVENTS would, and
+            # costs less than asking before every message.
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frames = recv(_NOBLOCK)
             except zmq.Again:
                 return
             try:

@@ -28,3 +28,5 @@ class PendingJob:
     requeued: bool = False
     estimate_ms: float = 0.0  # expected run time when it was assigned (for prefetching)
     extra: list[Any] = field(default_factory=list)  # a batch's input frames
+    # A run job whose payload is small bytes (or none): it may travel in a JobPack.
+    packable: bool = False

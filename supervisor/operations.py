@@ -204,6 +204,9 @@ class OperationsMixin:
                              binary_ids=binary_ids)
         if extra:
             pending.extra = extra
+        else:
+            pending.packable = payload is None or (type(payload) is bytes
+                                                   and len(payload) <= p.PACK_MAX_BYTES)
         self._submit(pending)
 
     def _on_batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any]) -> None:

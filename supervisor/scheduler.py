@@ -46,7 +46,7 @@ class SchedulerMixin:
     exec_ms: dict[str, float]
     errors_by_code: collections.Counter[str]
     draining: bool
-    _back_out: list[tuple[WorkerHandle, list[Any]]]
+    _back_out: list[tuple[WorkerHandle, PendingJob]]
 
     if TYPE_CHECKING:  # provided by the other parts of Supervisor
         def _send_client(self, frames: list[Any]) -> None: ...
@@ -90,12 +90,7 @@ class SchedulerMixin:
         return sum(self.exec_ms.get(b, math.inf) for b in job.binary_ids)
 
     def _assign(self, handle: WorkerHandle, job: PendingJob) -> None:
-        frames: list[Any] = [handle.worker_id.encode(), job.header]
-        if job.payload is not None:
-            frames.append(job.payload)
-        elif job.extra:
-            frames.extend(job.extra)
-        self._back_out.append((handle, frames))
+        self._back_out.append((handle, job))
         handle.state = WorkerState.BUSY
         handle.jobs.append(job)
         job.estimate_ms = self._estimate_ms(job)

@@ -272,6 +272,32 @@ def test_async_client_many_in_flight(service):
     asyncio.run(asyncio.wait_for(run(), 60))
 
 
+def test_packed_jobs_keep_every_reply_with_its_request(service):
+    """Jobs and replies travel packed between the supervisor and a worker; mixing small,
+    large (unpacked) and failing requests in flight must still pair every reply correctly."""
+    async def run() -> None:
+        async with AsyncClient(service.endpoint) as c:
+            upper = (await c.load(PLUGINS / "uppercase.wat")).binary_id
+            failing = (await c.load(HOSTILE / "nonzero.wat")).binary_id
+            sizes = [10, 70_000, 100, 0, 200_000, 65_536, 65_537, 5]
+            calls = []
+            for i in range(240):
+                if i % 7 == 3:
+                    calls.append(c.execute(failing, b"n"))
+                else:
+                    calls.append(c.execute(upper, bytes([97 + i % 26]) * sizes[i % len(sizes)]))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for i, result in enumerate(results):
+                if i % 7 == 3:
+                    assert isinstance(result, errors.PluginError), result
+                else:
+                    expected = bytes([65 + i % 26]) * sizes[i % len(sizes)]
+                    assert not isinstance(result, BaseException), result
+                    assert result.output == expected
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
 def test_client_timeout_is_bounded(tmp_path):
     from wasmcore.supervisor.client import Client
 
