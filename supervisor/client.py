@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,9 +143,9 @@ class SharedMemory:
     for a large output, which overwrites it in place once the input is read. Reused tmpfs
     pages cost no allocation, zeroing or freeing. A segment goes back to the free list only
     after a successful reply (the worker is then done with it); after anything else it is
-    removed. Whatever a crash leaves behind, the server sweeps (segments carry this
-    process's pid). `zero_copy` outputs are handed to the caller as mappings, so those
-    segments are never lent or reused.
+    removed. A `zero_copy` output is a read-only view of its segment's mapping: the segment
+    returns to the free list when the caller drops the last reference to that view. Whatever
+    a crash leaves behind, the server sweeps (segments carry this process's pid).
     """
 
     _KEEP = 4
@@ -158,7 +159,9 @@ class SharedMemory:
                 and os.access(welcome.shm_dir, os.W_OK)):
             self.directory = welcome.shm_dir
         self._free: list[str] = []
-        self._lent: set[str] = set()
+        self._lent: set[str] = set()  # lent to requests in flight
+        self._viewed: set[str] = set()  # behind zero-copy views the caller still holds
+        self._closed = False
 
     @property
     def enabled(self) -> bool:
@@ -184,19 +187,14 @@ class SharedMemory:
         if self.directory is None:
             return data, ""
         request.output_shm_pid = self.pid
-        lent = ""
         if self.wants(data):
             request.input_shm = self.put(data)
-            lent = request.input_shm.name
-            payload = None
+            lent, payload = request.input_shm.name, None
         else:
-            payload = data
-            if self._free and not self.zero_copy:
-                lent = self._free.pop()
+            lent, payload = (self._free.pop() if self._free else ""), data
         if lent:
             self._lent.add(lent)
-            if not self.zero_copy:
-                request.output_shm_into = lent
+            request.output_shm_into = lent
         return payload, lent
 
     def finish(self, reply: Any, frames: list[bytes], lent: str) -> Any:
@@ -213,11 +211,12 @@ class SharedMemory:
         if self.directory is None or not name:
             return
         self._lent.discard(name)
-        self._keep(name, reusable)
+        if name not in self._viewed:  # else it comes back when its view is dropped
+            self._keep(name, reusable)
 
     def _keep(self, name: str, reusable: bool) -> None:
         assert self.directory is not None
-        if reusable and len(self._free) < self._KEEP:
+        if reusable and not self._closed and len(self._free) < self._KEEP:
             self._free.append(name)
         else:
             shm.remove(self.directory, name)
@@ -226,7 +225,7 @@ class SharedMemory:
         if self.directory is None:
             raise Unavailable("shared-memory output without a shared-memory directory")
         if self.zero_copy:
-            return shm.take_mapped(self.directory, ref)  # type: ignore[return-value]
+            return self._view(ref)  # type: ignore[return-value]
         if ref.name in self._lent:
             return shm.read(self.directory, ref)  # ours: `finish` takes it back
         reusable = False
@@ -237,9 +236,32 @@ class SharedMemory:
         finally:
             self._keep(ref.name, reusable)
 
+    def _view(self, ref: ShmRef) -> memoryview:
+        assert self.directory is not None
+        try:
+            region = shm.map_readonly(self.directory, ref)
+        except BaseException:
+            if ref.name not in self._lent:
+                shm.remove(self.directory, ref.name)
+            raise
+        if region is None:
+            if ref.name not in self._lent:
+                self._keep(ref.name, True)
+            return memoryview(b"")
+        self._viewed.add(ref.name)
+        weakref.finalize(region, self._view_dropped, ref.name)
+        return memoryview(region)
+
+    def _view_dropped(self, name: str) -> None:
+        self._viewed.discard(name)
+        if name not in self._lent:
+            self._keep(name, True)
+
     def close(self) -> None:
+        self._closed = True
         if self.directory is not None:
-            for name in self._free:
+            # Views still held stay readable: a mapping outlives its name.
+            for name in [*self._free, *self._viewed]:
                 shm.remove(self.directory, name)
         self._free.clear()
 

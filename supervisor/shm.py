@@ -234,23 +234,14 @@ def read(directory: str | Path, ref: ShmRef, max_size: int | None = None) -> byt
         os.close(fd)
 
 
-def take_mapped(directory: str | Path, ref: ShmRef) -> memoryview:
-    """The segment as a read-only view over its mapping, and its name removed: no copy.
-    The memory lives until the view (and its mapping) is garbage-collected."""
-    path = _path(directory, ref.name)
+def map_readonly(directory: str | Path, ref: ShmRef) -> mmap.mmap | None:
+    """The segment mapped read-only (None when it is empty): no copy. The mapping stays
+    valid even if the name is removed; it lives until it is garbage-collected."""
+    fd = _open_verified(directory, ref, missing_is_segment_error=False)
     try:
-        fd = _open_verified(directory, ref, missing_is_segment_error=False)
-    except SegmentError:
-        path.unlink(missing_ok=True)  # the wrong-size segment is removed all the same
-        raise
-    try:
-        if ref.size == 0:
-            return memoryview(b"")
-        region = mmap.mmap(fd, ref.size, access=mmap.ACCESS_READ)
+        return mmap.mmap(fd, ref.size, access=mmap.ACCESS_READ) if ref.size else None
     finally:
         os.close(fd)
-        path.unlink(missing_ok=True)
-    return memoryview(region)
 
 
 def remove(directory: str | Path, name: str) -> None:

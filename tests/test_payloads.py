@@ -118,6 +118,26 @@ def test_zero_copy_output_is_a_view(shm_service):
     assert os.listdir(shm_service.shm_dir) == []
 
 
+def test_zero_copy_views_stay_intact_and_their_segments_come_back(shm_service):
+    first, second = b"a" * (THRESHOLD * 4), b"b" * (THRESHOLD * 4)
+    with Client(shm_service.endpoint, zero_copy=True) as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        held = c.execute(upper, first).output
+        names = set(os.listdir(shm_service.shm_dir))
+        # The held view's segment is never lent again: later outputs cannot change it.
+        for _ in range(3):
+            assert bytes(c.execute(upper, second).output) == second.upper()
+        assert bytes(held) == first.upper()
+        names.update(os.listdir(shm_service.shm_dir))
+        assert len(names) == 2  # the held one, and one reused for every later request
+        del held
+        assert c._shared is not None and len(c._shared._free) == 2
+        for _ in range(3):
+            assert bytes(c.execute(upper, first).output) == first.upper()
+        assert set(os.listdir(shm_service.shm_dir)) <= names
+    assert os.listdir(shm_service.shm_dir) == []
+
+
 def test_forged_segment_names_are_refused(shm_service):
     with shm_service.client() as c:
         upper = c.load(PLUGINS / "uppercase.wat").binary_id
