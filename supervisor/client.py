@@ -25,7 +25,9 @@ from wasmcore.supervisor.errors import Unavailable, WasmCoreError, error_from_co
 from wasmcore.supervisor.shm import ShmRef
 
 ENDPOINT_ENV = "WASM_CORE_ENDPOINT"
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
+_NOBLOCK = int(zmq.NOBLOCK)
+# An ExecutePack is sent once it holds about this much: well under the server's message cap.
+_PACK_FLUSH_BYTES = 1024 * 1024  # a plain int: pyzmq does enum arithmetic on Flag values
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -414,7 +416,7 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shared: SharedMemory | None = None
         self._hello: asyncio.Future[p.Welcome] | None = None
-        self._outbox: list[list[bytes]] = []
+        self._outbox: list[tuple[Any, bytes | list[bytes] | None]] = []
         self._flush_scheduled = False
 
     async def close(self) -> None:
@@ -450,6 +452,12 @@ class AsyncClient:
                 reply = p.reply_decoder.decode(frames[0])
             except Exception:  # noqa: BLE001 - a garbled reply must not kill the reader
                 continue
+            if type(reply) is p.ReplyPack:
+                for one, payload in zip(reply.replies, reply.payloads, strict=False):
+                    future = pending.pop(one.id, None)
+                    if future is not None and not future.done():
+                        future.set_result((one, [] if payload is None else [payload]))
+                continue
             future = pending.pop(reply.id, None)
             if future is not None and not future.done():
                 future.set_result((reply, frames[1:]))
@@ -460,8 +468,22 @@ class AsyncClient:
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, []
         send = self._socket.send_multipart
-        for frames in outbox:
-            send(frames, copy=False)  # copied below copy_threshold
+        pack = p.ExecutePack(executes=[], payloads=[])
+        packed_bytes = 0
+        for request, payload in outbox:
+            if type(request) is p.Execute and (payload is None or (
+                    type(payload) is bytes and len(payload) <= p.PACK_MAX_BYTES)):
+                pack.executes.append(request)
+                pack.payloads.append(payload)
+                packed_bytes += 64 + (len(payload) if payload else 0)
+                if packed_bytes >= _PACK_FLUSH_BYTES:
+                    send([p.encode(pack)])
+                    pack = p.ExecutePack(executes=[], payloads=[])
+                    packed_bytes = 0
+            else:
+                send(_frames(request, payload), copy=False)  # copied below copy_threshold
+        if pack.executes:
+            send([p.encode(pack)])
         self._drain()  # a send can consume the FD's edge of a reply that is already waiting
 
     def _expire(self, request_id: int, wait: float) -> None:
@@ -479,7 +501,7 @@ class AsyncClient:
         request.id = request_id = next(self._ids)
         future: asyncio.Future[tuple[Any, list[bytes]]] = loop.create_future()
         self._pending[request_id] = future
-        self._outbox.append(_frames(request, payload))
+        self._outbox.append((request, payload))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)

@@ -48,6 +48,7 @@ log = logging.getLogger("wasmcore.supervisor")
 
 _DRAIN_BATCH = 256  # messages per socket per turn, so neither side starves the other
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
+_MAX_PACKERS = 65_536
 _WATCH_ADDRESS = "inproc://wasm-core-watch"
 _COPY_THRESHOLD = 1024 * 1024
 # While the only job in flight is expected to take under _SPIN_FOR_MS, the loop polls without
@@ -133,6 +134,8 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         self._config_text = Path(config_path).read_bytes() if config_path else b""
         self._reloading: set[tuple[str, str]] = set()
         self._front_out: list[list[Any]] = []
+        # Connections that sent an ExecutePack: their replies may leave packed.
+        self._packers: set[bytes] = set()
         self._refs: dict[str, p.ModuleRef] = {}
         self._next_sweep = 0.0
         self._next_tick = 0.0
@@ -286,14 +289,35 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
             error = BadRequest(f"malformed request: {exc}", {"hint": "see docs/protocol.md"})
             self._reply_error(envelope, p.peek_request_id(header), error)
             return
-        payloads = body[1:]
+        if type(request) is p.ExecutePack:
+            self._on_pack(envelope, request, body)
+            return
+        self._on_request(envelope, request, body[1:])
+
+    def _on_pack(self, envelope: list[bytes], pack: p.ExecutePack, body: list[bytes]) -> None:
+        if len(body) != 1 or len(pack.executes) != len(pack.payloads):
+            self._reply_error(envelope, 0, BadRequest(
+                f"an execute pack is one frame with as many payloads as executes; got "
+                f"{len(body)} frames, {len(pack.executes)} executes, "
+                f"{len(pack.payloads)} payloads"))
+            return
+        if len(envelope) == 1:
+            if len(self._packers) >= _MAX_PACKERS:  # forget departed connections
+                self._packers.clear()
+            self._packers.add(envelope[0])
+        self.requests += len(pack.executes) - 1
+        for request, payload in zip(pack.executes, pack.payloads, strict=True):
+            self._on_request(envelope, request, [] if payload is None else [payload])
+
+    def _on_request(self, envelope: list[bytes], request: Any, payloads: list[bytes]) -> None:
         try:
             if isinstance(request, p.ExecuteBatch):
                 if request.count != len(payloads) or request.count < 1:
                     raise BadRequest(f"execute_batch says count={request.count} but carries "
                                      f"{len(payloads)} input frames")
             elif len(payloads) > 1:
-                raise BadRequest(f"expected 1 or 2 frames (header, payload), got {len(body)}")
+                raise BadRequest(f"expected 1 or 2 frames (header, payload), got "
+                                 f"{len(payloads) + 1}")
             if self.draining:
                 raise ShuttingDown("the service is shutting down; retry on its replacement")
             size = sum(len(f) for f in payloads)
@@ -344,8 +368,19 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
                     handle.kill(RestartCause.CRASH)
         if self._front_out:
             outgoing, self._front_out = self._front_out, []
+            packs: dict[bytes, p.ReplyPack] = {}
+            packers = self._packers
             for frames in outgoing:
-                self._send_now(frames)
+                if frames[0] in packers and _packable_reply(frames):
+                    pack = packs.get(frames[0])
+                    if pack is None:
+                        pack = packs[frames[0]] = p.ReplyPack(replies=[], payloads=[])
+                    pack.replies.append(msgspec.Raw(frames[1]))  # type: ignore[arg-type]
+                    pack.payloads.append(frames[2] if len(frames) == 3 else None)
+                else:
+                    self._send_now(frames)
+            for identity, pack in packs.items():
+                self._send_now([identity, p.encode(pack)])
 
     def _send_now(self, frames: list[Any]) -> None:
         try:
@@ -453,3 +488,11 @@ def _pack(identity: bytes, jobs: list[PendingJob]) -> list[Any]:
                      payloads=[b"" if job.payload is None else job.payload for job in jobs])
     return [identity, p.encode(pack)]
 
+
+def _packable_reply(frames: list[Any]) -> bool:
+    """[identity, header, optional payload], all plain bytes and the payload small."""
+    if type(frames[1]) is not bytes:
+        return False
+    if len(frames) == 2:
+        return True
+    return len(frames) == 3 and type(frames[2]) is bytes and len(frames[2]) <= p.PACK_MAX_BYTES

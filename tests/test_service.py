@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+from typing import Any
 
 import msgspec
 import pytest
@@ -215,6 +216,42 @@ def test_malformed_frames_get_bad_request(service):
         assert reply.id == 6 and "binary_id" in reply.message
     with service.client() as c:
         assert c.stats().workers
+
+
+def test_execute_pack_from_a_raw_socket(service):
+    """The packed form of the protocol as docs/protocol.md describes it: one frame of many
+    executes, each answered on its own, replies packed; a malformed pack is refused whole."""
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+    with raw_dealer(service.endpoint) as sock:
+        pack = p.ExecutePack(
+            executes=[p.Execute(id=1, binary_id=upper), p.Execute(id=2, binary_id="nope"),
+                      p.Execute(id=3, binary_id=upper), p.Execute(id=4, binary_id=upper)],
+            payloads=[b"one", b"two", None, b"x" * 100_000])
+        sock.send_multipart([p.encode(pack)])
+        replies: dict[int, tuple[Any, bytes | None]] = {}
+        while len(replies) < 4:
+            assert sock.poll(10_000), f"only {sorted(replies)} answered"
+            frames = sock.recv_multipart()
+            reply = p.reply_decoder.decode(frames[0])
+            if isinstance(reply, p.ReplyPack):
+                for one, payload in zip(reply.replies, reply.payloads, strict=True):
+                    replies[one.id] = (one, payload)
+            else:
+                replies[reply.id] = (reply, frames[1] if len(frames) > 1 else None)
+        assert replies[1][1] == b"ONE" and isinstance(replies[1][0], p.Executed)
+        assert isinstance(replies[2][0], p.ErrorReply) and replies[2][0].code == "NOT_FOUND"
+        assert replies[3][1] == b""
+        assert replies[4][1] == b"X" * 100_000
+        mismatched = msgspec.msgpack.encode(
+            {"type": "xpack", "executes": [{"type": "execute", "id": 9, "binary_id": upper}],
+             "payloads": []})
+        for frames in ([mismatched], [p.encode(pack), b"extra"]):
+            reply = exchange(sock, frames)
+            # This connection has sent a pack: its replies now come packed too.
+            assert isinstance(reply, p.ReplyPack) and len(reply.replies) == 1
+            error = reply.replies[0]
+            assert isinstance(error, p.ErrorReply) and error.code == "BAD_REQUEST", error
 
 
 def test_payload_too_large_and_busy():
