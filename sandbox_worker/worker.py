@@ -82,6 +82,8 @@ class Worker:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(settings.pub_endpoint)
+        self.pid = os.getpid()  # asked once: getpid is a real syscall, costly on a VM
+        self._limits_cache: dict[tuple[int, int, int], Limits] = {}
         self.compiled = 0
         self.deserialized = 0
         self.outbox: list[list[Any]] = []  # messages ready to leave, in the order they ran
@@ -254,19 +256,27 @@ class Worker:
             self._run_on(job, source)
 
     def _limits_for(self, job: p.RunJob) -> Limits:
-        """The job's timeout, fuel and memory; output and log caps are the worker's own."""
-        return Limits(
-            timeout_ms=job.timeout_ms,
-            fuel=job.fuel,
-            memory_bytes=job.memory_bytes,
-            output_bytes=self.settings.sandbox.default_limits.output_bytes,
-            log_bytes=self.settings.sandbox.default_limits.log_bytes,
-        )
+        """The job's timeout, fuel and memory; output and log caps are the worker's own.
+        Cached: nearly every job of a binary has the same three numbers."""
+        key = (job.timeout_ms, job.fuel, job.memory_bytes)
+        limits = self._limits_cache.get(key)
+        if limits is None:
+            if len(self._limits_cache) >= 256:
+                self._limits_cache.clear()
+            defaults = self.settings.sandbox.default_limits
+            limits = self._limits_cache[key] = Limits(
+                timeout_ms=job.timeout_ms,
+                fuel=job.fuel,
+                memory_bytes=job.memory_bytes,
+                output_bytes=defaults.output_bytes,
+                log_bytes=defaults.log_bytes,
+            )
+        return limits
 
     def _run_on(self, job: p.RunJob, payload: bytes | shm.SegmentReader) -> None:
         limits = self._limits_for(job)
         self._flush_before([ref.sha256 for ref in job.modules])
-        pid = os.getpid()
+        pid = self.pid
         data = payload
         steps: list[p.StepResult] = []
         fuel_total = 0
@@ -378,7 +388,7 @@ class Worker:
                 fuel_total += result.metering.fuel_consumed
             self._record_time(ref.sha256, started)
         header = p.BatchExecuted(id=job.request_id, items=items, binary_id=ref.binary_id,
-                                 version=ref.version, worker_pid=os.getpid())
+                                 version=ref.version, worker_pid=self.pid)
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
         self._send([p.encode(done), p.encode(header), *outputs])
 

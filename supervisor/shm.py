@@ -80,7 +80,7 @@ class SegmentWriter:
 
     def __init__(self, directory: str | Path, reader_pid: int, threshold: int,
                  reuse: str = "") -> None:
-        self.directory = Path(directory)
+        self.directory = directory  # joined only when a segment is opened (hot path)
         self.reader_pid = reader_pid
         self.threshold = threshold
         self.size = 0
@@ -96,7 +96,8 @@ class SegmentWriter:
             return self._fd
         if self._reuse:
             try:
-                fd = os.open(self.directory / self._reuse, os.O_WRONLY | os.O_NOFOLLOW)
+                fd = os.open(os.path.join(self.directory, self._reuse),
+                             os.O_WRONLY | os.O_NOFOLLOW)
             except OSError:
                 fd = -1  # removed meanwhile: fall back to a new segment
             if fd >= 0:
@@ -105,7 +106,7 @@ class SegmentWriter:
                     return fd
                 os.close(fd)
         self._name = new_name(os.getpid())
-        self._fd = os.open(self.directory / self._name,
+        self._fd = os.open(os.path.join(self.directory, self._name),
                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         return self._fd
 
@@ -131,7 +132,8 @@ class SegmentWriter:
         finally:
             os.close(fd)
         final = new_name(self.reader_pid)
-        os.rename(self.directory / self._name, self.directory / final)
+        os.rename(os.path.join(self.directory, self._name),
+                  os.path.join(self.directory, final))
         return ShmRef(name=final, size=self.size)
 
     def abort(self) -> None:
