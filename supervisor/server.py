@@ -51,11 +51,6 @@ _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag v
 _MAX_PACKERS = 65_536
 _WATCH_ADDRESS = "inproc://wasm-core-watch"
 _COPY_THRESHOLD = 1024 * 1024
-# While the only job in flight is expected to take under _SPIN_FOR_MS, the loop polls without
-# sleeping for up to _SPIN_S: a one-request-at-a-time client gets its reply without paying
-# for the supervisor's wake-up. Never under load: then something else is always ready.
-_SPIN_FOR_MS = 0.5
-_SPIN_S = 0.001
 # Timers (deadlines, heartbeats, watchdog, respawns) are checked at most this often.
 _TICK_S = 0.002
 
@@ -209,9 +204,7 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         )
         try:
             while self.exit_code is None:
-                events = self._spin() if self._worth_spinning() else None
-                if not events:
-                    events = self.poller.poll(self._poll_timeout_ms())
+                events = self.poller.poll(self._poll_timeout_ms())
                 for target, _ in events:
                     if target is self.front:
                         self._drain_front()
@@ -233,21 +226,6 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         finally:
             self.close()
         return self.exit_code
-
-    def _worth_spinning(self) -> bool:
-        """One quick job in flight and nothing else to do: its reply is due within
-        microseconds, and waking from a blocking poll costs tens of them on a VM."""
-        running = [h for h in self.by_id.values() if h.jobs]
-        return (len(running) == 1 and len(running[0].jobs) == 1
-                and running[0].jobs[0].estimate_ms < _SPIN_FOR_MS)
-
-    def _spin(self) -> list[Any]:
-        poll, clock = self.poller.poll, time.perf_counter
-        until = clock() + _SPIN_S
-        while True:
-            events = poll(0)
-            if events or clock() >= until:
-                return events
 
     def _poll_timeout_ms(self) -> int:
         # Deadlines need ~10 ms resolution while anything runs; idle, heartbeats and the
