@@ -53,7 +53,7 @@ def main() -> None:
         with svc.client() as c:
             binary = c.load(ROOT / "plugins" / "uppercase.wasm").binary_id
         print(f"uppercase, 100 B inputs, 2 workers, {args.concurrency} requests in flight")
-        for batch, concurrency in ((1, 256), (16, args.concurrency), (64, args.concurrency),
+        for batch, concurrency in ((1, 512), (16, args.concurrency), (64, args.concurrency),
                                    (256, args.concurrency)):
             rate = asyncio.run(measure(svc.endpoint, binary, batch, concurrency, args.seconds))
             print(f"batch {batch:>4} (in flight {concurrency:>3}): {rate:>9,.0f} executions/s")

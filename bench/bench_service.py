@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=50_000,
                         help="requests per in-flight measurement (default 50000)")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[64, 128, 256])
+                        default=[64, 256, 512])
     parser.add_argument("--processes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 2], help="client processes (default 1,2)")
     parser.add_argument("--transports", type=lambda s: s.split(","), default=["ipc", "tcp"])

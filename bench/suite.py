@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="one-at-a-time executions at <= 16 KiB (fewer above)")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per in-flight measurement at <= 16 KiB (fewer above)")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=512)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="service workers for the rows (default: nproc)")
     parser.add_argument("--workers-max", type=int, default=os.cpu_count() or 2,

@@ -70,7 +70,10 @@ class SchedulerMixin:
 
     def _pick_worker(self) -> WorkerHandle | None:
         while self.idle:
-            handle = self.idle.popleft()
+            # The most recently idle worker (LIFO): its caches are still warm. At low load one
+            # worker serves every request; round-robin made each wait cold (measured: median
+            # round trip 352-382 us round-robin, 295-326 us LIFO, 2 workers, one at a time).
+            handle = self.idle.pop()
             if handle.state is WorkerState.IDLE and not handle.jobs:
                 return handle
         depth = self.config.pool.prefetch

@@ -79,3 +79,21 @@ def test_wasm_client_bench_counts_errors(service: RunningService) -> None:
     assert proc.returncode == 1
     report = json.loads(proc.stdout)
     assert report["ok"] == 0 and report["errors_by_code"] == {"NOT_FOUND": 10}
+
+
+@pytest.mark.timeout(90)
+def test_profile_service_reports_cpu_and_both_profiles() -> None:
+    import shutil
+
+    if shutil.which("py-spy") is None:
+        pytest.skip("py-spy is a bench extra, not a test dependency")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.profile_service", "--seconds", "1", "--concurrency", "32",
+         "--top", "3", "--rate", "200"],
+        cwd=ROOT, capture_output=True, text=True, timeout=80,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for name in ("supervisor", "worker 0", "worker 1", "client"):
+        assert f"  {name}" in out, out
+    assert out.count("own samples:") == 2 and "(no samples)" not in out, out
