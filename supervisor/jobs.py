@@ -30,3 +30,6 @@ class PendingJob:
     extra: list[Any] = field(default_factory=list)  # a batch's input frames
     # A run job whose payload is small bytes (or none): it may travel in a JobPack.
     packable: bool = False
+    # False when running it may have destroyed its own input (a large output written over
+    # the input segment the client lent): it must never run a second time.
+    retryable: bool = True

@@ -193,15 +193,18 @@ class OperationsMixin:
             output_shm_pid=req.output_shm_pid if self.shm_dir else 0,
             output_shm_into=req.output_shm_into if self.shm_dir else "",
         )
-        self._submit_run(envelope, req, job, payload, timeout_ms / 1000, [binary.binary_id])
+        # Its output may overwrite its own input: running it twice could read garbage.
+        retryable = not (input_shm is not None and req.output_shm_into == input_shm.name)
+        self._submit_run(envelope, req, job, payload, timeout_ms / 1000, [binary.binary_id],
+                         retryable=retryable)
 
     def _submit_run(self, envelope: list[bytes], req: Any, job: p.RunJob, payload: Any,
                     budget_s: float, binary_ids: list[str], extra: list[Any] | None = None,
-                    ) -> None:
+                    retryable: bool = True) -> None:
         """Queue a RunJob answering `req`; `budget_s` is what its deadline allows."""
         pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
                              header=p.encode(job), payload=payload, budget_s=budget_s,
-                             binary_ids=binary_ids)
+                             binary_ids=binary_ids, retryable=retryable)
         if extra:
             pending.extra = extra
         else:

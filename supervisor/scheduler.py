@@ -121,10 +121,13 @@ class SchedulerMixin:
             self.idle.append(handle)
 
     def _requeue(self, jobs: list[PendingJob], error: WasmCoreError) -> None:
-        """Jobs that were waiting behind a lost head never started: run them elsewhere.
-        Once only: a job requeued before is failed instead (it may be the killer)."""
+        """Jobs that were waiting behind a lost head usually never started: run them
+        elsewhere. Usually: a worker sends the replies of a burst of quick jobs together, so
+        some may have run (harmless to run again, a fresh store each time) unless running
+        destroyed the input (`retryable`). Once only: a job requeued before is failed instead
+        (it may be the killer)."""
         for job in reversed(jobs):
-            if job.requeued:
+            if job.requeued or not job.retryable:
                 self._fail(job, error)
             else:
                 job.requeued = True
