@@ -362,6 +362,77 @@ def test_soak_mixed_load_with_random_kills():
         svc.cleanup()
 
 
+def test_soak_packed_and_shared_memory_requests_with_random_kills():
+    """The AsyncClient's packed frames and shared-memory segments under random worker kills:
+    every request gets exactly one reply, no good request gets a wrong output, and nothing
+    is left in /dev/shm afterwards."""
+    import random
+
+    svc = start_service(workers=2, config={
+        "pool": FAST_POOL, "limits": {"fuel": 50_000_000},
+        "server": {"shm_threshold_bytes": 4096}})
+    seconds = float(os.environ.get("WASM_CORE_SOAK_SECONDS", "6"))
+    try:
+        with svc.client() as c:
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            loop = c.load(HOSTILE / "loop.wat").binary_id
+            trap = c.load(HOSTILE / "trap.wat").binary_id
+        counts: dict[str, int] = {}
+        wrong: list[str] = []
+        stop_at = time.monotonic() + seconds
+
+        async def lane(client: AsyncClient, seed: int) -> None:
+            rng = random.Random(seed)
+            n = 0
+            while time.monotonic() < stop_at:
+                n += 1
+                kind = rng.choice(["small", "small", "small", "large", "loop", "trap"])
+                text = f"s{seed} n{n} ".encode() * (rng.randint(700, 9000) if kind == "large"
+                                                    else 1)
+                binary = {"loop": loop, "trap": trap}.get(kind, upper)
+                try:
+                    result = await client.execute(binary, text, timeout_ms=300, memory_mb=8)
+                    outcome = "ok"
+                    if kind not in ("small", "large") or bytes(result.output) != text.upper():
+                        wrong.append(f"{kind}: {bytes(result.output[:40])!r}")
+                except errors.WasmCoreError as exc:
+                    outcome = exc.code
+                    if kind in ("small", "large") and exc.code != "WORKER_LOST":
+                        wrong.append(f"{kind}: {exc}")
+                counts[outcome] = counts.get(outcome, 0) + 1
+
+        async def drive() -> None:
+            async with AsyncClient(svc.endpoint, timeout_s=30) as plain, \
+                    AsyncClient(svc.endpoint, timeout_s=30, zero_copy=True) as zero:
+                await asyncio.gather(*(lane(plain if i % 2 else zero, i) for i in range(24)))
+
+        def killer() -> None:
+            rng = random.Random(7)
+            with svc.client() as c:
+                while time.monotonic() < stop_at:
+                    time.sleep(rng.uniform(0.3, 0.8))
+                    pids = list(_live_pids(c))
+                    if pids:
+                        try:
+                            os.kill(rng.choice(pids), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        asyncio.run(asyncio.wait_for(drive(), seconds + 60))
+        thread.join(30)
+        print(f"packed soak: outcomes={counts}")
+        assert not wrong, wrong[:5]
+        assert counts.get("ok", 0) > 0
+        # Both clients closed: their segments are gone; the workers' are swept or renamed.
+        wait_for(lambda: os.listdir(svc.shm_dir) == [], 10, "no segment left")
+        with svc.client() as c:
+            assert c.execute(upper, "end").output == b"END"
+    finally:
+        svc.cleanup()
+
+
 _ROT13 = str.maketrans(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
     "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm",
