@@ -18,12 +18,13 @@ def draw(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     # 1. latency distribution (ECDF) of every row at the smallest payload
     smallest = min(r["size"] for r in rows)
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in rows:
-        if r["size"] != smallest or not r["samples_us"]:
-            continue
+    shown = [r for r in rows if r["size"] == smallest and r["samples_us"]]
+    colors = plt.get_cmap("tab20").colors  # a dozen rows: the default cycle repeats at 10
+    for n, r in enumerate(shown):
         xs = sorted(r["samples_us"])
         ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        ax.step(xs, ys, where="post", label=r["row"])
+        ax.step(xs, ys, where="post", label=r["row"], color=colors[(2 * n) % 20 + n // 10],
+                linestyle="--" if r["row"].endswith("in flight") else "-")
     ax.set_xscale("log")
     ax.set_xlabel("latency per execution (us, log)")
     ax.set_ylabel("fraction of executions")
