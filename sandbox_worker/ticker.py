@@ -16,6 +16,7 @@ Two implementations:
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import sys
@@ -94,6 +95,31 @@ class _Sigevent(ctypes.Structure):
 _SIGEV_THREAD = 2
 _CLOCK_MONOTONIC = 1
 
+# timer_delete does not wait for a notification already handed to its thread: that thread may
+# call increment_epoch(engine) after stop() returns. Stopped timers' engines are kept alive
+# for a grace period, so such a late call never touches a freed engine (seen as a rare
+# segfault in a process that creates and drops many Sandboxes, e.g. the test suite; a loop
+# creating and closing Sandboxes with a 20 us tick crashed within seconds without it). At most
+# _MAX_RETIRED engines wait at once: each holds its pooling allocator's address space, so a
+# caller dropping Sandboxes faster than that waits for the oldest grace to end.
+_LATE_NOTIFY_GRACE_S = 0.5
+_MAX_RETIRED = 16
+_retired_engines: collections.deque[tuple[float, wasmtime.Engine]] = collections.deque()
+
+
+_retired_lock = threading.Lock()
+
+
+def _keep_alive_briefly(engine: wasmtime.Engine) -> None:
+    with _retired_lock:
+        now = time.monotonic()
+        while _retired_engines and (_retired_engines[0][0] <= now
+                                    or len(_retired_engines) >= _MAX_RETIRED):
+            time.sleep(max(0.0, _retired_engines[0][0] - now))
+            _retired_engines.popleft()
+            now = time.monotonic()
+        _retired_engines.append((now + _LATE_NOTIFY_GRACE_S, engine))
+
 
 class PosixEpochTimer:
     """A periodic POSIX timer calling wasmtime_engine_increment_epoch(engine) with no GIL.
@@ -133,6 +159,12 @@ class PosixEpochTimer:
         if self._armed:
             self._armed = False
             self._timer_delete(self._timer)
+            _keep_alive_briefly(self._engine)
+
+    def __del__(self) -> None:
+        # A timer left armed would keep calling into its engine after the engine is freed.
+        if getattr(self, "_armed", False):
+            self.stop()
 
 
 def start_ticker(engine: wasmtime.Engine, period_s: float, native: bool = True) -> Ticker:

@@ -41,6 +41,26 @@ def _live_pids(client) -> set[int]:
     return {w.pid for w in client.stats().workers if w.state in ("idle", "busy")}
 
 
+def _kill_workers_at_random(svc, stop_at: float, seed: int) -> set[int]:
+    """SIGKILL a random live worker every 0.3-0.8 s until `stop_at`; the pids killed."""
+    import random
+
+    rng = random.Random(seed)
+    killed: set[int] = set()
+    with svc.client() as c:
+        while time.monotonic() < stop_at:
+            time.sleep(rng.uniform(0.3, 0.8))
+            pids = list(_live_pids(c))
+            if pids:
+                victim = rng.choice(pids)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.add(victim)
+                except ProcessLookupError:
+                    pass
+    return killed
+
+
 def _busy_pid(client) -> int:
     def find() -> int:
         busy = [w.pid for w in client.stats().workers if w.state == "busy"]
@@ -303,8 +323,6 @@ def test_soak_mixed_load_with_random_kills():
         stop_at = time.monotonic() + float(os.environ.get("WASM_CORE_SOAK_SECONDS", "8"))
         counts: dict[str, int] = {}
         wrong: list[str] = []
-        kills = 0
-        killed: set[int] = set()
         lock = threading.Lock()
 
         def client_thread(seed: int) -> None:
@@ -332,19 +350,8 @@ def test_soak_mixed_load_with_random_kills():
         threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        rng = random.Random(42)
-        with svc.client() as c:
-            while time.monotonic() < stop_at:
-                time.sleep(rng.uniform(0.3, 0.8))
-                pids = list(_live_pids(c))
-                if pids:
-                    victim = rng.choice(pids)
-                    try:
-                        os.kill(victim, signal.SIGKILL)
-                        kills += 1
-                        killed.add(victim)
-                    except ProcessLookupError:
-                        pass
+        killed = _kill_workers_at_random(svc, stop_at, seed=42)
+        kills = len(killed)
         for t in threads:
             t.join(60)
             assert not t.is_alive(), "a client thread is stuck without a reply"
@@ -406,19 +413,7 @@ def test_soak_packed_and_shared_memory_requests_with_random_kills():
                     AsyncClient(svc.endpoint, timeout_s=30, zero_copy=True) as zero:
                 await asyncio.gather(*(lane(plain if i % 2 else zero, i) for i in range(24)))
 
-        def killer() -> None:
-            rng = random.Random(7)
-            with svc.client() as c:
-                while time.monotonic() < stop_at:
-                    time.sleep(rng.uniform(0.3, 0.8))
-                    pids = list(_live_pids(c))
-                    if pids:
-                        try:
-                            os.kill(rng.choice(pids), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-
-        thread = threading.Thread(target=killer)
+        thread = threading.Thread(target=_kill_workers_at_random, args=(svc, stop_at, 7))
         thread.start()
         asyncio.run(asyncio.wait_for(drive(), seconds + 60))
         thread.join(30)

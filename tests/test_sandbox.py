@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -530,3 +532,18 @@ def test_sink_keeps_the_output_cap(sandbox: Sandbox) -> None:
         sandbox.execute(flood, b"", output_sink=sink, limits=TIGHT)
     assert len(sink.data) <= TIGHT.output_bytes
     run_ok(sandbox)
+
+
+def test_dropping_sandboxes_quickly_never_touches_a_freed_engine():
+    """A stopped POSIX epoch timer may still deliver a notification that calls into its
+    engine; the engine must outlive it. Without that, this loop crashed (SIGSEGV) within a
+    second on the 2-core test machine."""
+    script = (
+        "import time\n"
+        "from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig\n"
+        "end = time.monotonic() + 2\n"
+        "while time.monotonic() < end:\n"
+        "    Sandbox(SandboxConfig(epoch_tick_ms=0.02, pool_slots=1)).close()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
