@@ -329,11 +329,11 @@ class Worker:
                     )
                 )
         assert result is not None
+        output_shm: shm.ShmRef | None = None
         if job.chain:
             header: Any = p.Chained(id=job.request_id, steps=steps, worker_pid=pid)
         else:
             ref = job.modules[0]
-            output_shm = None
             if sink is not None:
                 try:
                     if not result.output_in_sink and len(data) >= sink.threshold:
@@ -359,6 +359,11 @@ class Worker:
             )
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
         self._send_run_reply(done, p.encode(header), data)
+        if output_shm is not None:
+            # Now, not with the rest of the burst: a new segment is already named for its
+            # reader, and if this worker died before the reply left, nobody would know to
+            # remove it while that reader lives.
+            self._flush()
 
     def _run_batch(self, job: p.RunJob, inputs: list[bytes]) -> None:
         """One module, many inputs, one reply: each input succeeds or fails on its own."""
@@ -481,3 +486,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wasm-core worker {settings.worker_id}: cannot start: {exc!r}", file=sys.stderr)
         return EXIT_BOOT_ERROR
     return worker.run()
+

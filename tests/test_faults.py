@@ -421,7 +421,10 @@ def test_soak_packed_and_shared_memory_requests_with_random_kills():
         assert not wrong, wrong[:5]
         assert counts.get("ok", 0) > 0
         # Both clients closed: their segments are gone; the workers' are swept or renamed.
-        wait_for(lambda: os.listdir(svc.shm_dir) == [], 10, "no segment left")
+        try:
+            wait_for(lambda: os.listdir(svc.shm_dir) == [], 10, "no segment left")
+        except AssertionError:
+            raise AssertionError(f"segments left: {os.listdir(svc.shm_dir)}") from None
         with svc.client() as c:
             assert c.execute(upper, "end").output == b"END"
     finally:
