@@ -48,8 +48,10 @@ def _kill_workers_at_random(svc, stop_at: float, seed: int) -> set[int]:
     rng = random.Random(seed)
     killed: set[int] = set()
     with svc.client() as c:
-        while time.monotonic() < stop_at:
+        while True:
             time.sleep(rng.uniform(0.3, 0.8))
+            if time.monotonic() >= stop_at:  # never a kill after it: the caller's checks follow
+                break
             pids = list(_live_pids(c))
             if pids:
                 victim = rng.choice(pids)
@@ -413,7 +415,9 @@ def test_soak_packed_and_shared_memory_requests_with_random_kills():
                     AsyncClient(svc.endpoint, timeout_s=30, zero_copy=True) as zero:
                 await asyncio.gather(*(lane(plain if i % 2 else zero, i) for i in range(24)))
 
-        thread = threading.Thread(target=_kill_workers_at_random, args=(svc, stop_at, 7))
+        killed: set[int] = set()
+        thread = threading.Thread(
+            target=lambda: killed.update(_kill_workers_at_random(svc, stop_at, seed=7)))
         thread.start()
         asyncio.run(asyncio.wait_for(drive(), seconds + 60))
         thread.join(30)
@@ -426,6 +430,8 @@ def test_soak_packed_and_shared_memory_requests_with_random_kills():
         except AssertionError:
             raise AssertionError(f"segments left: {os.listdir(svc.shm_dir)}") from None
         with svc.client() as c:
+            wait_for(lambda: (live := _live_pids(c)) and len(live) == 2 and not live & killed,
+                     10, "pool at size after soak")
             assert c.execute(upper, "end").output == b"END"
     finally:
         svc.cleanup()
