@@ -273,9 +273,10 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         self._on_request(envelope, request, body[1:])
 
     def _on_pack(self, envelope: list[bytes], pack: p.ExecutePack, body: list[bytes]) -> None:
-        if len(body) != 1 or len(pack.executes) != len(pack.payloads):
+        if len(body) != 1 or len(pack.executes) != len(pack.payloads) or not pack.executes:
             self._reply_error(envelope, 0, BadRequest(
-                f"an execute pack is one frame with as many payloads as executes; got "
+                f"an execute pack is one frame with as many payloads as executes (at least "
+                f"one); got "
                 f"{len(body)} frames, {len(pack.executes)} executes, "
                 f"{len(pack.payloads)} payloads"))
             return

@@ -246,7 +246,8 @@ def test_execute_pack_from_a_raw_socket(service):
         mismatched = msgspec.msgpack.encode(
             {"type": "xpack", "executes": [{"type": "execute", "id": 9, "binary_id": upper}],
              "payloads": []})
-        for frames in ([mismatched], [p.encode(pack), b"extra"]):
+        empty = p.encode(p.ExecutePack(executes=[], payloads=[]))
+        for frames in ([mismatched], [p.encode(pack), b"extra"], [empty]):
             reply = exchange(sock, frames)
             # This connection has sent a pack: its replies now come packed too.
             assert isinstance(reply, p.ReplyPack) and len(reply.replies) == 1
