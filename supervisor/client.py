@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from wasmcore.supervisor import protocol as p
@@ -25,9 +26,10 @@ from wasmcore.supervisor.errors import Unavailable, WasmCoreError, error_from_co
 from wasmcore.supervisor.shm import ShmRef
 
 ENDPOINT_ENV = "WASM_CORE_ENDPOINT"
-_NOBLOCK = int(zmq.NOBLOCK)
-# An ExecutePack is sent once it holds about this much: well under the server's message cap.
-_PACK_FLUSH_BYTES = 1024 * 1024  # a plain int: pyzmq does enum arithmetic on Flag values
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
+# An ExecutePack never holds more than this: the server drops a connection whose frame is over
+# 2 x max_payload_bytes + 1 MiB (ZMQ_MAXMSGSIZE), and this stays under it for any setting.
+_PACK_MAX_BYTES = 512 * 1024
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -473,13 +475,15 @@ class AsyncClient:
         for request, payload in outbox:
             if type(request) is p.Execute and (payload is None or (
                     type(payload) is bytes and len(payload) <= p.PACK_MAX_BYTES)):
-                pack.executes.append(request)
-                pack.payloads.append(payload)
-                packed_bytes += 64 + (len(payload) if payload else 0)
-                if packed_bytes >= _PACK_FLUSH_BYTES:
+                header = msgspec.Raw(p.encode(request))  # encoded once, spliced into the pack
+                size = len(header) + (len(payload) if payload else 0) + 16
+                if packed_bytes + size > _PACK_MAX_BYTES and pack.executes:
                     send([p.encode(pack)])
                     pack = p.ExecutePack(executes=[], payloads=[])
                     packed_bytes = 0
+                pack.executes.append(header)  # type: ignore[arg-type]
+                pack.payloads.append(payload)
+                packed_bytes += size
             else:
                 send(_frames(request, payload), copy=False)  # copied below copy_threshold
         if pack.executes:

@@ -255,6 +255,25 @@ def test_execute_pack_from_a_raw_socket(service):
             assert isinstance(error, p.ErrorReply) and error.code == "BAD_REQUEST", error
 
 
+def test_packs_stay_under_the_servers_frame_cap():
+    """A burst of mid-size inputs is split over several packs: one pack of all of them would be
+    over the server's ZMQ_MAXMSGSIZE (2 x max_payload_bytes + 1 MiB), and libzmq would drop the
+    connection without a reply."""
+    svc = start_service(workers=1, config={
+        "server": {"max_payload_bytes": 65_536, "shm_dir": "off"}})
+    try:
+        async def run() -> None:
+            async with AsyncClient(svc.endpoint, timeout_s=20) as c:
+                upper = (await c.load(PLUGINS / "uppercase.wat")).binary_id
+                inputs = [bytes([97 + i % 26]) * 60_000 for i in range(60)]  # 3.6 MB in all
+                results = await asyncio.gather(*(c.execute(upper, x) for x in inputs))
+                assert [r.output for r in results] == [x.upper() for x in inputs]
+
+        asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        svc.cleanup()
+
+
 def test_payload_too_large_and_busy():
     svc = start_service(workers=1, config={"server": {"max_queue": 0, "max_payload_bytes": 4096},
                                            "limits": {"fuel": 10**13}})
