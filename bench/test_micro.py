@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from bench.common import PLUGIN, make_input
@@ -63,6 +64,25 @@ def test_encode_run_job(benchmark: Any) -> None:
                                  fuel=2_000_000_000, memory_bytes=64 << 20))
 
     assert benchmark(build)
+
+
+def test_job_pack_of_16_round_trip(benchmark: Any) -> None:
+    """A loop turn's jobs for one worker: encoded headers spliced into one JobPack, decoded
+    by the worker (per job: divide by 16)."""
+    ref = p.ModuleRef(binary_id=BINARY_ID, version=3, sha256="ab" * 32,
+                      blob_path="/var/lib/wasm-core/blobs/ab/" + "ab" * 32,
+                      artifact_path="/dev/shm/wasm-core/" + "ab" * 32 + "-f.cwasm")
+    headers = [p.encode(p.RunJob(token=i, request_id=i, modules=[ref], timeout_ms=5000,
+                                 fuel=2_000_000_000, memory_bytes=64 << 20))
+               for i in range(16)]
+    payload = make_input(100)
+
+    def round_trip() -> Any:
+        frame = p.encode(p.JobPack(jobs=[msgspec.Raw(h) for h in headers],  # type: ignore[misc]
+                                   payloads=[payload] * 16))
+        return p.command_decoder.decode(frame)
+
+    assert len(benchmark(round_trip).jobs) == 16
 
 
 @pytest.fixture(scope="module")
