@@ -145,9 +145,9 @@ class SegmentWriter:
 
 
 class SegmentReader:
-    """An input segment read straight into guest memory with `preadv` (a sandbox input
-    source): one copy and no mapping, so no page faults on the source side, and a client
-    that shrinks its segment mid-read gets an error instead of a SIGBUS in the worker."""
+    """A segment read with `pread`, into guest memory (a sandbox input source) or into
+    bytes: one copy and no mapping, so no page faults on the source side, and a writer that
+    shrinks the segment mid-read causes an error instead of a SIGBUS in the reader."""
 
     def __init__(self, directory: str | Path, ref: ShmRef, max_size: int | None = None) -> None:
         _check_size(ref, max_size)
@@ -179,7 +179,7 @@ class SegmentReader:
             done += got
 
     def read_all(self) -> bytes:
-        data = os.pread(self._fd, self.ref.size, 0)
+        data = os.pread(self._fd, self.ref.size, 0)  # one copy, straight into the bytes
         while len(data) < self.ref.size:  # regular files read short only past 2 GiB
             more = os.pread(self._fd, self.ref.size - len(data), len(data))
             if not more:
@@ -222,18 +222,8 @@ def _check_size(ref: ShmRef, max_size: int | None) -> None:
 
 def read(directory: str | Path, ref: ShmRef, max_size: int | None = None) -> bytes:
     """The segment's bytes; refuses anything but a regular file of exactly `ref.size`."""
-    _check_size(ref, max_size)
-    fd = _open_verified(directory, ref)
-    try:
-        data = os.read(fd, ref.size)  # one copy, straight into the bytes object
-        while len(data) < ref.size:  # regular files return short reads only past 2 GiB
-            more = os.read(fd, ref.size - len(data))
-            if not more:
-                raise SegmentError(f"segment {ref.name} shrank while being read")
-            data += more
-        return data
-    finally:
-        os.close(fd)
+    with SegmentReader(directory, ref, max_size) as reader:
+        return reader.read_all()
 
 
 def map_readonly(directory: str | Path, ref: ShmRef) -> mmap.mmap | None:
