@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import shutil
 import subprocess
 import sys
@@ -128,7 +127,7 @@ def main() -> None:
             print(summarize_profile(out / f"{name.replace(' ', '')}.txt", args.top))
     finally:
         service.cleanup()
-        shutil.rmtree(out, ignore_errors=True) if not os.environ.get("KEEP") else print(out)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
