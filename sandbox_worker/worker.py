@@ -145,7 +145,7 @@ class Worker:
     def _send_run_reply(self, done: p.JobDone, header: bytes, payload: bytes | None) -> None:
         """A run job's reply: packed with its neighbours unless its payload is large. Order
         is kept: the supervisor matches replies to its FIFO of jobs for this worker."""
-        if payload is not None and len(payload) > p.PACK_MAX_BYTES:
+        if not p.fits_in_pack(payload):
             self._send([p.encode(done), header, payload])
         else:
             self._packed.append((done, header, payload))

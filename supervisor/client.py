@@ -473,8 +473,7 @@ class AsyncClient:
         pack = p.ExecutePack(executes=[], payloads=[])
         packed_bytes = 0
         for request, payload in outbox:
-            if type(request) is p.Execute and (payload is None or (
-                    type(payload) is bytes and len(payload) <= p.PACK_MAX_BYTES)):
+            if type(request) is p.Execute and p.fits_in_pack(payload):
                 header = msgspec.Raw(p.encode(request))  # encoded once, spliced into the pack
                 size = len(header) + (len(payload) if payload else 0) + 16
                 if packed_bytes + size > _PACK_MAX_BYTES and pack.executes:

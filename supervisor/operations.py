@@ -208,8 +208,7 @@ class OperationsMixin:
         if extra:
             pending.extra = extra
         else:
-            pending.packable = payload is None or (type(payload) is bytes
-                                                   and len(payload) <= p.PACK_MAX_BYTES)
+            pending.packable = p.fits_in_pack(payload)
         self._submit(pending)
 
     def _on_batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any]) -> None:

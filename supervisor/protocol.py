@@ -329,6 +329,11 @@ class JobPack(msgspec.Struct, tag="pack", kw_only=True):
 # Payloads up to this size travel packed (copied into the pack); larger ones keep a frame.
 PACK_MAX_BYTES = 64 * 1024
 
+
+def fits_in_pack(payload: object) -> bool:
+    """A payload frame that may ride inside a pack: none at all, or small plain bytes."""
+    return payload is None or (type(payload) is bytes and len(payload) <= PACK_MAX_BYTES)
+
 WorkerCommand = RunJob | CompileJob | Shutdown | JobPack
 
 

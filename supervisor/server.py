@@ -474,4 +474,4 @@ def _packable_reply(frames: list[Any]) -> bool:
         return False
     if len(frames) == 2:
         return True
-    return len(frames) == 3 and type(frames[2]) is bytes and len(frames[2]) <= p.PACK_MAX_BYTES
+    return len(frames) == 3 and p.fits_in_pack(frames[2])
