@@ -242,7 +242,7 @@ class Sandbox:
     def execute(
         self,
         module: CompiledModule,
-        input: bytes | memoryview | InputSource,
+        input: bytes | InputSource,
         *,
         env: dict[str, str] | None = None,
         entry: str | None = None,
@@ -252,15 +252,10 @@ class Sandbox:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
         every error's details carry the metering so far and the logs produced so far."""
         self._check_open()
-        if type(input) is not bytes:
-            if isinstance(input, memoryview):
-                if input.readonly or not input.contiguous:
-                    input = bytes(input)  # memmove wants bytes or a writable buffer
-            elif not hasattr(input, "copy_to"):
-                input = bytes(input)
+        if type(input) is not bytes and not hasattr(input, "copy_to"):
+            input = bytes(input)  # any other buffer; an InputSource copies itself in place
         if module.kind == "wasi" and type(input) is not bytes:
-            # the WASI stdin copy takes bytes
-            input = input.read_all() if hasattr(input, "copy_to") else bytes(input)
+            input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
         spec = module.entries.get(name)
@@ -304,7 +299,7 @@ class Sandbox:
         cm: CompiledModule,
         kind: EntryKind,
         index: int,
-        data: bytes | memoryview | InputSource,
+        data: bytes | InputSource,
         env_bytes: bytes,
         env: dict[str, str],
         lim: Limits,
@@ -446,7 +441,7 @@ class Sandbox:
                 raise InternalError(f"export #{i} is {got!r}, expected {name!r}")
         cm.verified = True
 
-    def _place(self, ctx: int, cm: CompiledModule, data: bytes | memoryview | InputSource,
+    def _place(self, ctx: int, cm: CompiledModule, data: bytes | InputSource,
                lim: Limits) -> int:
         """alloc(len) in the guest, then copy `data` there; returns the guest pointer."""
         assert cm.alloc_index is not None
@@ -472,10 +467,6 @@ class Sandbox:
         target = _raw.memory_data(ctx, state.memory_addr) + ptr
         if type(data) is bytes:
             ctypes.memmove(target, data, n)
-        elif type(data) is memoryview:
-            source = (ctypes.c_char * n).from_buffer(data)
-            ctypes.memmove(target, source, n)
-            del source  # the buffer's owner (an mmap, say) can be closed only once this is gone
         else:
             data.copy_to(target, n)  # e.g. read from a segment straight into guest memory
         return ptr
