@@ -304,7 +304,7 @@ class Worker:
                     message = f"chain step {index} ({ref.binary_id}) failed: {exc.message}"
                 self._reply_error(job, exc.code, message, details)
                 return
-            except (shm.SegmentError, OSError) as exc:  # the input segment let us down
+            except shm.SegmentError as exc:  # the input segment let us down (not our files)
                 if sink is not None:
                     sink.abort()
                 self._reply_error(job, BadRequest.code, f"cannot read the input segment: {exc}",

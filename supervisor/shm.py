@@ -173,7 +173,10 @@ class SegmentReader:
         view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
         done = 0
         while done < length:
-            got = os.preadv(self._fd, [view[done:]], done)
+            try:
+                got = os.preadv(self._fd, [view[done:]], done)
+            except OSError as exc:  # the caller tells the sender its segment failed
+                raise SegmentError(f"cannot read segment {self.ref.name}: {exc}") from exc
             if got <= 0:
                 raise SegmentError(f"segment {self.ref.name} shrank while being read")
             done += got
