@@ -255,17 +255,19 @@ class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
     details: dict[str, Any] = {}
 
 
+SingleReply = (Loaded | Executed | BatchExecuted | Chained | Listed | Unloaded | StatsReply
+               | Welcome | ErrorReply)
+
+
 class ReplyPack(msgspec.Struct, tag="rpack", kw_only=True):
     """Many replies in one frame, only to a connection that has sent an ExecutePack:
     `payloads[i]` is the payload frame of `replies[i]` (None: it has none)."""
 
-    replies: list[Loaded | Executed | BatchExecuted | Chained | Listed | Unloaded | StatsReply
-                  | Welcome | ErrorReply]
+    replies: list[SingleReply]
     payloads: list[bytes | None]
 
 
-Reply = (Loaded | Executed | BatchExecuted | Chained | Listed | Unloaded | StatsReply | Welcome
-         | ErrorReply | ReplyPack)
+Reply = SingleReply | ReplyPack
 
 
 # --------------------------------------------------------------------------- supervisor <-> worker
