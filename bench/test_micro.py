@@ -53,13 +53,17 @@ def test_decode_executed(benchmark: Any) -> None:
     assert benchmark(p.reply_decoder.decode, frame).worker_pid == 4242
 
 
+def _module_ref() -> p.ModuleRef:
+    return p.ModuleRef(binary_id=BINARY_ID, version=3, sha256="ab" * 32,
+                       blob_path="/var/lib/wasm-core/blobs/ab/" + "ab" * 32,
+                       artifact_path="/dev/shm/wasm-core/" + "ab" * 32 + "-f.cwasm")
+
+
 def test_encode_run_job(benchmark: Any) -> None:
     """What the supervisor builds per execute (ModuleRef + RunJob)."""
 
     def build() -> bytes:
-        ref = p.ModuleRef(binary_id=BINARY_ID, version=3, sha256="ab" * 32,
-                          blob_path="/var/lib/wasm-core/blobs/ab/" + "ab" * 32,
-                          artifact_path="/dev/shm/wasm-core/" + "ab" * 32 + "-f.cwasm")
+        ref = _module_ref()
         return p.encode(p.RunJob(token=1, request_id=7, modules=[ref], timeout_ms=5000,
                                  fuel=2_000_000_000, memory_bytes=64 << 20))
 
@@ -69,9 +73,7 @@ def test_encode_run_job(benchmark: Any) -> None:
 def test_job_pack_of_16_round_trip(benchmark: Any) -> None:
     """A loop turn's jobs for one worker: encoded headers spliced into one JobPack, decoded
     by the worker (per job: divide by 16)."""
-    ref = p.ModuleRef(binary_id=BINARY_ID, version=3, sha256="ab" * 32,
-                      blob_path="/var/lib/wasm-core/blobs/ab/" + "ab" * 32,
-                      artifact_path="/dev/shm/wasm-core/" + "ab" * 32 + "-f.cwasm")
+    ref = _module_ref()
     headers = [p.encode(p.RunJob(token=i, request_id=i, modules=[ref], timeout_ms=5000,
                                  fuel=2_000_000_000, memory_bytes=64 << 20))
                for i in range(16)]
