@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wasmcore.supervisor.client import AsyncClient  # noqa: E402
-from wasmcore.supervisor.launcher import start_service  # noqa: E402
+from wasmcore.client.core import AsyncClient  # noqa: E402
+from wasmcore.client.launcher import start_service  # noqa: E402
 
 
 async def measure(endpoint: str, binary_id: str, batch: int, concurrency: int,

@@ -18,10 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wasmcore.sandbox_worker.limits import Limits  # noqa: E402
+from wasmcore.client.core import Client  # noqa: E402
+from wasmcore.client.launcher import start_service  # noqa: E402
+from wasmcore.protocol.limits import Limits  # noqa: E402
 from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig  # noqa: E402
-from wasmcore.supervisor.client import Client  # noqa: E402
-from wasmcore.supervisor.launcher import start_service  # noqa: E402
 
 MiB = 1024 * 1024
 UPPERCASE = ROOT / "plugins" / "uppercase.wasm"

@@ -28,8 +28,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wasmcore.supervisor import errors  # noqa: E402
-from wasmcore.supervisor.launcher import start_service  # noqa: E402
+from wasmcore.client.launcher import start_service  # noqa: E402
+from wasmcore.protocol import errors  # noqa: E402
 
 HOSTILE = ROOT / "plugins" / "hostile"
 POOL = {"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 1000, "watchdog_interval_ms": 100,

@@ -26,7 +26,7 @@ import wasmtime
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wasmcore.supervisor.launcher import start_service  # noqa: E402
+from wasmcore.client.launcher import start_service  # noqa: E402
 
 PLUGINS = ROOT / "plugins"
 QUIET = {"server": {"log_level": "error"}, "pool": {"heartbeat_interval_ms": 50}}

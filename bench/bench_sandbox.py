@@ -21,7 +21,7 @@ from typing import Any
 
 import wasmtime
 
-from wasmcore.sandbox_worker.limits import Limits
+from wasmcore.protocol.limits import Limits
 from wasmcore.sandbox_worker.runtime import Sandbox
 
 PLUGIN = Path(__file__).parent.parent / "plugins" / "uppercase.wasm"

@@ -35,8 +35,8 @@ from bench.common import (
     summarize,
 )
 from bench.echo import AsyncEcho, BlockingEcho, EchoServer
-from wasmcore.supervisor import loadgen
-from wasmcore.supervisor.launcher import RunningService, start_service
+from wasmcore.client import loadgen
+from wasmcore.client.launcher import RunningService, start_service
 
 TARGET_RATIO = 3.0
 TARGET_THROUGHPUT = 15_000

@@ -29,9 +29,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wasmcore.supervisor import loadgen  # noqa: E402
-from wasmcore.supervisor.client import AsyncClient  # noqa: E402
-from wasmcore.supervisor.launcher import start_service  # noqa: E402
+from wasmcore.client import loadgen  # noqa: E402
+from wasmcore.client.core import AsyncClient  # noqa: E402
+from wasmcore.client.launcher import start_service  # noqa: E402
 
 PLUGIN = ROOT / "plugins" / "uppercase.wasm"
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import BENCH_MEMORY_MB, BENCH_OUTPUT_BYTES, EXTISM_PLUGIN, PLUGIN, MiB
-from wasmcore.sandbox_worker.limits import Limits
+from wasmcore.protocol.limits import Limits
 from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig
 
 try:  # optional: the `bench` extra; its rows are skipped (with a note) without it

@@ -40,7 +40,7 @@ from bench.common import (
     summarize,
 )
 from bench.echo import AsyncEcho, BlockingEcho, EchoServer
-from wasmcore.supervisor import loadgen
+from wasmcore.client import loadgen
 
 DEFAULT_SIZES = [100, 64 * KiB, MiB, 16 * MiB]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -191,7 +191,7 @@ def run_service(rows: list[dict[str, Any]], transport: str, sizes: list[int], pl
 
 async def _service_inflight(endpoint: str, binary_id: str, data: bytes, requests: int,
                             concurrency: int, bar: Progress) -> loadgen.RawLoad:
-    from wasmcore.supervisor.client import AsyncClient
+    from wasmcore.client.core import AsyncClient
 
     async with AsyncClient(endpoint, timeout_s=120) as client:
         def call() -> Any:

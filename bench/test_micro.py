@@ -16,8 +16,8 @@ import msgspec
 import pytest
 
 from bench.common import PLUGIN, make_input
+from wasmcore.protocol import messages as p
 from wasmcore.sandbox_worker.runtime import Sandbox
-from wasmcore.supervisor import protocol as p
 from wasmcore.supervisor.registry import Registry
 
 BINARY_ID = "5b0c5e3e-1f7a-4c55-9a51-3f1c1a0d8e21"

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from wasmcore.supervisor.errors import InternalError, OutputLimit, WasmCoreError
+from wasmcore.protocol.errors import InternalError, OutputLimit, WasmCoreError
 
 from . import _raw
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import wasmtime
 
-from wasmcore.supervisor.errors import InvalidModule
+from wasmcore.protocol.errors import InvalidModule
 
 from . import _raw
 from .host import HOST_IMPORTS

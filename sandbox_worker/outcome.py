@@ -8,9 +8,10 @@ an error code, and the useful answer is MEMORY_LIMIT); then the plain trap / plu
 
 from __future__ import annotations
 
+import msgspec
 import wasmtime
 
-from wasmcore.supervisor.errors import (
+from wasmcore.protocol.errors import (
     MemoryLimit,
     OutOfFuel,
     PluginError,
@@ -18,13 +19,20 @@ from wasmcore.supervisor.errors import (
     Trap,
     WasmCoreError,
 )
-
-from .limits import Limits
+from wasmcore.protocol.limits import Limits, Metering
 
 WASM_PAGE = 64 * 1024
 _BACKTRACE_CHARS = 4096
 _INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
 _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
+
+
+class ExecutionResult(msgspec.Struct):
+    output: bytes  # empty when the output went to the execution's output sink
+    logs: list[str]
+    metering: Metering
+    logs_truncated: bool = False
+    output_in_sink: bool = False
 
 
 def memory_at_cap(memory_size: int, limits: Limits) -> bool:

@@ -17,17 +17,15 @@ import ctypes
 import hashlib
 import math
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 
-import msgspec
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from wasmcore.supervisor.errors import (
+from wasmcore.protocol.engine import engine_fingerprint
+from wasmcore.protocol.errors import (
     BadRequest,
     InternalError,
     InvalidModule,
@@ -35,10 +33,11 @@ from wasmcore.supervisor.errors import (
     Trap,
     WasmCoreError,
 )
+from wasmcore.protocol.limits import Limits, Metering
+from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
-from .limits import ExecutionResult, Limits, Metering
 from .module import (
     DEFAULT_ENTRY,
     CompiledModule,
@@ -48,7 +47,13 @@ from .module import (
     check_imports,
     link,
 )
-from .outcome import classify_error, classify_trap, memory_at_cap, plugin_code_error
+from .outcome import (
+    ExecutionResult,
+    classify_error,
+    classify_trap,
+    memory_at_cap,
+    plugin_code_error,
+)
 from .ticker import Ticker, start_ticker
 from .wasi import StderrSink, make_wasi_config
 
@@ -56,24 +61,7 @@ __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
 
 _WASM_MAGIC = b"\0asm"
 _START = "_start"
-# Bumped when an engine setting that changes generated code changes here.
-_ENGINE_LAYOUT = "epoch+fuel+pool/v1"
 _FUNC_OFFSET = ffi.wasmtime_extern_t.of.offset
-
-
-class SandboxConfig(msgspec.Struct, frozen=True):
-    default_limits: Limits = Limits()
-    max_wasm_stack: int = 512 * 1024  # engine-wide (wasmtime Config.max_wasm_stack)
-    epoch_tick_ms: float = 1.0  # ticker period; timeout resolution
-    cache_size: int = 256  # compiled modules kept (LRU by content hash)
-    # Pooling instance allocator: instance/memory slots reused across executions instead of
-    # an mmap + page faults + munmap per execution. 0 = wasmtime's on-demand allocator.
-    # Only one execution is live at a time, so a few slots suffice.
-    pool_slots: int = 16
-    # Bytes of each memory/table slot reset with memset (kept resident) instead of madvise.
-    keep_resident_bytes: int = 64 * 1024
-    # Tick with a GIL-free POSIX timer (Linux) instead of a Python thread; see ticker.py.
-    native_ticker: bool = True
 
 
 class _Failed(Exception):
@@ -156,16 +144,7 @@ class Sandbox:
 
     @staticmethod
     def engine_fingerprint() -> str:
-        """Names artifacts from `serialize`: wasmtime version, target and the engine settings
-        that shape compiled code (epoch checks, fuel metering, pooling memory layout).
-
-        `load_serialized` still validates compatibility itself; this only keeps artifacts of
-        different engines apart on disk.
-        """
-        version = metadata.version("wasmtime")
-        raw = f"wasmtime-{version}|{platform.machine()}|{platform.system()}|{_ENGINE_LAYOUT}"
-        digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
-        return f"wasmtime-{version}-{platform.machine()}-{digest}"
+        return engine_fingerprint()
 
     # ------------------------------------------------------------------ compiling
 

@@ -14,7 +14,7 @@ import errno
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from wasmcore.supervisor.errors import OutputLimit
+from wasmcore.protocol.errors import OutputLimit
 
 from .host import HostState
 

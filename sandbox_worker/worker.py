@@ -20,34 +20,25 @@ from typing import Any
 import msgspec
 import zmq
 
-from wasmcore.sandbox_worker.limits import ExecutionResult, Limits
-from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox, SandboxConfig
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor import shm
-from wasmcore.supervisor.errors import BadRequest, InternalError, WasmCoreError
+from wasmcore.protocol import messages as p
+from wasmcore.protocol import shm
+from wasmcore.protocol.errors import BadRequest, InternalError, WasmCoreError
+from wasmcore.protocol.limits import Limits
+from wasmcore.protocol.settings import (
+    EXIT_BOOT_ERROR,
+    EXIT_OK,
+    EXIT_PARENT_GONE,
+    WorkerSettings,
+)
+from wasmcore.sandbox_worker.outcome import ExecutionResult
+from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox
 
 _PR_SET_PDEATHSIG = 1
 
-# Exit codes the supervisor reads (gunicorn's arbiter does the same with WORKER_BOOT_ERROR).
-EXIT_OK = 0
-EXIT_BOOT_ERROR = 3
-EXIT_PARENT_GONE = 4
 
 # Modules whose executions average under this may have replies held back within a batch.
 _QUICK_US = 1000.0
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
-
-
-class WorkerSettings(msgspec.Struct, kw_only=True):
-    worker_id: str
-    back_endpoint: str
-    pub_endpoint: str
-    parent_pid: int
-    sandbox: SandboxConfig = SandboxConfig()
-    heartbeat_interval_ms: int = 250
-    rlimit_data_bytes: int = 0
-    shm_dir: str = ""  # empty: shared-memory payloads are off
-    shm_threshold_bytes: int = 256 * 1024
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -1,3 +1,1 @@
-"""The supervisor process, the wire protocol, the client and the CLI."""
-
-__version__ = "0.1.0"
+"""The supervisor process: the loop, the components it calls, the registry and the config."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,9 +49,10 @@ def configure(args: argparse.Namespace):  # noqa: ANN201 - returns Config
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
-        from wasmcore.supervisor.demo import main as demo_main
-
-        return demo_main(argv[1:])
+        # The demo drives the server from outside, as a client does: it runs as its own
+        # program, so the supervisor package never imports the client's.
+        demo = [sys.executable, "-m", "wasmcore.client.demo", *argv[1:]]
+        os.execv(demo[0], demo)
     args = build_parser().parse_args(argv)
     try:
         config = configure(args)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from wasmcore.sandbox_worker.limits import Limits
+from wasmcore.protocol.endpoints import default_endpoint, runtime_dir
+from wasmcore.protocol.limits import Limits
 
 MiB = 1024 * 1024
 
@@ -196,19 +196,6 @@ def _find_key_line(dotted_key: str, text: str) -> int | None:
 
 
 # --------------------------------------------------------------------------- default places
-
-
-def runtime_dir() -> Path:
-    # Decided by the variable alone, never by whether the directory exists yet, so that a
-    # server and its clients always agree on the default endpoint.
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return Path(base) / "wasm-core"
-    return Path(tempfile.gettempdir()) / f"wasm-core-{os.getuid()}"
-
-
-def default_endpoint() -> str:
-    return f"ipc://{runtime_dir() / 'wasm-core.sock'}"
 
 
 def default_data_dir() -> Path:

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from wasmcore.supervisor import __version__, shm
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.config import Config, MiB
-from wasmcore.supervisor.errors import (
+from wasmcore.protocol import __version__, shm
+from wasmcore.protocol import messages as p
+from wasmcore.protocol.errors import (
     BadRequest,
     Forbidden,
     NotFound,
@@ -30,6 +29,7 @@ from wasmcore.supervisor.errors import (
     WasmCoreError,
     error_from_code,
 )
+from wasmcore.supervisor.config import Config, MiB
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.registry import Binary, Registry
 from wasmcore.supervisor.workers import WorkerHandle

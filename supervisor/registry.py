@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from wasmcore.supervisor.protocol import BinaryInfo
+from wasmcore.protocol.messages import BinaryInfo
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS binaries (

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
+from wasmcore.protocol.errors import WasmCoreError
 from wasmcore.supervisor.config import Config, parse_config, resolved
-from wasmcore.supervisor.errors import WasmCoreError
 from wasmcore.supervisor.registry import Binary, Registry
 from wasmcore.supervisor.restart_policy import RestartPolicy
 from wasmcore.supervisor.watcher import FileWatcher

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from wasmcore.supervisor import protocol as p
+from wasmcore.protocol import messages as p
+from wasmcore.protocol.errors import Busy, WasmCoreError
 from wasmcore.supervisor.config import Config
-from wasmcore.supervisor.errors import Busy, WasmCoreError
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.registry import Registry
 from wasmcore.supervisor.restart_policy import RestartPolicy

@@ -22,17 +22,17 @@ from typing import Any
 import msgspec
 import zmq
 
-from wasmcore.sandbox_worker.runtime import Sandbox
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor import shm
-from wasmcore.supervisor.config import Config, MiB
-from wasmcore.supervisor.errors import (
+from wasmcore.protocol import messages as p
+from wasmcore.protocol import shm
+from wasmcore.protocol.engine import engine_fingerprint
+from wasmcore.protocol.errors import (
     BadRequest,
     InternalError,
     PayloadTooLarge,
     ShuttingDown,
     WasmCoreError,
 )
+from wasmcore.supervisor.config import Config, MiB
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.operations import OperationsMixin
 from wasmcore.supervisor.registry import Registry
@@ -89,7 +89,7 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
             self.shm_dir = config.server.shm_dir
             shm.sweep(self.shm_dir)
         self.registry = Registry(Path(config.server.data_dir))
-        self.fingerprint = Sandbox.engine_fingerprint()
+        self.fingerprint = engine_fingerprint()
         pool = config.pool
         self.policy = RestartPolicy(
             pool.restart_backoff_initial_ms / 1000,

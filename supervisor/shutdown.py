@@ -11,8 +11,8 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from wasmcore.protocol.errors import ShuttingDown, WasmCoreError
 from wasmcore.supervisor.config import Config
-from wasmcore.supervisor.errors import ShuttingDown, WasmCoreError
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.workers import RestartCause, WorkerHandle, WorkerState
 

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from wasmcore.sandbox_worker.runtime import SandboxConfig
-from wasmcore.sandbox_worker.worker import EXIT_BOOT_ERROR, WorkerSettings
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor import shm
+from wasmcore.protocol import messages as p
+from wasmcore.protocol import shm
+from wasmcore.protocol.errors import MemoryLimit, ShuttingDown, Timeout, WasmCoreError, WorkerLost
+from wasmcore.protocol.settings import EXIT_BOOT_ERROR, SandboxConfig, WorkerSettings
 from wasmcore.supervisor.config import Config, MiB
-from wasmcore.supervisor.errors import MemoryLimit, ShuttingDown, Timeout, WasmCoreError, WorkerLost
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.restart_policy import RestartPolicy
 from wasmcore.supervisor.workers import RestartCause, WorkerHandle, WorkerState, spawn_worker

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import psutil
 
-from wasmcore.sandbox_worker.worker import WorkerSettings
+from wasmcore.protocol.settings import WorkerSettings
 
 
 class WorkerState(enum.StrEnum):

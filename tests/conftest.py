@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import pytest
 import zmq
 
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.launcher import RunningService, start_service
+from wasmcore.client.launcher import RunningService, start_service
+from wasmcore.protocol import messages as p
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 HOSTILE = PLUGINS / "hostile"

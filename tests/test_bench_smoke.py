@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PLUGINS
-from wasmcore.supervisor.launcher import RunningService
+from wasmcore.client.launcher import RunningService
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_wasm_client_bench_json(service: RunningService) -> None:
     with service.client() as client:
         binary_id = client.load(PLUGINS / "uppercase.wasm").binary_id
     proc = subprocess.run(
-        [sys.executable, "-m", "wasmcore.supervisor.cli_client", "--endpoint", service.endpoint,
+        [sys.executable, "-m", "wasmcore.client.cli", "--endpoint", service.endpoint,
          "--json", "bench", "--binary-id", binary_id, "--input", "hello world",
          "--requests", "50", "--concurrency", "8"],
         capture_output=True, text=True, timeout=50,
@@ -71,7 +71,7 @@ def test_wasm_client_bench_json(service: RunningService) -> None:
 def test_wasm_client_bench_counts_errors(service: RunningService) -> None:
     """An unknown binary: every request fails with NOT_FOUND, and the exit status says so."""
     proc = subprocess.run(
-        [sys.executable, "-m", "wasmcore.supervisor.cli_client", "--endpoint", service.endpoint,
+        [sys.executable, "-m", "wasmcore.client.cli", "--endpoint", service.endpoint,
          "--json", "bench", "--binary-id", "00000000-0000-4000-8000-000000000000",
          "--input", "x", "--requests", "10", "--concurrency", "4"],
         capture_output=True, text=True, timeout=50,

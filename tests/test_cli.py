@@ -18,7 +18,7 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 def cli(service, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "wasmcore.supervisor.cli_client", "--endpoint", service.endpoint,
+        [sys.executable, "-m", "wasmcore.client.cli", "--endpoint", service.endpoint,
          *args],
         input=stdin, capture_output=True, timeout=60,
     )
@@ -88,7 +88,7 @@ def test_tenant_option(service):
 
 def test_unreachable_server_is_a_clear_error(tmp_path: Path):
     done = subprocess.run(
-        [sys.executable, "-m", "wasmcore.supervisor.cli_client", "--endpoint",
+        [sys.executable, "-m", "wasmcore.client.cli", "--endpoint",
          f"ipc://{tmp_path}/none.sock", "--timeout", "0.5", "stats"],
         capture_output=True, timeout=60,
     )

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from tests.conftest import HOSTILE, PLUGINS, wait_for
-from wasmcore.supervisor import errors
-from wasmcore.supervisor.client import AsyncClient
-from wasmcore.supervisor.launcher import start_service
+from wasmcore.client.core import AsyncClient
+from wasmcore.client.launcher import start_service
+from wasmcore.protocol import errors
 
 FAST_POOL = {
     "heartbeat_interval_ms": 100,

@@ -13,10 +13,10 @@ import msgspec
 import pytest
 
 from tests.conftest import HOSTILE, PLUGINS, exchange, raw_dealer, wait_for
-from wasmcore.supervisor import errors, shm
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.client import Client, SharedMemory
-from wasmcore.supervisor.launcher import start_service
+from wasmcore.client.core import Client, SharedMemory
+from wasmcore.client.launcher import start_service
+from wasmcore.protocol import errors, shm
+from wasmcore.protocol import messages as p
 
 THRESHOLD = 4096
 
@@ -162,7 +162,7 @@ def test_crashed_client_leaves_nothing_behind(shm_service, tmp_path: Path):
     script = tmp_path / "client.py"
     script.write_text(
         "import sys\n"
-        "from wasmcore.supervisor.client import Client\n"
+        "from wasmcore.client.core import Client\n"
         f"c = Client({shm_service.endpoint!r})\n"
         "print('sending', flush=True)\n"
         f"c.execute({loop!r}, b'x' * {THRESHOLD * 4}, timeout_ms=20000)\n"

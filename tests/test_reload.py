@@ -18,10 +18,10 @@ import pytest
 import zmq
 
 from tests.conftest import HOSTILE, PLUGINS, wait_for
-from wasmcore.sandbox_worker.worker import WorkerSettings
-from wasmcore.supervisor import errors
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.launcher import render_toml, start_service
+from wasmcore.client.launcher import render_toml, start_service
+from wasmcore.protocol import errors
+from wasmcore.protocol import messages as p
+from wasmcore.protocol.settings import WorkerSettings
 
 
 def test_compiled_once_then_deserialized_by_other_workers():

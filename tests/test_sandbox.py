@@ -9,14 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wasmcore.sandbox_worker.limits import ExecutionResult, Limits
-from wasmcore.sandbox_worker.runtime import (
-    CompiledModule,
-    Sandbox,
-    SandboxConfig,
-    deadline_ticks,
-)
-from wasmcore.supervisor.errors import (
+from wasmcore.protocol.errors import (
     BadRequest,
     InternalError,
     InvalidModule,
@@ -27,6 +20,14 @@ from wasmcore.supervisor.errors import (
     Timeout,
     Trap,
     WasmCoreError,
+)
+from wasmcore.protocol.limits import Limits
+from wasmcore.sandbox_worker.outcome import ExecutionResult
+from wasmcore.sandbox_worker.runtime import (
+    CompiledModule,
+    Sandbox,
+    SandboxConfig,
+    deadline_ticks,
 )
 
 PLUGINS = Path(__file__).parent.parent / "plugins"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from wasmcore.sandbox_worker.limits import Limits
+from wasmcore.protocol.errors import OutOfFuel, OutputLimit, PluginError, Timeout
+from wasmcore.protocol.limits import Limits
 from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox
-from wasmcore.supervisor.errors import OutOfFuel, OutputLimit, PluginError, Timeout
 
 PLUGINS = Path(__file__).parent.parent / "plugins"
 

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 
 from tests.conftest import HOSTILE, PLUGINS, exchange, raw_dealer
-from wasmcore.supervisor import errors
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor.client import AsyncClient
-from wasmcore.supervisor.launcher import start_service
+from wasmcore.client.core import AsyncClient
+from wasmcore.client.launcher import start_service
+from wasmcore.protocol import errors
+from wasmcore.protocol import messages as p
 
 
 def test_load_execute_uppercase(service):
@@ -356,7 +356,7 @@ def test_packed_jobs_keep_every_reply_with_its_request(service):
 
 
 def test_client_timeout_is_bounded(tmp_path):
-    from wasmcore.supervisor.client import Client
+    from wasmcore.client.core import Client
 
     with Client(f"ipc://{tmp_path}/nobody.sock", timeout_s=0.3) as c:
         with pytest.raises(errors.Unavailable):
@@ -370,7 +370,7 @@ def _rot13(text: str) -> str:
 
 
 def test_endpoint_from_environment(service, monkeypatch):
-    from wasmcore.supervisor.client import Client
+    from wasmcore.client.core import Client
 
     monkeypatch.setitem(os.environ, "WASM_CORE_ENDPOINT", service.endpoint)
     with Client() as c:

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from wasmcore.supervisor.shm import ShmRef
+from wasmcore.protocol.shm import ShmRef
 
 PROTOCOL_VERSION = 1
 DEFAULT_TENANT = "default"

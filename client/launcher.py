@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wasmcore.supervisor.client import Client
-from wasmcore.supervisor.errors import WasmCoreError
+from wasmcore.client.core import Client
+from wasmcore.protocol.errors import WasmCoreError
 
 
 def _toml_value(value: Any) -> str:

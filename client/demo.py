@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from wasmcore.supervisor.launcher import wait_until_serving
+from wasmcore.client.launcher import wait_until_serving
 
 _READY_TIMEOUT_S = 60.0
 
@@ -25,7 +25,7 @@ def _sample(name: str) -> Path:
 def _cli(*args: str, endpoint: str | None) -> str:
     command = ["wasm-client", *args]
     print(f"$ {shlex.join(command)}", flush=True)
-    argv = [sys.executable, "-m", "wasmcore.supervisor.cli_client"]
+    argv = [sys.executable, "-m", "wasmcore.client.cli"]
     if endpoint:
         argv += ["--endpoint", endpoint]
     done = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60)
@@ -76,3 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

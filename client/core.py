@@ -1,7 +1,7 @@
 """Python clients: `Client` (blocking) and `AsyncClient` (asyncio, many requests in flight).
 
 Both speak DEALER to the supervisor's ROUTER. Errors come back as the exception class of their
-code (see `wasmcore.supervisor.errors`). Every wait is bounded by the client's timeout; a reply
+code (see `wasmcore.protocol.errors`). Every wait is bounded by the client's timeout; a reply
 that arrives after its request timed out is recognised by its id and discarded.
 """
 
@@ -19,21 +19,16 @@ from typing import Any
 import msgspec
 import zmq
 
-from wasmcore.supervisor import protocol as p
-from wasmcore.supervisor import shm
-from wasmcore.supervisor.config import default_endpoint
-from wasmcore.supervisor.errors import Unavailable, WasmCoreError, error_from_code
-from wasmcore.supervisor.shm import ShmRef
+from wasmcore.protocol import messages as p
+from wasmcore.protocol import shm
+from wasmcore.protocol.endpoints import resolve_endpoint
+from wasmcore.protocol.errors import Unavailable, WasmCoreError, error_from_code
+from wasmcore.protocol.shm import ShmRef
 
-ENDPOINT_ENV = "WASM_CORE_ENDPOINT"
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
 # An ExecutePack never holds more than this: the server drops a connection whose frame is over
 # 2 x max_payload_bytes + 1 MiB (ZMQ_MAXMSGSIZE), and this stays under it for any setting.
 _PACK_MAX_BYTES = 512 * 1024
-
-
-def resolve_endpoint(endpoint: str | None) -> str:
-    return endpoint or os.environ.get(ENDPOINT_ENV) or default_endpoint()
 
 
 @dataclass(slots=True)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import msgspec
 
+MiB = 1024 * 1024
+WASM_PAGE = 64 * 1024
+
 
 class Limits(msgspec.Struct, frozen=True):
     """Caps for one execution. Defaults come from config; a request may only lower them."""
 
     timeout_ms: int = 5_000
     fuel: int = 2_000_000_000
-    memory_bytes: int = 64 * 1024 * 1024
-    output_bytes: int = 16 * 1024 * 1024
-    log_bytes: int = 1024 * 1024
+    memory_bytes: int = 64 * MiB
+    output_bytes: int = 16 * MiB
+    log_bytes: int = 1 * MiB
 
     def lowered(
         self,
@@ -20,7 +23,8 @@ class Limits(msgspec.Struct, frozen=True):
         fuel: int | None = None,
         memory_bytes: int | None = None,
     ) -> Limits:
-        """These limits, with each given value applied only where it is lower."""
+        """These limits, with each given value applied only where it is lower (a value that
+        is None or not positive means "no wish")."""
         return Limits(
             timeout_ms=_lower(self.timeout_ms, timeout_ms),
             fuel=_lower(self.fuel, fuel),
@@ -36,15 +40,9 @@ def _lower(default: int, requested: int | None) -> int:
     return min(default, requested)
 
 
-class Metering(msgspec.Struct, frozen=True):
+class Metering(msgspec.Struct, kw_only=True, frozen=True):
+    """What one execution used; travels in every reply."""
+
     fuel_consumed: int = 0
     wall_time_us: int = 0
     peak_memory_bytes: int = 0
-
-
-class ExecutionResult(msgspec.Struct):
-    output: bytes  # empty when the output went to the execution's output sink
-    logs: list[str]
-    metering: Metering
-    logs_truncated: bool = False
-    output_in_sink: bool = False

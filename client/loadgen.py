@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wasmcore.supervisor.client import AsyncClient
-from wasmcore.supervisor.errors import WasmCoreError
+from wasmcore.client.core import AsyncClient
+from wasmcore.protocol.errors import WasmCoreError
 
 
 @dataclass(slots=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import msgspec
 
-from wasmcore.supervisor.client import Client
-from wasmcore.supervisor.errors import WasmCoreError
+from wasmcore.client.core import Client
+from wasmcore.protocol.errors import WasmCoreError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -130,7 +130,7 @@ def _bench(args: argparse.Namespace) -> int:
     # Imported here: asyncio and the load generator are only needed by this command.
     import asyncio
 
-    from wasmcore.supervisor import loadgen
+    from wasmcore.client import loadgen
 
     if args.requests < 1 or args.concurrency < 1:
         raise ValueError("--requests and --concurrency must be at least 1")

@@ -1,0 +1,10 @@
+"""Python clients of wasm-core: `Client` (blocking) and `AsyncClient` (asyncio), the
+`wasm-client` CLI, a load generator, and a launcher that starts a real server for scripts and
+tests. Depends on `wasmcore.protocol` only: importing a client loads neither the supervisor
+nor the wasm runtime.
+"""
+
+from wasmcore.client.core import AsyncClient, ChainExecution, Client, Execution
+from wasmcore.protocol import errors
+
+__all__ = ["AsyncClient", "ChainExecution", "Client", "Execution", "errors"]

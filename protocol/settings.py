@@ -1,0 +1,44 @@
+"""What the supervisor tells a worker when it starts one (JSON on the worker's command line),
+and the exit codes a worker reports back. The supervisor starts workers by module name and
+never imports the worker's runtime: this is all the two share about starting.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from wasmcore.protocol.limits import Limits
+
+WORKER_MODULE = "wasmcore.sandbox_worker"
+
+# Exit codes the supervisor reads (gunicorn's arbiter does the same with WORKER_BOOT_ERROR).
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3
+EXIT_PARENT_GONE = 4
+
+
+class SandboxConfig(msgspec.Struct, frozen=True):
+    default_limits: Limits = Limits()
+    max_wasm_stack: int = 512 * 1024  # engine-wide (wasmtime Config.max_wasm_stack)
+    epoch_tick_ms: float = 1.0  # ticker period; timeout resolution
+    cache_size: int = 256  # compiled modules kept (LRU by content hash)
+    # Pooling instance allocator: instance/memory slots reused across executions instead of
+    # an mmap + page faults + munmap per execution. 0 = wasmtime's on-demand allocator.
+    # Only one execution is live at a time, so a few slots suffice.
+    pool_slots: int = 16
+    # Bytes of each memory/table slot reset with memset (kept resident) instead of madvise.
+    keep_resident_bytes: int = 64 * 1024
+    # Tick with a GIL-free POSIX timer (Linux) instead of a Python thread; see ticker.py.
+    native_ticker: bool = True
+
+
+class WorkerSettings(msgspec.Struct, kw_only=True):
+    worker_id: str
+    back_endpoint: str
+    pub_endpoint: str
+    parent_pid: int
+    sandbox: SandboxConfig = SandboxConfig()
+    heartbeat_interval_ms: int = 250
+    rlimit_data_bytes: int = 0
+    shm_dir: str = ""  # empty: shared-memory payloads are off
+    shm_threshold_bytes: int = 256 * 1024
