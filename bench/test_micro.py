@@ -29,7 +29,7 @@ def _execute() -> p.Execute:
 
 
 def _executed() -> p.Executed:
-    metering = p.MeteringInfo(fuel_consumed=2345, wall_time_us=14, peak_memory_bytes=65536)
+    metering = p.Metering(fuel_consumed=2345, wall_time_us=14, peak_memory_bytes=65536)
     return p.Executed(id=7, metering=metering, binary_id=BINARY_ID, version=3, worker_pid=4242)
 
 

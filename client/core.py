@@ -26,9 +26,6 @@ from wasmcore.protocol.errors import Unavailable, WasmCoreError, error_from_code
 from wasmcore.protocol.shm import ShmRef
 
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
-# An ExecutePack never holds more than this: the server drops a connection whose frame is over
-# 2 x max_payload_bytes + 1 MiB (ZMQ_MAXMSGSIZE), and this stays under it for any setting.
-_PACK_MAX_BYTES = 512 * 1024
 
 
 @dataclass(slots=True)
@@ -37,7 +34,7 @@ class Execution:
 
     output: bytes  # a read-only memoryview for shared-memory outputs of a zero_copy client
     logs: list[str]
-    metering: p.MeteringInfo
+    metering: p.Metering
     binary_id: str = ""
     version: int = 0
     worker_pid: int = 0
@@ -471,7 +468,7 @@ class AsyncClient:
             if type(request) is p.Execute and p.fits_in_pack(payload):
                 header = msgspec.Raw(p.encode(request))  # encoded once, spliced into the pack
                 size = len(header) + (len(payload) if payload else 0) + 16
-                if packed_bytes + size > _PACK_MAX_BYTES and pack.executes:
+                if packed_bytes + size > p.EXECUTE_PACK_MAX_BYTES and pack.executes:
                     send([p.encode(pack)])
                     pack = p.ExecutePack(executes=[], payloads=[])
                     packed_bytes = 0

@@ -20,7 +20,8 @@ from typing import Any
 
 import msgspec
 
-from wasmcore.protocol.shm import ShmRef
+from .limits import Metering
+from .shm import ShmRef
 
 PROTOCOL_VERSION = 1
 DEFAULT_TENANT = "default"
@@ -38,16 +39,22 @@ class Load(msgspec.Struct, tag="load", kw_only=True):
     name: str | None = None
 
 
-class Execute(msgspec.Struct, tag="execute", kw_only=True):
+class RunOptions(msgspec.Struct, kw_only=True):
+    """What every request that runs wasm may ask for: lower limits (None or 0: the
+    configured one) and the environment the plugin sees."""
+
+    timeout_ms: int | None = None
+    memory_mb: int | None = None
+    fuel: int | None = None
+    env: dict[str, str] = {}
+
+
+class Execute(RunOptions, tag="execute", kw_only=True):
     """Run one binary on the payload frame (the input), or on a shared-memory segment."""
 
     id: int = 0
     tenant: str = DEFAULT_TENANT
     binary_id: str
-    timeout_ms: int | None = None
-    memory_mb: int | None = None
-    fuel: int | None = None
-    env: dict[str, str] = {}
     entry: str | None = None
     input_shm: ShmRef | None = None  # the input is in this segment (no payload frame)
     output_shm_pid: int = 0  # non-zero: a large output may come back as a segment owned by it
@@ -56,7 +63,7 @@ class Execute(msgspec.Struct, tag="execute", kw_only=True):
     output_shm_into: str = ""
 
 
-class ExecuteBatch(msgspec.Struct, tag="execute_batch", kw_only=True):
+class ExecuteBatch(RunOptions, tag="execute_batch", kw_only=True):
     """Run one binary on each of `count` inputs (frames 2..count+1); one reply, one result
     per input, in order. A failing input fails only its own item."""
 
@@ -64,10 +71,6 @@ class ExecuteBatch(msgspec.Struct, tag="execute_batch", kw_only=True):
     tenant: str = DEFAULT_TENANT
     binary_id: str
     count: int
-    timeout_ms: int | None = None
-    memory_mb: int | None = None
-    fuel: int | None = None
-    env: dict[str, str] = {}
     entry: str | None = None
 
 
@@ -78,16 +81,12 @@ class Hello(msgspec.Struct, tag="hello", kw_only=True):
     tenant: str = DEFAULT_TENANT
 
 
-class Chain(msgspec.Struct, tag="chain", kw_only=True):
+class Chain(RunOptions, tag="chain", kw_only=True):
     """Run binaries in order; each step's output is the next step's input."""
 
     id: int = 0
     tenant: str = DEFAULT_TENANT
     binary_ids: list[str]
-    timeout_ms: int | None = None
-    memory_mb: int | None = None
-    fuel: int | None = None
-    env: dict[str, str] = {}
 
 
 class ListBinaries(msgspec.Struct, tag="list", kw_only=True):
@@ -124,12 +123,6 @@ Request = (Load | Execute | ExecuteBatch | Chain | ListBinaries | Unload | Stats
 # --------------------------------------------------------------------------- replies
 
 
-class MeteringInfo(msgspec.Struct, kw_only=True, frozen=True):
-    fuel_consumed: int = 0
-    wall_time_us: int = 0
-    peak_memory_bytes: int = 0
-
-
 class Loaded(msgspec.Struct, tag="loaded", kw_only=True):
     id: int
     binary_id: str
@@ -146,7 +139,7 @@ class Executed(msgspec.Struct, tag="executed", kw_only=True):
     id: int
     logs: list[str] = []
     logs_truncated: bool = False
-    metering: MeteringInfo = MeteringInfo()
+    metering: Metering = Metering()
     binary_id: str = ""
     version: int = 0
     worker_pid: int = 0
@@ -160,7 +153,7 @@ class BatchItem(msgspec.Struct, kw_only=True):
     message: str = ""
     details: dict[str, Any] = {}
     logs: list[str] = []
-    metering: MeteringInfo = MeteringInfo()
+    metering: Metering = Metering()
 
 
 class BatchExecuted(msgspec.Struct, tag="batch_executed", kw_only=True):
@@ -187,7 +180,7 @@ class StepResult(msgspec.Struct, kw_only=True):
     version: int
     output_bytes: int
     logs: list[str] = []
-    metering: MeteringInfo = MeteringInfo()
+    metering: Metering = Metering()
 
 
 class Chained(msgspec.Struct, tag="chained", kw_only=True):
@@ -328,13 +321,18 @@ class JobPack(msgspec.Struct, tag="pack", kw_only=True):
     payloads: list[bytes]
 
 
-# Payloads up to this size travel packed (copied into the pack); larger ones keep a frame.
-PACK_MAX_BYTES = 64 * 1024
+# A payload up to this size travels inside a pack (copied into it); a larger one keeps its
+# own frame.
+PACKED_PAYLOAD_MAX_BYTES = 64 * 1024
+# A client's ExecutePack frame never grows past this: the server drops a connection whose
+# frame is over 2 x max_payload_bytes + 1 MiB (ZMQ_MAXMSGSIZE), and this stays under it for
+# any setting.
+EXECUTE_PACK_MAX_BYTES = 512 * 1024
 
 
 def fits_in_pack(payload: object) -> bool:
     """A payload frame that may ride inside a pack: none at all, or small plain bytes."""
-    return payload is None or (type(payload) is bytes and len(payload) <= PACK_MAX_BYTES)
+    return payload is None or (type(payload) is bytes and len(payload) <= PACKED_PAYLOAD_MAX_BYTES)
 
 WorkerCommand = RunJob | CompileJob | Shutdown | JobPack
 
@@ -375,11 +373,10 @@ WorkerEvent = Ready | Heartbeat | JobDone | DonePack
 
 
 class Broadcast(msgspec.Struct, kw_only=True, array_like=True):
-    """Published on every load, update and unload. `seq` grows by one per broadcast."""
+    """Published on every load, update and unload: a hint to map (or drop) a module before a
+    job needs it. Only a hint: PUB/SUB drops for slow joiners, so every job names the exact
+    version it needs (ModuleRef) and a worker that missed a broadcast catches up from that."""
 
-    seq: int
-    binary_id: str
-    version: int
     sha256: str
     artifact_path: str
     removed: bool = False
@@ -408,7 +405,3 @@ def peek_request_id(frame: bytes) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return 0
-
-
-def error_reply(request_id: int, code: str, message: str, **details: Any) -> bytes:
-    return encode(ErrorReply(id=request_id, code=code, message=message, details=details))

@@ -316,7 +316,7 @@ class Worker:
                         version=ref.version,
                         output_bytes=len(result.output),
                         logs=result.logs,
-                        metering=_metering(result),
+                        metering=result.metering,
                     )
                 )
         assert result is not None
@@ -342,7 +342,7 @@ class Worker:
                 id=job.request_id,
                 logs=result.logs,
                 logs_truncated=result.logs_truncated,
-                metering=_metering(result),
+                metering=result.metering,
                 binary_id=ref.binary_id,
                 version=ref.version,
                 worker_pid=pid,
@@ -379,7 +379,7 @@ class Worker:
                                          details=dict(exc.details)))
                 outputs.append(b"")
             else:
-                items.append(p.BatchItem(logs=result.logs, metering=_metering(result)))
+                items.append(p.BatchItem(logs=result.logs, metering=result.metering))
                 outputs.append(result.output)
                 fuel_total += result.metering.fuel_consumed
             self._record_time(ref.sha256, started)
@@ -445,15 +445,6 @@ class Worker:
         self.back.close()
         self.sub.close()
         self.ctx.term()
-
-
-def _metering(result: ExecutionResult) -> p.MeteringInfo:
-    m = result.metering
-    return p.MeteringInfo(
-        fuel_consumed=m.fuel_consumed,
-        wall_time_us=m.wall_time_us,
-        peak_memory_bytes=m.peak_memory_bytes,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -230,7 +229,3 @@ def resolved(config: Config) -> Config:
     if pool.workers == 0:
         pool = msgspec.structs.replace(pool, workers=os.cpu_count() or 1)
     return msgspec.structs.replace(config, server=server, pool=pool)
-
-
-def to_dict(config: Config) -> dict[str, Any]:
-    return msgspec.to_builtins(config)

@@ -50,7 +50,6 @@ class OperationsMixin:
     by_id: dict[str, WorkerHandle]
     queue: collections.deque[PendingJob]
     next_token: int
-    broadcast_seq: int
     requests: int
     errors_by_code: collections.Counter[str]
     restarts: collections.Counter[str]
@@ -316,11 +315,7 @@ class OperationsMixin:
         return binary
 
     def _broadcast(self, binary: Binary, removed: bool) -> None:
-        self.broadcast_seq += 1
         message = p.Broadcast(
-            seq=self.broadcast_seq,
-            binary_id=binary.binary_id,
-            version=binary.version,
             sha256=binary.sha256,
             artifact_path=str(self._artifact_path(binary.sha256)),
             removed=removed,

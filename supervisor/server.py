@@ -105,7 +105,6 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         self.spawn_at: dict[int, float] = {}
         self.generation = 0
         self.next_token = 0
-        self.broadcast_seq = 0
         self.requests = 0
         self.errors_by_code: collections.Counter[str] = collections.Counter()
         self.restarts: collections.Counter[str] = collections.Counter()

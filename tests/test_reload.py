@@ -88,7 +88,7 @@ def test_worker_that_missed_broadcasts_runs_only_current_versions(tmp_path: Path
         assert run(1, PLUGINS / "uppercase.wasm", 1) == b"ABC"
         # A stale broadcast (version 1 again) arrives after the job for version 2 was sent:
         assert run(2, PLUGINS / "rot13.wasm", 2) == b"nop"
-        pub.send(p.encode(p.Broadcast(seq=1, binary_id="b", version=1, sha256="0" * 64,
+        pub.send(p.encode(p.Broadcast(sha256="0" * 64,
                                       artifact_path="/nonexistent")))
         assert run(2, PLUGINS / "rot13.wasm", 3) == b"nop"
         assert run(3, PLUGINS / "counter.wasm", 4) == b"bytes=3 words=1 lines=1"
