@@ -1,8 +1,23 @@
-"""Raw ctypes entry points into libwasmtime for the per-execution hot path.
+"""Every use of wasmtime-py's private internals, and the raw ctypes entry points into libwasmtime.
 
-wasmtime-py's objects cost ~100 us per fresh-store execution (Store/Instance/Func wrappers,
-`wasmtime_val_t` conversions, a generic trampoline per host call). The hot path instead calls
-the C API directly with plain integer addresses.
+The fence: no other module of ours imports `wasmtime._ffi`, calls private methods
+(`_consume`, `_from_ptr`) or knows a wasmtime C struct's layout; they call the names defined
+here (tests/test_raw_fence.py keeps it so). What this module relies on, and so what to check
+when wasmtime moves (docs/operations.md, "Upgrading wasmtime"):
+
+* `wasmtime._ffi.dll`, the loaded libwasmtime, to build our own C function prototypes for C API
+  functions wasmtime-py does not wrap or wraps slowly (unchecked calls and host callbacks,
+  `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator);
+* C struct layouts from `wasmtime._ffi`: `wasmtime_extern_t` (kind byte, then the union at
+  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4);
+  `wasm_byte_vec_t` and `wasi_config_set_stdin_bytes` (WASI stdin from bytes);
+* wasmtime-py objects' native pointers: `ptr()` of Engine, Config, Linker, FuncType,
+  InstancePre and WasiConfig; `WasiConfig._consume()` (the store takes ownership);
+  `Trap._from_ptr` / `WasmtimeError._from_ptr` (wrap an owned pointer, messages, ExitTrap).
+
+Why raw calls at all: wasmtime-py's objects cost ~100 us per fresh-store execution
+(Store/Instance/Func wrappers, `wasmtime_val_t` conversions, a generic trampoline per host call).
+The hot path instead calls the C API directly with plain integer addresses.
 
 We build our *own* function objects from the shared library handle instead of reusing
 `wasmtime._bindings`' ones: their argtypes are typed pointers (slow conversions) and mutating
@@ -16,7 +31,7 @@ epoch ticker thread keeps running while wasm loops. Short bookkeeping calls keep
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_bool, c_int, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
+from ctypes import c_bool, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
 from typing import Any
 
 import wasmtime
@@ -48,7 +63,7 @@ context_get_fuel = _holding("wasmtime_context_get_fuel", c_void_p, c_void_p, c_v
 context_set_epoch_deadline = _holding(
     "wasmtime_context_set_epoch_deadline", None, c_void_p, c_uint64
 )
-context_set_wasi = _holding("wasmtime_context_set_wasi", c_void_p, c_void_p, c_void_p)
+_context_set_wasi = _holding("wasmtime_context_set_wasi", c_void_p, c_void_p, c_void_p)
 
 # --- instances / calls -----------------------------------------------------------------------
 instance_pre_instantiate = _releasing(
@@ -69,21 +84,21 @@ caller_export_get = _holding(
 memory_data = _holding("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
 memory_data_size = _holding("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
 
-# --- traps / errors --------------------------------------------------------------------------
+# --- traps -----------------------------------------------------------------------------------
 trap_new = _holding("wasmtime_trap_new", c_void_p, ctypes.c_char_p, c_size_t)
-trap_code = _holding("wasmtime_trap_code", c_bool, c_void_p, c_void_p)
-error_exit_status = _holding("wasmtime_error_exit_status", c_bool, c_void_p, c_void_p)
 
 # --- linker / engine setup -------------------------------------------------------------------
 # Host callback signature of wasmtime_func_unchecked_callback_t: returns a wasm_trap_t* (0 = ok).
 UNCHECKED_CALLBACK = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_size_t)
-linker_define_func_unchecked = _holding(
+_linker_define_func_unchecked = _holding(
     "wasmtime_linker_define_func_unchecked", c_void_p, c_void_p, ctypes.c_char_p, c_size_t,
     ctypes.c_char_p, c_size_t, c_void_p, UNCHECKED_CALLBACK, c_void_p, c_void_p,
 )
 engine_increment_epoch = _releasing("wasmtime_engine_increment_epoch", None, c_void_p)
-# The bare C function (as a POSIX timer's notify function; see ticker.py).
-engine_increment_epoch_ptr = _DLL.wasmtime_engine_increment_epoch
+# The bare C function's address (a POSIX timer's notify function; see ticker.py).
+engine_increment_epoch_addr: int = (
+    ctypes.cast(_DLL.wasmtime_engine_increment_epoch, c_void_p).value or 0
+)
 
 _pool_new = _holding("wasmtime_pooling_allocation_config_new", c_void_p)
 _pool_delete = _holding("wasmtime_pooling_allocation_config_delete", None, c_void_p)
@@ -99,15 +114,107 @@ _pool_strategy_set = _holding(
     "wasmtime_pooling_allocation_strategy_set", None, c_void_p, c_void_p
 )
 
-# wasmtime_val_raw_t is a 16-byte union (v128 member); i32 lives in the low 4 bytes.
+# --- struct layouts --------------------------------------------------------------------------
+# wasmtime_val_raw_t is a 16-byte union (v128 member); i32 lives in the low 4 bytes. The host
+# callbacks read their i32 arguments at `args + k * VAL_RAW_SIZE`.
 VAL_RAW_SIZE = ctypes.sizeof(ffi.wasmtime_val_raw_t)
-EXTERN_FUNC = 0
-EXTERN_MEMORY = 3
+_EXTERN_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+# wasmtime_extern_t is {kind, union of}: the union member (wasmtime_func_t, wasmtime_memory_t)
+# is what func_call_unchecked and memory_data take.
+_EXTERN_UNION_OFFSET = ffi.wasmtime_extern_t.of.offset
+
+
+class ExternSlot:
+    """A preallocated `wasmtime_extern_t` out-parameter (export lookups).
+
+    `addr` is the struct's address (what instance_export_nth / caller_export_get fill);
+    `item_addr` is its union member's address (the wasmtime_func_t or wasmtime_memory_t).
+    """
+
+    __slots__ = ("_extern", "addr", "item_addr")
+
+    def __init__(self) -> None:
+        self._extern = ffi.wasmtime_extern_t()
+        self.addr: int = ctypes.addressof(self._extern)
+        self.item_addr: int = self.addr + _EXTERN_UNION_OFFSET
+
+    def is_memory(self) -> bool:
+        return bool(self._extern.kind == _EXTERN_MEMORY)
+
+
+class InstanceSlot:
+    """A preallocated `wasmtime_instance_t` out-parameter (instance_pre_instantiate)."""
+
+    __slots__ = ("_instance", "addr")
+
+    def __init__(self) -> None:
+        self._instance = ffi.wasmtime_instance_t()
+        self.addr: int = ctypes.addressof(self._instance)
+
+
+class RawArgs:
+    """A preallocated `wasmtime_val_raw_t[n]`: the args-and-results array of an unchecked call.
+
+    `i32[k]` is a c_int32 view of slot k, `u32_0` an unsigned view of slot 0 (a guest pointer
+    returned by alloc). The views are bound once so the hot path only sets/reads `.value`.
+    """
+
+    __slots__ = ("_array", "addr", "i32", "u32_0")
+
+    def __init__(self, n: int) -> None:
+        self._array = (ffi.wasmtime_val_raw_t * n)()
+        self.addr: int = ctypes.addressof(self._array)
+        self.i32 = [c_int32.from_address(self.addr + VAL_RAW_SIZE * k) for k in range(n)]
+        self.u32_0 = c_uint32.from_address(self.addr)
+
+
+# --- wasmtime-py objects <-> native pointers -------------------------------------------------
 
 
 def addr(obj: Any) -> int:
     """Address of a wasmtime-py managed object's native pointer (e.g. Engine, Linker)."""
     return ctypes.cast(obj.ptr(), c_void_p).value or 0
+
+
+def take_trap(trap_addr: int) -> wasmtime.Trap:
+    """Wrap an owned wasm_trap_t* in wasmtime-py's Trap (message/trap_code helpers; frees it)."""
+    return wasmtime.Trap._from_ptr(ctypes.cast(trap_addr, ctypes.POINTER(ffi.wasm_trap_t)))
+
+
+def take_error(error_addr: int) -> wasmtime.WasmtimeError:
+    """Wrap an owned wasmtime_error_t* (ExitTrap when it carries a WASI exit status)."""
+    return wasmtime.WasmtimeError._from_ptr(
+        ctypes.cast(error_addr, ctypes.POINTER(ffi.wasmtime_error_t))
+    )
+
+
+def define_func_unchecked(
+    linker: wasmtime.Linker, module: bytes, name: bytes, func_type: wasmtime.FuncType,
+    callback: Any,
+) -> None:
+    """Define `module.name` on `linker` as a raw unchecked host callback (UNCHECKED_CALLBACK).
+    The linker does not own `callback`: the caller keeps it alive as long as the linker."""
+    error = _linker_define_func_unchecked(
+        addr(linker), module, len(module), name, len(name), addr(func_type), callback, None, None
+    )
+    if error:
+        raise take_error(error)
+
+
+def set_stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
+    """WASI stdin reads `data` (wasmtime-py has no wrapper for wasi_config_set_stdin_bytes)."""
+    # The C function moves the vector's contents into the config (`take()`), so the vector
+    # must not be deleted afterwards.
+    vec = ffi.wasm_byte_vec_t()
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buffer)
+    ffi.wasi_config_set_stdin_bytes(config.ptr(), ctypes.byref(vec))
+
+
+def give_wasi_config(ctx: int, config: wasmtime.WasiConfig) -> int:
+    """Install `config` as the store's WASI context. The store takes ownership (and frees it
+    with the store); `config` is unusable afterwards. Returns an owned wasmtime_error_t* or 0."""
+    return int(_context_set_wasi(ctx, ctypes.cast(config._consume(), c_void_p).value) or 0)
 
 
 def enable_pooling(
@@ -129,29 +236,3 @@ def enable_pooling(
         _pool_strategy_set(addr(config), pc)
     finally:
         _pool_delete(pc)
-
-
-def take_trap(trap_addr: int) -> wasmtime.Trap:
-    """Wrap an owned wasm_trap_t* in wasmtime-py's Trap (message/trap_code helpers; frees it)."""
-    return wasmtime.Trap._from_ptr(ctypes.cast(trap_addr, ctypes.POINTER(ffi.wasm_trap_t)))
-
-
-def take_error(error_addr: int) -> wasmtime.WasmtimeError:
-    """Wrap an owned wasmtime_error_t* (ExitTrap when it carries a WASI exit status)."""
-    return wasmtime.WasmtimeError._from_ptr(
-        ctypes.cast(error_addr, ctypes.POINTER(ffi.wasmtime_error_t))
-    )
-
-
-def raw_trap_code(trap_addr: int) -> int | None:
-    code = c_uint8(0)
-    if trap_code(trap_addr, ctypes.addressof(code)):
-        return code.value
-    return None
-
-
-def exit_status(error_addr: int) -> int | None:
-    status = c_int(0)
-    if error_exit_status(error_addr, ctypes.addressof(status)):
-        return status.value
-    return None

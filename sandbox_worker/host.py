@@ -15,14 +15,12 @@ import ctypes
 from typing import Any, Protocol
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from wasmcore.protocol.errors import InternalError, OutputLimit, WasmCoreError
 
 from . import _raw
 
 _MEMORY_NAME = b"memory"
-_OFFSET_OF_UNION = ffi.wasmtime_extern_t.of.offset
 
 
 class HostState:
@@ -53,10 +51,10 @@ class HostState:
         self.ctx: int = 0
         self.has_memory = False
         # The current instance's exported memory, filled by wasmtime_instance_export_nth.
-        self.memory_extern = ffi.wasmtime_extern_t()
-        self.memory_extern_addr = ctypes.addressof(self.memory_extern)
+        self.memory_extern = _raw.ExternSlot()
+        self.memory_extern_addr = self.memory_extern.addr
         # wasmtime_memory_t inside the extern's union: what memory_data/_size take.
-        self.memory_addr = self.memory_extern_addr + _OFFSET_OF_UNION
+        self.memory_addr = self.memory_extern.item_addr
         self.output: list[bytes] = []
         self.output_len = 0
         self.output_cap = 0
@@ -163,10 +161,10 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
             # Called before the host resolved exports (e.g. from a start function): ask the
             # caller's instance for its memory.
             if not ctx or not _raw.caller_export_get(
-                caller, _MEMORY_NAME, len(_MEMORY_NAME), ctypes.addressof(state.memory_extern)
+                caller, _MEMORY_NAME, len(_MEMORY_NAME), state.memory_extern_addr
             ):
                 return None
-            if state.memory_extern.kind != _raw.EXTERN_MEMORY:
+            if not state.memory_extern.is_memory():
                 return None
             state.has_memory = True
         if ptr + length > memory_data_size(ctx, state.memory_addr):
@@ -232,13 +230,7 @@ def define_host_functions(linker: wasmtime.Linker, callbacks: dict[str, Any]) ->
     """Register the callbacks as `host.<name>` with signature (i32, i32) -> ()."""
     func_type = wasmtime.FuncType(*HOST_FUNC_TYPE)
     for name, callback in callbacks.items():
-        encoded = name.encode()
-        err = _raw.linker_define_func_unchecked(
-            _raw.addr(linker), b"host", 4, encoded, len(encoded), _raw.addr(func_type),
-            callback, None, None,
-        )
-        if err:
-            raise _raw.take_error(err)
+        _raw.define_func_unchecked(linker, b"host", name.encode(), func_type, callback)
 
 
 HOST_IMPORTS = frozenset({("host", "log"), ("host", "output")})

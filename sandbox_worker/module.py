@@ -14,13 +14,13 @@ from typing import Literal
 import wasmtime
 
 from wasmcore.protocol.errors import InvalidModule
+from wasmcore.protocol.limits import WASM_PAGE
 
 from . import _raw
 from .host import HOST_IMPORTS
 
 WASI_MODULE = "wasi_snapshot_preview1"
 DEFAULT_ENTRY = "process"
-WASM_PAGE = 64 * 1024
 _UNKNOWN_IMPORT = re.compile(r"unknown import: `([^`]+)::([^`]+)`")
 
 
@@ -199,9 +199,6 @@ class ModuleCache:
         self._items.move_to_end(item.sha256)
         while len(self._items) > self._capacity:
             self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
     def clear(self) -> None:
         self._items.clear()

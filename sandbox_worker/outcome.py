@@ -19,9 +19,8 @@ from wasmcore.protocol.errors import (
     Trap,
     WasmCoreError,
 )
-from wasmcore.protocol.limits import Limits, Metering
+from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 
-WASM_PAGE = 64 * 1024
 _BACKTRACE_CHARS = 4096
 _INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
 _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value

@@ -22,9 +22,7 @@ import time
 from collections.abc import Callable
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
-from wasmcore.protocol.engine import engine_fingerprint
 from wasmcore.protocol.errors import (
     BadRequest,
     InternalError,
@@ -33,7 +31,7 @@ from wasmcore.protocol.errors import (
     Trap,
     WasmCoreError,
 )
-from wasmcore.protocol.limits import Limits, Metering
+from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
@@ -61,7 +59,6 @@ __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
 
 _WASM_MAGIC = b"\0asm"
 _START = "_start"
-_FUNC_OFFSET = ffi.wasmtime_extern_t.of.offset
 
 
 class _Failed(Exception):
@@ -97,24 +94,23 @@ class Sandbox:
         # Preallocated out-parameters and the args/results array for raw calls. Reused by
         # every execution (single-threaded by contract), which avoids ~1 us of ctypes
         # allocations per call.
-        self._instance = ffi.wasmtime_instance_t()
-        self._instance_addr = ctypes.addressof(self._instance)
+        self._instance = _raw.InstanceSlot()
+        self._instance_addr = self._instance.addr
         self._trap = ctypes.c_void_p()
         self._trap_addr = ctypes.addressof(self._trap)
-        self._func_extern = ffi.wasmtime_extern_t()
-        self._func_extern_addr = ctypes.addressof(self._func_extern)
-        self._func_addr = self._func_extern_addr + _FUNC_OFFSET
+        self._func_extern = _raw.ExternSlot()
+        self._func_extern_addr = self._func_extern.addr
+        self._func_addr = self._func_extern.item_addr
         self._name_ptr = ctypes.c_void_p()
         self._name_len = ctypes.c_size_t()
         self._name_ptr_addr = ctypes.addressof(self._name_ptr)
         self._name_len_addr = ctypes.addressof(self._name_len)
         self._fuel = ctypes.c_uint64()
         self._fuel_addr = ctypes.addressof(self._fuel)
-        self._args = (ffi.wasmtime_val_raw_t * 4)()
-        self._args_addr = ctypes.addressof(self._args)
-        size = _raw.VAL_RAW_SIZE
-        self._i32 = [ctypes.c_int32.from_address(self._args_addr + size * i) for i in range(4)]
-        self._u32_0 = ctypes.c_uint32.from_address(self._args_addr)
+        self._args = _raw.RawArgs(4)
+        self._args_addr = self._args.addr
+        self._i32 = self._args.i32
+        self._u32_0 = self._args.u32_0
         self._export, self._call = self._make_call_helpers()
 
         self._ticker: Ticker = start_ticker(
@@ -141,10 +137,6 @@ class Sandbox:
         ticker = getattr(self, "_ticker", None)
         if ticker is not None:
             ticker.stop()
-
-    @staticmethod
-    def engine_fingerprint() -> str:
-        return engine_fingerprint()
 
     # ------------------------------------------------------------------ compiling
 
@@ -410,11 +402,11 @@ class Sandbox:
     def _verify_exports(self, ctx: int, cm: CompiledModule) -> None:
         """Once per module: the instance's export order must be the module's (the hot path
         addresses exports by index). Cheap insurance against a wasmtime behaviour change."""
-        extern = ffi.wasmtime_extern_t()
+        extern = _raw.ExternSlot()
         # Only the indices the hot path uses: listing every export's type again would cost
         # seconds for modules with thousands of exports.
         for i, name in cm.index_names.items():
-            self._export(ctx, i, ctypes.addressof(extern))
+            self._export(ctx, i, extern.addr)
             got = ctypes.string_at(self._name_ptr.value or 0, self._name_len.value)
             if got != name.encode():
                 raise InternalError(f"export #{i} is {got!r}, expected {name!r}")
@@ -468,7 +460,7 @@ class Sandbox:
             stdout_is_output=is_command,
         )
         # The store takes ownership of the config (and frees it with the store).
-        error = _raw.context_set_wasi(ctx, ctypes.cast(config._consume(), ctypes.c_void_p).value)
+        error = _raw.give_wasi_config(ctx, config)
         if error:
             raise _Failed(error, 0)
 
@@ -513,8 +505,7 @@ def _engine_config(config: SandboxConfig) -> wasmtime.Config:
     engine_config.consume_fuel = True
     engine_config.max_wasm_stack = config.max_wasm_stack
     if config.pool_slots > 0:
-        page = 64 * 1024
-        max_memory = -(-config.default_limits.memory_bytes // page) * page
+        max_memory = -(-config.default_limits.memory_bytes // WASM_PAGE) * WASM_PAGE
         _raw.enable_pooling(
             engine_config, config.pool_slots, max_memory, config.keep_resident_bytes
         )

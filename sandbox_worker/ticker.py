@@ -62,10 +62,6 @@ class EpochTicker:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
 
 class Ticker(Protocol):
     def stop(self) -> None: ...
@@ -140,9 +136,7 @@ class PosixEpochTimer:
         event = _Sigevent()
         event.sigev_value = _raw.addr(engine)
         event.sigev_notify = _SIGEV_THREAD
-        event.sigev_notify_function = ctypes.cast(
-            _raw.engine_increment_epoch_ptr, ctypes.c_void_p
-        ).value
+        event.sigev_notify_function = _raw.engine_increment_epoch_addr
         self._timer = ctypes.c_void_p()
         if self._timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(self._timer)):
             raise OSError(ctypes.get_errno(), "timer_create failed")

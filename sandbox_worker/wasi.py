@@ -8,14 +8,13 @@ memory; it is then stopped by fuel or the timeout if it keeps trying.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from wasmcore.protocol.errors import OutputLimit
 
+from . import _raw
 from .host import HostState
 
 ARGV0 = "plugin"
@@ -57,7 +56,7 @@ def make_wasi_config(
     config.argv = [ARGV0]
     config.env = [(key, value) for key, value in env.items()]
     if stdin:
-        _set_stdin_bytes(config, stdin)
+        _raw.set_stdin_bytes(config, stdin)
 
     def on_stdout(data: bytes) -> int | None:
         if state.output_len + len(data) > state.output_cap:
@@ -77,12 +76,3 @@ def make_wasi_config(
     config.stdout_custom = on_stdout if stdout_is_output else on_stderr
     config.stderr_custom = on_stderr
     return config
-
-
-def _set_stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
-    # wasmtime-py has no wrapper. The C function moves the vector's contents into the config
-    # (`take()`), so the vector must not be deleted afterwards.
-    vec = ffi.wasm_byte_vec_t()
-    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buffer)
-    ffi.wasi_config_set_stdin_bytes(config.ptr(), ctypes.byref(vec))

@@ -22,6 +22,7 @@ import zmq
 
 from wasmcore.protocol import messages as p
 from wasmcore.protocol import shm
+from wasmcore.protocol.engine import engine_fingerprint
 from wasmcore.protocol.errors import BadRequest, InternalError, WasmCoreError
 from wasmcore.protocol.limits import Limits
 from wasmcore.protocol.settings import (
@@ -30,6 +31,7 @@ from wasmcore.protocol.settings import (
     EXIT_PARENT_GONE,
     WorkerSettings,
 )
+from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.sandbox_worker.outcome import ExecutionResult
 from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox
 
@@ -38,7 +40,6 @@ _PR_SET_PDEATHSIG = 1
 
 # Modules whose executions average under this may have replies held back within a batch.
 _QUICK_US = 1000.0
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -68,7 +69,7 @@ class Worker:
         self.back = self.ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
         self.back.setsockopt(zmq.LINGER, 1000)
-        self.back.copy_threshold = 1024 * 1024  # zero-copy only pays off for large frames
+        self.back.copy_threshold = COPY_THRESHOLD  # zero-copy only pays off for large frames
         self.back.connect(settings.back_endpoint)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -93,7 +94,7 @@ class Worker:
                 p.Ready(
                     worker_id=self.settings.worker_id,
                     pid=os.getpid(),
-                    fingerprint=Sandbox.engine_fingerprint(),
+                    fingerprint=engine_fingerprint(),
                 )
             )
         )
@@ -120,7 +121,7 @@ class Worker:
             while self.running:
                 # Trying beats asking ZMQ_EVENTS first: see Supervisor._drain_front.
                 try:
-                    frames = recv(_NOBLOCK, copy=False)
+                    frames = recv(NOBLOCK, copy=False)
                 except zmq.Again:
                     return
                 self._handle(frames)
@@ -188,7 +189,7 @@ class Worker:
     def _drain_broadcasts(self) -> None:
         while True:
             try:
-                raw = self.sub.recv(zmq.NOBLOCK)
+                raw = self.sub.recv(NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -431,7 +432,7 @@ class Worker:
                 beat = p.Heartbeat(worker_id=self.settings.worker_id, compiled=self.compiled,
                                    deserialized=self.deserialized)
                 try:
-                    socket.send(p.encode(beat), zmq.NOBLOCK)
+                    socket.send(p.encode(beat), NOBLOCK)
                 except zmq.Again:
                     pass
         finally:
