@@ -8,8 +8,9 @@ from typing import Any
 
 import zmq
 
-# Called with (error code or "", JobDone, remaining frames) when the job ends, in place of
-# forwarding the worker's reply to a client. Used by loads, whose reply the supervisor builds.
+# Called with (error code or "", JobDone or None, reply frames) when the job ends, in place of
+# forwarding the worker's reply to a client. Used by compiles, whose reply the supervisor
+# builds itself.
 Completion = Callable[[str, Any, list[zmq.Frame]], None]
 
 

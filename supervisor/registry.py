@@ -38,39 +38,6 @@ CREATE INDEX IF NOT EXISTS binaries_by_path ON binaries (tenant, path);
 """
 
 
-class Binary(msgspec.Struct, kw_only=True):
-    binary_id: str
-    tenant: str
-    name: str
-    path: str | None
-    version: int
-    sha256: str
-    size: int
-    kind: str
-    exports: list[str]
-    created_at: float
-    updated_at: float
-    last_error: str | None = None
-    executions: int = 0  # in memory only
-
-    def info(self) -> BinaryInfo:
-        return BinaryInfo(
-            binary_id=self.binary_id,
-            tenant=self.tenant,
-            name=self.name,
-            path=self.path,
-            version=self.version,
-            sha256=self.sha256,
-            size=self.size,
-            kind=self.kind,
-            exports=self.exports,
-            executions=self.executions,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            last_error=self.last_error,
-        )
-
-
 class BlobStore:
     """Content-addressed files: <root>/<sha[:2]>/<sha>."""
 
@@ -106,7 +73,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Registry:
-    """All binaries, in memory for routing and in SQLite for restarts."""
+    """All binaries, in memory for routing and in SQLite for restarts. Rows are the wire's
+    BinaryInfo as they are (its `executions` count lives in memory only)."""
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -115,12 +83,12 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        self._by_id: dict[str, Binary] = {}
+        self._by_id: dict[str, BinaryInfo] = {}
         for row in self._db.execute(
             "SELECT binary_id, tenant, name, path, version, sha256, size, kind, exports,"
             " created_at, updated_at, last_error FROM binaries"
         ):
-            binary = Binary(
+            binary = BinaryInfo(
                 binary_id=row[0],
                 tenant=row[1],
                 name=row[2],
@@ -142,16 +110,16 @@ class Registry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def get(self, binary_id: str) -> Binary | None:
+    def get(self, binary_id: str) -> BinaryInfo | None:
         return self._by_id.get(binary_id)
 
-    def all(self) -> list[Binary]:
+    def all(self) -> list[BinaryInfo]:
         return list(self._by_id.values())
 
-    def for_tenant(self, tenant: str) -> list[Binary]:
+    def for_tenant(self, tenant: str) -> list[BinaryInfo]:
         return [b for b in self._by_id.values() if b.tenant == tenant]
 
-    def find(self, tenant: str, name: str, path: str | None) -> Binary | None:
+    def find(self, tenant: str, name: str, path: str | None) -> BinaryInfo | None:
         """A path-loaded binary is known by its path; a bytes-loaded one by its name."""
         for binary in self._by_id.values():
             if binary.tenant != tenant:
@@ -176,7 +144,7 @@ class Registry:
         size: int,
         kind: str,
         exports: list[str],
-    ) -> Binary:
+    ) -> BinaryInfo:
         """Insert a binary or make `sha256` its next version; durable when this returns."""
         now = time.time()
         current = self._by_id.get(binary_id)
@@ -204,7 +172,7 @@ class Registry:
                 now,
             ),
         )
-        binary = Binary(
+        binary = BinaryInfo(
             binary_id=binary_id,
             tenant=tenant,
             name=name,
@@ -230,7 +198,7 @@ class Registry:
             "UPDATE binaries SET last_error=? WHERE binary_id=?", (message, binary_id)
         )
 
-    def remove(self, binary_id: str) -> Binary | None:
+    def remove(self, binary_id: str) -> BinaryInfo | None:
         binary = self._by_id.pop(binary_id, None)
         if binary is not None:
             self._db.execute("DELETE FROM binaries WHERE binary_id=?", (binary_id,))

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wasmcore.supervisor.config import PoolConfig
 
 
 class RestartPolicy:
@@ -26,6 +30,19 @@ class RestartPolicy:
         self.window_s = window_s
         self.consecutive_failures = 0
         self._failures: collections.deque[float] = collections.deque()
+
+    @classmethod
+    def from_config(cls, pool: PoolConfig) -> RestartPolicy:
+        policy = cls(0.0, 0.0, 1, 1.0)
+        policy.configure(pool)
+        return policy
+
+    def configure(self, pool: PoolConfig) -> None:
+        """Take the pool config's backoff and breaker settings (at start and on reload)."""
+        self.initial_delay_s = pool.restart_backoff_initial_ms / 1000
+        self.max_delay_s = pool.restart_backoff_max_ms / 1000
+        self.max_failures = pool.breaker_failures
+        self.window_s = pool.breaker_window_s
 
     def record_start_failure(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

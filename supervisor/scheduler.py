@@ -1,216 +1,255 @@
-"""Scheduling: which worker runs a job, what waits in the queue, and how a worker's reply
-(or its loss) ends the job.
+"""Scheduling: which worker runs a job, what waits in the queue, when a job is late, and what
+becomes of a lost worker's jobs.
+
+Pure logic: no sockets, no processes, no clock of its own (every method that needs the time
+takes `now`). It knows workers only by id, as lanes of jobs; the pool owns the processes. Its
+decisions accumulate in two lists the server takes each loop turn: jobs to send to workers
+(`take_assignments`) and jobs that ended with the supervisor's own error (`take_failures`).
+
+A worker takes one job at a time, but under load it may hold a short FIFO of jobs (prefetch)
+so that one wake-up serves several. Only jobs of binaries known to be quick are ever queued
+behind each other: a slow or hostile plugin never has someone else's request parked behind
+it. Jobs behind the head have not started, so a worker's loss requeues them (once) instead of
+failing them.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
+import enum
 import math
-import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
 
-import zmq
-
-from wasmcore.protocol import messages as p
 from wasmcore.protocol.errors import Busy, WasmCoreError
-from wasmcore.supervisor.config import Config
 from wasmcore.supervisor.jobs import PendingJob
-from wasmcore.supervisor.registry import Registry
-from wasmcore.supervisor.restart_policy import RestartPolicy
-from wasmcore.supervisor.workers import RestartCause, WorkerHandle, WorkerState
-
-log = logging.getLogger("wasmcore.supervisor")
 
 # A busy worker is given more jobs only while the expected run time of those it already
 # holds stays under this: one wake-up serves many quick jobs, and nobody's request waits
 # long behind a slow or unknown one.
-_PREFETCH_BUDGET_MS = 2.0
+PREFETCH_BUDGET_MS = 2.0
 
 
-class SchedulerMixin:
-    # A worker takes one job at a time, but under load it may hold a short FIFO of jobs
-    # (pool.prefetch) so that one wake-up serves several. Only jobs of binaries known to be
-    # quick are ever queued behind each other: a slow or hostile plugin never has someone
-    # else's request parked behind it. Jobs behind the head have not started, so a worker's
-    # death requeues them instead of failing them.
+class LaneState(enum.Enum):
+    """What a worker's lane is doing after a reply."""
 
-    config: Config
-    registry: Registry
-    fingerprint: str
-    policy: RestartPolicy
-    slots: list[WorkerHandle | None]
-    by_id: dict[str, WorkerHandle]
-    idle: collections.deque[WorkerHandle]
-    queue: collections.deque[PendingJob]
-    exec_ms: dict[str, float]
-    errors_by_code: collections.Counter[str]
-    draining: bool
-    _back_out: list[tuple[WorkerHandle, PendingJob]]
+    BUSY = "busy"  # more jobs are queued on it
+    IDLE = "idle"  # nothing to do; ready for the next job
+    RECYCLE = "recycle"  # served its quota of executions: retire it
+    DRAINED = "drained"  # it was stopped and its last job just ended: it may exit
 
-    if TYPE_CHECKING:  # provided by the other parts of Supervisor
-        def _send_client(self, frames: list[Any]) -> None: ...
-        def _reply_error(self, envelope: list[bytes], request_id: int,
-                         exc: WasmCoreError) -> None: ...
-        def _retire(self, handle: WorkerHandle, cause: RestartCause,
-                    replace: bool = True) -> None: ...
 
-    def _submit(self, job: PendingJob, bounded: bool = True) -> None:
-        handle = self._pick_worker()
-        if handle is not None:
-            self._assign(handle, job)
+@dataclass(eq=False, slots=True)
+class Lane:
+    """A ready worker as the scheduler sees it: the jobs sent to it, in order."""
+
+    worker_id: str
+    recycle_after: int
+    jobs: collections.deque[PendingJob] = field(default_factory=collections.deque)
+    queued_ms: float = 0.0  # expected run time of `jobs`
+    executions: int = 0
+    accepting: bool = True  # False once the worker is stopped (retiring)
+
+
+class Scheduler:
+    def __init__(self, max_queue: int, prefetch: int, deadline_grace_s: float) -> None:
+        self.max_queue = max_queue
+        self.prefetch = prefetch
+        self.deadline_grace_s = deadline_grace_s
+        self._lanes: dict[str, Lane] = {}
+        # Ready workers with nothing to do, most recently idle last (popped first).
+        self._idle: list[str] = []
+        self._queue: collections.deque[PendingJob] = collections.deque()
+        self._exec_ms: dict[str, float] = {}  # per binary: moving average of run time
+        self._assignments: list[tuple[str, PendingJob]] = []
+        self._failures: list[tuple[PendingJob, WasmCoreError]] = []
+
+    def configure(self, max_queue: int, prefetch: int, deadline_grace_s: float) -> None:
+        self.max_queue = max_queue
+        self.prefetch = prefetch
+        self.deadline_grace_s = deadline_grace_s
+
+    # ------------------------------------------------------------------ decisions
+
+    def take_assignments(self) -> list[tuple[str, PendingJob]]:
+        """(worker id, job) to send, in the order they were decided."""
+        out, self._assignments = self._assignments, []
+        return out
+
+    def take_failures(self) -> list[tuple[PendingJob, WasmCoreError]]:
+        out, self._failures = self._failures, []
+        return out
+
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(self, worker_id: str, recycle_after: int, now: float) -> None:
+        """A worker said it is ready: it takes queued work at once, else waits idle."""
+        self._lanes[worker_id] = Lane(worker_id, max(1, recycle_after))
+        self._become_idle(self._lanes[worker_id], now)
+
+    def stop_worker(self, worker_id: str) -> bool:
+        """Give it no more jobs. True when it holds none and may exit now; otherwise its
+        last reply reports DRAINED."""
+        lane = self._lanes.get(worker_id)
+        if lane is None:
+            return True
+        lane.accepting = False
+        return not lane.jobs
+
+    def release_worker(self, worker_id: str, head_error: WasmCoreError,
+                       waiting_error: WasmCoreError, now: float, requeue: bool = True) -> None:
+        """The worker is gone (every exit ends here, with or without jobs), and this is the
+        one place a lost worker's jobs end: the head (it was running) fails with
+        `head_error`; those waiting behind it usually never started and run elsewhere,
+        unless `requeue` is off (shutdown), they were requeued once already (they may be
+        what kills workers), or running them may have destroyed their input. Usually: a
+        worker sends the replies of a burst of quick jobs together, so some may have run
+        (harmless to run again, a fresh store each time)."""
+        lane = self._lanes.pop(worker_id, None)
+        if worker_id in self._idle:
+            self._idle.remove(worker_id)
+        if lane is None or not lane.jobs:
             return
-        if bounded and len(self.queue) >= self.config.server.max_queue:
-            raise Busy(
-                f"all {len(self.slots)} workers are busy and {len(self.queue)} requests are "
-                "queued; retry shortly",
-                {"queue_depth": len(self.queue)},
-            )
-        self.queue.append(job)
+        head, *waiting = lane.jobs
+        lane.jobs.clear()
+        self._failures.append((head, head_error))
+        for job in reversed(waiting):
+            if not requeue or job.requeued or not job.retryable:
+                self._failures.append((job, waiting_error))
+            else:
+                job.requeued = True
+                self._queue.appendleft(job)
+        self._dispatch_queue(now)
 
-    def _pick_worker(self) -> WorkerHandle | None:
-        while self.idle:
+    def jobs_on(self, worker_id: str) -> int:
+        lane = self._lanes.get(worker_id)
+        return len(lane.jobs) if lane is not None else 0
+
+    def executions_on(self, worker_id: str) -> int:
+        lane = self._lanes.get(worker_id)
+        return lane.executions if lane is not None else 0
+
+    def busy_workers(self) -> list[str]:
+        return [lane.worker_id for lane in self._lanes.values() if lane.jobs]
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, job: PendingJob, now: float, bounded: bool = True) -> None:
+        """Run `job` on a worker now, or queue it; Busy when the queue is full (`bounded`
+        off: never refused, for work that must not be lost, such as a hot reload)."""
+        lane = self._pick_lane()
+        if lane is not None:
+            self._assign(lane, job, now)
+            return
+        if bounded and len(self._queue) >= self.max_queue:
+            raise Busy(
+                f"all workers are busy and {len(self._queue)} requests are queued; "
+                "retry shortly",
+                {"queue_depth": len(self._queue)},
+            )
+        self._queue.append(job)
+
+    def on_reply(self, worker_id: str, token: int,
+                 now: float) -> tuple[PendingJob, LaneState] | None:
+        """A worker answered job `token`: the job it ends and what its lane does next, or
+        None for a reply nobody waits for any more (late, after a timeout or a loss): it
+        must never answer anything else."""
+        lane = self._lanes.get(worker_id)
+        if lane is None or not lane.jobs or lane.jobs[0].token != token:
+            return None
+        job = lane.jobs.popleft()
+        if not lane.jobs:
+            lane.queued_ms = 0.0
+        elif math.isinf(lane.queued_ms):  # inf - inf would be nan: recount
+            lane.queued_ms = sum(j.estimate_ms for j in lane.jobs)
+        else:
+            lane.queued_ms = max(0.0, lane.queued_ms - job.estimate_ms)
+        lane.executions += 1
+        elapsed_ms = (now - job.started) * 1000
+        for binary_id in job.binary_ids:
+            previous = self._exec_ms.get(binary_id)
+            self._exec_ms[binary_id] = (elapsed_ms if previous is None
+                                        else 0.8 * previous + 0.2 * elapsed_ms)
+        if lane.jobs:
+            self._start_clock(lane.jobs[0], now)
+            return job, LaneState.BUSY
+        if not lane.accepting:
+            return job, LaneState.DRAINED
+        if lane.executions >= lane.recycle_after:
+            lane.accepting = False
+            return job, LaneState.RECYCLE
+        self._become_idle(lane, now)
+        return job, LaneState.BUSY if lane.jobs else LaneState.IDLE
+
+    def expired(self, now: float) -> list[tuple[str, PendingJob]]:
+        """Workers whose running job passed its deadline, with that job. The caller kills the
+        worker and ends its jobs through `release_worker`."""
+        return [(lane.worker_id, lane.jobs[0]) for lane in self._lanes.values()
+                if lane.jobs and now > lane.jobs[0].deadline]
+
+    def cancel_queued(self, error: WasmCoreError) -> int:
+        """Fail every job that has not reached a worker; how many there were."""
+        count = len(self._queue)
+        while self._queue:
+            self._failures.append((self._queue.popleft(), error))
+        return count
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(lane.jobs) for lane in self._lanes.values())
+
+    # ------------------------------------------------------------------ internals
+
+    def _pick_lane(self) -> Lane | None:
+        lanes = self._lanes
+        while self._idle:
             # The most recently idle worker (LIFO): its caches are still warm. At low load one
             # worker serves every request; round-robin made each wait cold (measured: median
             # round trip 352-382 us round-robin, 295-326 us LIFO, 2 workers, one at a time).
-            handle = self.idle.pop()
-            if handle.state is WorkerState.IDLE and not handle.jobs:
-                return handle
-        depth = self.config.pool.prefetch
-        best: WorkerHandle | None = None
-        for handle in self.by_id.values():
-            if (handle.state is WorkerState.BUSY and len(handle.jobs) < depth
-                    and handle.queued_ms < _PREFETCH_BUDGET_MS
-                    and handle.executions + len(handle.jobs) < handle.recycle_after
-                    and (best is None or handle.queued_ms < best.queued_ms)):
-                best = handle
+            lane = lanes.get(self._idle.pop())
+            if lane is not None and lane.accepting and not lane.jobs:
+                return lane
+        depth = self.prefetch
+        best: Lane | None = None
+        for lane in lanes.values():
+            if (lane.accepting and lane.jobs and len(lane.jobs) < depth
+                    and lane.queued_ms < PREFETCH_BUDGET_MS
+                    and lane.executions + len(lane.jobs) < lane.recycle_after
+                    and (best is None or lane.queued_ms < best.queued_ms)):
+                best = lane
         return best
 
     def _estimate_ms(self, job: PendingJob) -> float:
         """Expected run time from the binaries' moving averages; unknown counts as slow."""
         if job.on_done is not None:
             return math.inf
-        return sum(self.exec_ms.get(b, math.inf) for b in job.binary_ids)
+        return sum(self._exec_ms.get(b, math.inf) for b in job.binary_ids)
 
-    def _assign(self, handle: WorkerHandle, job: PendingJob) -> None:
-        self._back_out.append((handle, job))
-        handle.state = WorkerState.BUSY
-        handle.jobs.append(job)
+    def _assign(self, lane: Lane, job: PendingJob, now: float) -> None:
+        self._assignments.append((lane.worker_id, job))
+        lane.jobs.append(job)
         job.estimate_ms = self._estimate_ms(job)
-        handle.queued_ms += job.estimate_ms
-        if len(handle.jobs) == 1:
-            self._start_clock(job, time.monotonic())
+        lane.queued_ms += job.estimate_ms
+        if len(lane.jobs) == 1:
+            self._start_clock(job, now)
 
     def _start_clock(self, job: PendingJob, now: float) -> None:
         job.started = now
-        job.deadline = now + job.budget_s + self.config.pool.deadline_grace_ms / 1000
+        job.deadline = now + job.budget_s + self.deadline_grace_s
 
-    def _dispatch_queue(self) -> None:
-        while self.queue:
-            handle = self._pick_worker()
-            if handle is None:
-                return
-            self._assign(handle, self.queue.popleft())
-
-    def _make_idle(self, handle: WorkerHandle) -> None:
-        handle.state = WorkerState.IDLE
-        if self.queue:
-            self._assign(handle, self.queue.popleft())
-            self._dispatch_queue()
+    def _become_idle(self, lane: Lane, now: float) -> None:
+        if self._queue:
+            self._assign(lane, self._queue.popleft(), now)
+            self._dispatch_queue(now)
         else:
-            self.idle.append(handle)
+            self._idle.append(lane.worker_id)
 
-    def _requeue(self, jobs: list[PendingJob], error: WasmCoreError) -> None:
-        """Jobs that were waiting behind a lost head usually never started: run them
-        elsewhere. Usually: a worker sends the replies of a burst of quick jobs together, so
-        some may have run (harmless to run again, a fresh store each time) unless running
-        destroyed the input (`retryable`). Once only: a job requeued before is failed instead
-        (it may be the killer)."""
-        for job in reversed(jobs):
-            if job.requeued or not job.retryable:
-                self._fail(job, error)
-            else:
-                job.requeued = True
-                self.queue.appendleft(job)
-        self._dispatch_queue()
-
-    def _on_worker_event(self, identity: bytes, event: Any, rest: list[zmq.Frame]) -> None:
-        match event:
-            case p.JobDone():
-                handle = self.by_id.get(identity.decode())
-                if handle is None:
-                    return
-                now = time.monotonic()
-                handle.last_seen = now
-                if not handle.jobs or handle.jobs[0].token != event.token:
-                    # Late reply for a job already answered (timed out, or its worker was
-                    # declared lost): it must never answer anything else.
-                    log.info("dropping late reply %d from %s", event.token, handle.worker_id)
-                    return
-                job = handle.jobs.popleft()
-                if not handle.jobs:
-                    handle.queued_ms = 0.0
-                elif math.isinf(handle.queued_ms):  # inf - inf would be nan: recount
-                    handle.queued_ms = sum(j.estimate_ms for j in handle.jobs)
-                else:
-                    handle.queued_ms = max(0.0, handle.queued_ms - job.estimate_ms)
-                handle.executions += 1
-                elapsed_ms = (now - job.started) * 1000
-                for binary_id in job.binary_ids:
-                    previous = self.exec_ms.get(binary_id)
-                    self.exec_ms[binary_id] = (elapsed_ms if previous is None
-                                               else 0.8 * previous + 0.2 * elapsed_ms)
-                if handle.jobs:
-                    self._start_clock(handle.jobs[0], now)
-                self._finish(job, event, rest)
-                if handle.jobs:
-                    return
-                if handle.state is WorkerState.BUSY:
-                    if handle.executions >= handle.recycle_after:
-                        self._retire(handle, RestartCause.RECYCLE)
-                    else:
-                        self._make_idle(handle)
-                elif handle.state is WorkerState.RETIRING:
-                    self._retire(handle, handle.retire_cause or RestartCause.RECYCLE)
-            case p.Heartbeat():
-                handle = self.by_id.get(event.worker_id)
-                if handle is not None:
-                    handle.last_seen = time.monotonic()
-                    handle.compiled = event.compiled
-                    handle.deserialized = event.deserialized
-            case p.Ready():
-                handle = self.by_id.get(event.worker_id)
-                if handle is None or handle.state is not WorkerState.STARTING:
-                    return
-                handle.last_seen = time.monotonic()
-                self.policy.record_start_success()
-                if event.fingerprint != self.fingerprint:
-                    log.warning("worker %s engine fingerprint %s differs from %s",
-                                handle.worker_id, event.fingerprint, self.fingerprint)
-                if self.draining:
-                    self._retire(handle, RestartCause.RECYCLE, replace=False)
-                else:
-                    self._make_idle(handle)
-
-    def _finish(self, job: PendingJob, event: p.JobDone, rest: list[zmq.Frame]) -> None:
-        for binary_id in job.binary_ids:
-            binary = self.registry.get(binary_id)
-            if binary is not None:
-                binary.executions += 1
-        if event.code:
-            self.errors_by_code[event.code] += 1
-        if job.on_done is not None:
-            job.on_done(event.code, event, rest)
-        elif job.envelope is not None:
-            self._send_client([*job.envelope, *rest])
-
-    def _fail(self, job: PendingJob, error: WasmCoreError) -> None:
-        """End a job with an error of the supervisor's own (lost worker, deadline, shutdown)."""
-        if job.on_done is not None:
-            frames = [zmq.Frame(p.encode(p.ErrorReply(id=0, code=error.code,
-                                                      message=error.message,
-                                                      details=error.details)))]
-            job.on_done(error.code, None, frames)
-            self.errors_by_code[error.code] += 1
-        elif job.envelope is not None:
-            self._reply_error(job.envelope, job.request_id, error)
+    def _dispatch_queue(self, now: float) -> None:
+        while self._queue:
+            lane = self._pick_lane()
+            if lane is None:
+                return
+            self._assign(lane, self._queue.popleft(), now)

@@ -1,9 +1,18 @@
-"""The supervisor: one thread, one poll loop (the ZeroMQ guide's broker shape, gunicorn's arbiter).
+"""The supervisor: one thread, one poll loop (the ZeroMQ guide's broker shape, gunicorn's
+arbiter), and the components it calls.
 
 Sockets: a ROUTER for clients (front), a ROUTER for workers (back), a PUB for reload
-broadcasts. The loop also polls a signal wakeup fd (handlers only queue) and each worker's
-pidfd (readable the moment the process exits). Each turn it handles frames, reaps, expires
-deadlines, runs the watchdog and keeps the pool at size.
+broadcasts, an inproc PAIR from the file watcher. The loop also polls a signal wakeup fd
+(handlers only queue) and each worker's pidfd (readable the moment the process exits). Each
+turn it decodes what arrived, calls the components, and sends what they decided:
+
+- `Requests` turns client requests into jobs (requests.py), `Binaries` loads, compiles,
+  commits and broadcasts module versions (binaries.py);
+- `Scheduler` decides which worker runs which job and ends late or lost jobs (scheduler.py);
+- `WorkerPool` owns the processes: spawn, heartbeats, RSS watchdog, reap (worker_pool.py).
+
+Shutdown is a state of this loop (`Draining`), not a separate object: new requests are
+refused, in-flight ones finish within the grace period, then the workers stop.
 """
 
 from __future__ import annotations
@@ -11,48 +20,56 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import zmq
 
+from wasmcore.protocol import __version__, shm
 from wasmcore.protocol import messages as p
-from wasmcore.protocol import shm
 from wasmcore.protocol.engine import engine_fingerprint
 from wasmcore.protocol.errors import (
     BadRequest,
     InternalError,
     PayloadTooLarge,
     ShuttingDown,
+    Timeout,
     WasmCoreError,
+    WorkerLost,
 )
-from wasmcore.supervisor.config import Config, MiB
+from wasmcore.protocol.limits import MiB
+from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
+from wasmcore.supervisor.binaries import Binaries
+from wasmcore.supervisor.config import Config, parse_config, resolved
 from wasmcore.supervisor.jobs import PendingJob
-from wasmcore.supervisor.operations import OperationsMixin
+from wasmcore.supervisor.packing import client_messages, worker_messages
 from wasmcore.supervisor.registry import Registry
-from wasmcore.supervisor.reload import ReloadMixin
-from wasmcore.supervisor.restart_policy import RestartPolicy
-from wasmcore.supervisor.scheduler import SchedulerMixin
-from wasmcore.supervisor.shutdown import EXIT_FORCED, ShutdownMixin
+from wasmcore.supervisor.requests import Requests
+from wasmcore.supervisor.scheduler import LaneState, Scheduler
 from wasmcore.supervisor.watcher import FileWatcher
-from wasmcore.supervisor.worker_pool import EXIT_POOL_FAILED, WorkerPoolMixin
-from wasmcore.supervisor.workers import RestartCause, WorkerHandle
+from wasmcore.supervisor.worker_pool import EXIT_POOL_FAILED, WorkerPool
+from wasmcore.supervisor.worker_process import RestartCause, WorkerHandle, WorkerState
 
 log = logging.getLogger("wasmcore.supervisor")
 
+EXIT_FORCED = 130
 _DRAIN_BATCH = 256  # messages per socket per turn, so neither side starves the other
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq does enum arithmetic on Flag values
 _MAX_PACKERS = 65_536
 _WATCH_ADDRESS = "inproc://wasm-core-watch"
-_COPY_THRESHOLD = 1024 * 1024
 # Timers (deadlines, heartbeats, watchdog, respawns) are checked at most this often.
 _TICK_S = 0.002
+# Payload segments of processes that exited are removed this often.
+_SWEEP_S = 1.0
+# Settings that only take effect on restart: a reloaded config keeps the running values.
+_RESTART_ONLY = ("endpoint", "data_dir", "artifact_dir", "shm_dir")
 
 __all__ = ["EXIT_FORCED", "EXIT_POOL_FAILED", "EndpointInUse", "Supervisor", "internal_endpoints"]
 
@@ -71,50 +88,42 @@ def internal_endpoints(front: str, fallback_dir: Path) -> tuple[str, str]:
     return f"ipc://{base}.back", f"ipc://{base}.pub"
 
 
-class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, ShutdownMixin):
-    """The service: this class owns the sockets, the loop and the state; the mixins hold the
-    operations, scheduling, worker lifecycle, hot reload and shutdown that act on it."""
+@dataclass(slots=True)
+class Draining:
+    """The service is shutting down: in-flight work may finish until `deadline`."""
 
+    deadline: float
+
+
+class Supervisor:
     def __init__(self, config: Config, runtime_dir: Path, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.runtime_dir = runtime_dir
         self.endpoint = config.server.endpoint
         self.back_endpoint, self.pub_endpoint = internal_endpoints(self.endpoint, runtime_dir)
-        self.artifact_dir = Path(config.server.artifact_dir)
-        self.artifact_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        artifact_dir = Path(config.server.artifact_dir)
+        artifact_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.shm_dir: str | None = None
         if config.server.shm_dir != "off":
             Path(config.server.shm_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
             self.shm_dir = config.server.shm_dir
             shm.sweep(self.shm_dir)
-        self.registry = Registry(Path(config.server.data_dir))
         self.fingerprint = engine_fingerprint()
-        pool = config.pool
-        self.policy = RestartPolicy(
-            pool.restart_backoff_initial_ms / 1000,
-            pool.restart_backoff_max_ms / 1000,
-            pool.breaker_failures,
-            pool.breaker_window_s,
-        )
-        self.slots: list[WorkerHandle | None] = [None] * pool.workers
-        self.by_id: dict[str, WorkerHandle] = {}
-        self.by_pidfd: dict[int, WorkerHandle] = {}
-        self.idle: collections.deque[WorkerHandle] = collections.deque()
-        self.queue: collections.deque[PendingJob] = collections.deque()
-        self.spawn_at: dict[int, float] = {}
-        self.generation = 0
-        self.next_token = 0
+        self.draining: Draining | None = None
+        self.exit_code: int | None = None
+        self.config_error: str | None = None
+        self._config_text = Path(config_path).read_bytes() if config_path else b""
         self.requests = 0
         self.errors_by_code: collections.Counter[str] = collections.Counter()
-        self.restarts: collections.Counter[str] = collections.Counter()
         self.started = time.time()
-        self.draining = False
-        self.drain_deadline = 0.0
-        self.exit_code: int | None = None
-        self.stop_reason = ""
-        self._next_watchdog = 0.0
         self._lock_fd = -1
+        self._front_out: list[list[Any]] = []
+        self._back_out: list[tuple[str, PendingJob]] = []
+        # Connections that sent an ExecutePack: their replies may leave packed.
+        self._packers: set[bytes] = set()
+        self._next_tick = 0.0
+        self._next_sweep = 0.0
+
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
         self.front = self.ctx.socket(zmq.ROUTER)
@@ -124,17 +133,22 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         self.watch_events = self.ctx.socket(zmq.PAIR)
         self.watch_events.bind(_WATCH_ADDRESS)
         self.watcher = FileWatcher(self.ctx, _WATCH_ADDRESS)
-        self.config_error: str | None = None
-        self._config_text = Path(config_path).read_bytes() if config_path else b""
-        self._reloading: set[tuple[str, str]] = set()
-        self._front_out: list[list[Any]] = []
-        # Connections that sent an ExecutePack: their replies may leave packed.
-        self._packers: set[bytes] = set()
-        self._refs: dict[str, p.ModuleRef] = {}
-        self._next_sweep = 0.0
-        self._next_tick = 0.0
-        self._back_out: list[tuple[WorkerHandle, PendingJob]] = []
-        self.exec_ms: dict[str, float] = {}  # per binary: moving average of execution time
+
+        pool = config.pool
+        self.scheduler = Scheduler(config.server.max_queue, pool.prefetch,
+                                   pool.deadline_grace_ms / 1000)
+        self.pool = WorkerPool(config, self.back_endpoint, self.pub_endpoint, self.shm_dir,
+                               self.poller, self._tell)
+        tokens = itertools.count(1)
+        self.binaries = Binaries(
+            Registry(Path(config.server.data_dir)), artifact_dir, self.fingerprint,
+            config.server.max_payload_bytes, submit=self._submit,
+            publish=lambda message: self.pub.send(message, NOBLOCK),
+            next_token=tokens.__next__, watch=self._watch_files)
+        self.requests_handler = Requests(
+            config, self.binaries, self.shm_dir,
+            submit=lambda job: self._submit(job, True), next_token=tokens.__next__,
+            reply=self._reply, reply_error=self._reply_error)
 
     # ------------------------------------------------------------------ setup
 
@@ -144,9 +158,7 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_endpoint(path)
         for sock in (self.front, self.back):
-            # pyzmq's zero-copy sends track each frame through a helper thread; below ~1 MiB
-            # a plain copy is cheaper (64 KiB frames measured ~0.3 ms slower zero-copy).
-            sock.copy_threshold = _COPY_THRESHOLD
+            sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -192,15 +204,10 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
     def serve(self) -> int:
         self.bind()
         self.install_signals()
-        for slot in range(len(self.slots)):
-            self._spawn(slot)
-        self._update_watch()
-        log.info(
-            "wasm-core serving on %s with %d workers, %d binaries",
-            self.endpoint,
-            len(self.slots),
-            len(self.registry),
-        )
+        self.pool.start(time.monotonic())
+        self._watch_files(self.binaries.watched_paths())
+        log.info("wasm-core serving on %s with %d workers, %d binaries",
+                 self.endpoint, self.pool.size, len(self.binaries.registry))
         try:
             while self.exit_code is None:
                 events = self.poller.poll(self._poll_timeout_ms())
@@ -214,9 +221,9 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
                     elif target is self.watch_events:
                         self._drain_watch_events()
                     else:
-                        handle = self.by_pidfd.get(target)
+                        handle = self.pool.by_pidfd(target)
                         if handle is not None:
-                            self._reap(handle)
+                            self._worker_exited(handle)
                 now = time.monotonic()
                 if now >= self._next_tick or self.draining:
                     self._next_tick = now + _TICK_S
@@ -229,8 +236,26 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
     def _poll_timeout_ms(self) -> int:
         # Deadlines need ~10 ms resolution while anything runs; idle, heartbeats and the
         # watchdog are fine at 100 ms and the process stays quiet.
-        busy = self.spawn_at or self.draining or any(h.jobs for h in self.by_id.values())
+        busy = self.pool.starting or self.draining or self.scheduler.in_flight
         return 10 if busy else 100
+
+    def _tick(self, now: float) -> None:
+        self._expire_deadlines(now)
+        ticked = self.pool.tick(now)
+        for handle in ticked.killed:
+            self.scheduler.stop_worker(handle.worker_id)
+        for handle in ticked.to_reap:
+            self._worker_exited(handle)
+        for handle in ticked.to_recycle:
+            self._retire(handle, RestartCause.MEMORY, now)
+        if self.shm_dir and now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_S
+            removed = shm.sweep(self.shm_dir)
+            if removed:
+                log.info("removed %d payload segments of exited processes", removed)
+        self._check_pool(now)
+        if self.draining is not None and self.exit_code is None:
+            self._drain_step(now)
 
     # ------------------------------------------------------------------ clients
 
@@ -243,7 +268,7 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
             try:
                 # Copied: for small requests bytes are cheaper than Frame objects; a large
                 # payload is copied once here and forwarded without another copy.
-                frames = recv(_NOBLOCK)
+                frames = recv(NOBLOCK)
             except zmq.Again:
                 return
             self._on_client_message(frames)
@@ -275,8 +300,7 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         if len(body) != 1 or len(pack.executes) != len(pack.payloads) or not pack.executes:
             self._reply_error(envelope, 0, BadRequest(
                 f"an execute pack is one frame with as many payloads as executes (at least "
-                f"one); got "
-                f"{len(body)} frames, {len(pack.executes)} executes, "
+                f"one); got {len(body)} frames, {len(pack.executes)} executes, "
                 f"{len(pack.payloads)} payloads"))
             return
         if len(envelope) == 1:
@@ -296,19 +320,24 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
             elif len(payloads) > 1:
                 raise BadRequest(f"expected 1 or 2 frames (header, payload), got "
                                  f"{len(payloads) + 1}")
-            if self.draining:
+            if self.draining is not None:
                 raise ShuttingDown("the service is shutting down; retry on its replacement")
             size = sum(len(f) for f in payloads)
-            if size > self.config.server.max_payload_bytes:
+            limit = self.config.server.max_payload_bytes
+            if size > limit:
                 raise PayloadTooLarge(
-                    f"payload is {size} bytes; this server accepts at most "
-                    f"{self.config.server.max_payload_bytes} (server.max_payload_bytes)",
-                    {"size": size, "limit": self.config.server.max_payload_bytes},
-                )
-            if isinstance(request, p.ExecuteBatch):
-                self._on_batch(envelope, request, payloads)
-            else:
-                self._dispatch_request(envelope, request, payloads[0] if payloads else None)
+                    f"payload is {size} bytes; this server accepts at most {limit} "
+                    "(server.max_payload_bytes)", {"size": size, "limit": limit})
+            match request:
+                case p.Stats():
+                    self._reply(envelope, self._stats(request))
+                case p.Hello():
+                    self._reply(envelope, self._welcome(request))
+                case p.ExecuteBatch():
+                    self.requests_handler.handle(envelope, request, payloads)
+                case _:
+                    self.requests_handler.handle(envelope, request,
+                                                 payloads[0] if payloads else None)
         except WasmCoreError as exc:
             self._reply_error(envelope, request.id, exc)
         except Exception as exc:  # a bug of ours: answer, log, keep serving everyone else
@@ -320,63 +349,111 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
         frames = [*envelope, p.encode(header)]
         if payload is not None:
             frames.append(payload)
-        self._send_client(frames)
+        self._front_out.append(frames)
 
     def _reply_error(self, envelope: list[bytes], request_id: int, exc: WasmCoreError) -> None:
         self.errors_by_code[exc.code] += 1
         body = p.ErrorReply(id=request_id, code=exc.code, message=exc.message, details=exc.details)
-        self._send_client([*envelope, p.encode(body)])
+        self._front_out.append([*envelope, p.encode(body)])
 
-    def _send_client(self, frames: list[Any]) -> None:
-        self._front_out.append(frames)
+    def _welcome(self, request: p.Hello) -> p.Welcome:
+        return p.Welcome(
+            id=request.id,
+            server_version=__version__,
+            max_payload_bytes=self.config.server.max_payload_bytes,
+            shm_dir=self.shm_dir or "",
+            shm_threshold_bytes=self.config.server.shm_threshold_bytes,
+            boot_id=shm.boot_id(),
+            workers=self.pool.size,
+        )
 
-    def _flush(self) -> None:
-        """Send what this loop turn produced, back to back: ZeroMQ wakes its I/O thread once
-        per burst rather than once per message, the largest cost per request (measured)."""
-        if self._back_out:
-            outgoing, self._back_out = self._back_out, []
-            for handle, messages in _worker_messages(outgoing).items():
-                try:
-                    for frames in messages:
-                        self.back.send_multipart(frames, _NOBLOCK, copy=False)
-                except zmq.ZMQError as exc:
-                    # Its socket is gone: it is dying and its pidfd will tell; its jobs are
-                    # requeued (never started) or answered WORKER_LOST then.
-                    log.warning("worker %s unreachable (%s)", handle.worker_id, exc)
-                    handle.kill(RestartCause.CRASH)
-        if self._front_out:
-            outgoing, self._front_out = self._front_out, []
-            packs: dict[bytes, p.ReplyPack] = {}
-            packers = self._packers
-            for frames in outgoing:
-                if frames[0] in packers and _packable_reply(frames):
-                    pack = packs.get(frames[0])
-                    if pack is None:
-                        pack = packs[frames[0]] = p.ReplyPack(replies=[], payloads=[])
-                    pack.replies.append(msgspec.Raw(frames[1]))  # type: ignore[arg-type]
-                    pack.payloads.append(frames[2] if len(frames) == 3 else None)
-                else:
-                    self._send_now(frames)
-            for identity, pack in packs.items():
-                self._send_now([identity, p.encode(pack)])
+    def _stats(self, request: p.Stats) -> p.StatsReply:
+        workers = []
+        for handle in self.pool.live():
+            state = str(handle.state)
+            if handle.state is WorkerState.READY:
+                state = "busy" if self.scheduler.jobs_on(handle.worker_id) else "idle"
+            workers.append(p.WorkerInfo(
+                slot=handle.slot,
+                pid=handle.pid,
+                state=state,
+                rss_bytes=handle.rss_bytes or handle.sample_rss(),
+                executions=self.scheduler.executions_on(handle.worker_id),
+                started_at=handle.started_at,
+                compiled=handle.compiled,
+                deserialized=handle.deserialized,
+            ))
+        workers.sort(key=lambda w: (w.slot, w.started_at))
+        return p.StatsReply(
+            id=request.id,
+            workers=workers,
+            binaries=self.binaries.for_tenant(request.tenant),
+            queue_depth=self.scheduler.queue_depth,
+            in_flight=self.scheduler.in_flight,
+            requests=self.requests,
+            errors_by_code=dict(self.errors_by_code),
+            restarts_by_cause=dict(self.pool.restarts),
+            uptime_s=time.time() - self.started,
+            config_error=self.config_error,
+        )
 
-    def _send_now(self, frames: list[Any]) -> None:
-        try:
-            self.front.send_multipart(frames, _NOBLOCK, copy=False)
-        except zmq.Again:
-            log.warning("client %r is not reading its replies (HWM full); reply dropped", frames[0])
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EHOSTUNREACH:
-                raise
-            # The client disconnected before its reply; nobody is left to answer.
+    # ------------------------------------------------------------------ jobs
+
+    def _submit(self, job: PendingJob, bounded: bool) -> None:
+        self.scheduler.submit(job, time.monotonic(), bounded)
+
+    def _finish(self, job: PendingJob, event: p.JobDone, rest: list[Any]) -> None:
+        """A worker's reply ends `job`: forward it to the client (or to the job's own
+        completion, for compiles)."""
+        self.binaries.record_executions(job.binary_ids)
+        if event.code:
+            self.errors_by_code[event.code] += 1
+        if job.on_done is not None:
+            job.on_done(event.code, event, rest)
+        elif job.envelope is not None:
+            self._front_out.append([*job.envelope, *rest])
+
+    def _fail(self, job: PendingJob, error: WasmCoreError) -> None:
+        """End a job with an error of the supervisor's own (lost worker, deadline, shutdown)."""
+        if job.on_done is not None:
+            frames = [zmq.Frame(p.encode(p.ErrorReply(id=0, code=error.code,
+                                                      message=error.message,
+                                                      details=error.details)))]
+            job.on_done(error.code, None, frames)
+            self.errors_by_code[error.code] += 1
+        elif job.envelope is not None:
+            self._reply_error(job.envelope, job.request_id, error)
+
+    def _expire_deadlines(self, now: float) -> None:
+        for worker_id, job in self.scheduler.expired(now):
+            handle = self.pool.get(worker_id)
+            pid = handle.pid if handle is not None else 0
+            self.scheduler.release_worker(
+                worker_id,
+                Timeout(f"no reply within the {job.budget_s * 1000:.0f} ms timeout plus "
+                        f"{self.config.pool.deadline_grace_ms} ms grace (a blocked host call "
+                        "or a native hang); its worker was killed and replaced",
+                        {"timeout_ms": int(job.budget_s * 1000), "pid": pid}),
+                WorkerLost("its worker was killed for another request's deadline",
+                           {"pid": pid}),
+                now, requeue=self.draining is None)
+            if handle is not None:
+                self.pool.kill(handle, RestartCause.TIMEOUT)
 
     # ------------------------------------------------------------------ workers
+
+    def _tell(self, worker_id: str, message: bytes) -> bool:
+        try:
+            self.back.send_multipart([worker_id.encode(), message], NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
 
     def _drain_back(self) -> None:
         recv = self.back.recv_multipart
         for _ in range(_DRAIN_BATCH):
             try:
-                frames = recv(_NOBLOCK, copy=False)
+                frames = recv(NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
@@ -384,35 +461,240 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
             except (msgspec.DecodeError, IndexError):
                 log.error("undecodable message from worker %r", frames[0].bytes)
                 continue
-            identity = frames[0].bytes
+            worker_id = frames[0].bytes.decode()
             try:
                 if type(event) is p.DonePack:
                     for done, reply, payload in zip(event.done, event.replies, event.payloads,
                                                     strict=True):
-                        self._on_worker_event(identity, done,
-                                              [reply] if payload is None else [reply, payload])
+                        self._on_job_done(worker_id, done,
+                                          [reply] if payload is None else [reply, payload])
                 else:
-                    self._on_worker_event(identity, event, frames[2:])
+                    self._on_worker_event(worker_id, event, frames[2:])
             except Exception:
                 log.exception("internal error handling %s from a worker", type(event).__name__)
 
+    def _on_worker_event(self, worker_id: str, event: Any, rest: list[Any]) -> None:
+        now = time.monotonic()
+        match event:
+            case p.JobDone():
+                self._on_job_done(worker_id, event, rest)
+            case p.Heartbeat():
+                # From the worker's heartbeat thread, whose socket has an identity of its own:
+                # the worker is named in the message.
+                self.pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
+            case p.Ready():
+                handle = self.pool.ready(event.worker_id, event.fingerprint, self.fingerprint,
+                                         now)
+                if handle is None:
+                    return
+                if self.draining is not None:
+                    self._retire(handle, RestartCause.RECYCLE, now, replace=False)
+                else:
+                    self.scheduler.add_worker(handle.worker_id, handle.recycle_after, now)
+
+    def _on_job_done(self, worker_id: str, event: p.JobDone, rest: list[Any]) -> None:
+        now = time.monotonic()
+        self.pool.seen(worker_id, now)
+        outcome = self.scheduler.on_reply(worker_id, event.token, now)
+        if outcome is None:
+            # Late reply for a job already answered (timed out, or its worker was declared
+            # lost): it must never answer anything else.
+            log.info("dropping late reply %d from %s", event.token, worker_id)
+            return
+        job, lane = outcome
+        self._finish(job, event, rest)
+        if lane is LaneState.RECYCLE or lane is LaneState.DRAINED:
+            handle = self.pool.get(worker_id)
+            if handle is not None:
+                self.pool.retire(handle, RestartCause.RECYCLE, now)
+                self.pool.dismiss(handle, now)
+
+    def _retire(self, handle: WorkerHandle, cause: RestartCause, now: float,
+                replace: bool = True) -> None:
+        """Take no more jobs; a successor takes the slot at once; it exits once its jobs end."""
+        self.pool.retire(handle, cause, now, replace)
+        if self.scheduler.stop_worker(handle.worker_id):
+            self.pool.dismiss(handle, now)
+
+    def _worker_exited(self, handle: WorkerHandle) -> None:
+        now = time.monotonic()
+        gone = self.pool.reap(handle, now)
+        if gone is None:
+            return
+        self._drain_back()  # replies it sent before dying still count
+        self.scheduler.release_worker(handle.worker_id, gone.error, gone.error, now,
+                                      requeue=self.draining is None)
+        self._check_pool(now)
+
+    def _check_pool(self, now: float) -> None:
+        if self.pool.stop_reason is not None and self.exit_code is None:
+            self._stop_now(EXIT_POOL_FAILED, ShuttingDown(self.pool.stop_reason))
+
+    # ------------------------------------------------------------------ sending
+
+    def _flush(self) -> None:
+        """Send what this loop turn produced, back to back: ZeroMQ wakes its I/O thread once
+        per burst rather than once per message, the largest cost per request (measured)."""
+        for job, error in self.scheduler.take_failures():
+            self._fail(job, error)
+        self._back_out.extend(self.scheduler.take_assignments())
+        if self._back_out:
+            outgoing, self._back_out = self._back_out, []
+            by_worker: dict[str, list[PendingJob]] = {}
+            for worker_id, job in outgoing:
+                by_worker.setdefault(worker_id, []).append(job)
+            for worker_id, jobs in by_worker.items():
+                try:
+                    for frames in worker_messages(worker_id.encode(), jobs):
+                        self.back.send_multipart(frames, NOBLOCK, copy=False)
+                except zmq.ZMQError as exc:
+                    # Its socket is gone: it is dying and its pidfd will tell; its jobs are
+                    # requeued (never started) or answered WORKER_LOST then.
+                    log.warning("worker %s unreachable (%s)", worker_id, exc)
+                    handle = self.pool.get(worker_id)
+                    if handle is not None:
+                        self.pool.kill(handle, RestartCause.CRASH)
+                        self.scheduler.stop_worker(worker_id)
+        if self._front_out:
+            outgoing, self._front_out = self._front_out, []
+            for frames in client_messages(outgoing, self._packers):
+                self._send_client(frames)
+
+    def _send_client(self, frames: list[Any]) -> None:
+        try:
+            self.front.send_multipart(frames, NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("client %r is not reading its replies (HWM full); reply dropped", frames[0])
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            # The client disconnected before its reply; nobody is left to answer.
+
+    # ------------------------------------------------------------------ files and config
+
+    def _watch_files(self, module_paths: set[str]) -> None:
+        files = set(module_paths)
+        if self.config_path:
+            files.add(os.path.abspath(self.config_path))
+        self.watcher.set_files(files)
+
+    def _drain_watch_events(self) -> None:
+        while True:
+            try:
+                path = self.watch_events.recv_string(NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if self.config_path and path == os.path.abspath(self.config_path):
+                    self.reload_config("config file changed")
+                elif self.draining is None:
+                    self.binaries.file_changed(path)
+            except Exception:
+                log.exception("internal error handling a change of %s", path)
+
+    def reload_config(self, why: str) -> None:
+        """Apply a changed config without a restart; an invalid one is refused and logged."""
+        if not self.config_path:
+            log.info("%s: running on built-in defaults, nothing to reload", why)
+            return
+        try:
+            text = Path(self.config_path).read_bytes()
+            if why != "SIGHUP" and text == self._config_text:
+                self.config_error = None  # back to the running config (or just touched)
+                return
+            # The bytes just read, not a second read of the file: what is compared is what
+            # gets applied. (ConfigError and a bad UTF-8 decode are both ValueErrors.)
+            new = resolved(parse_config(text.decode("utf-8"), str(self.config_path)))
+        except (ValueError, OSError) as exc:
+            self.config_error = str(exc)
+            log.error("%s: refused the new config, the running one stays: %s", why, exc)
+            return
+        server = self.config.server
+        changed_fixed = [k for k in _RESTART_ONLY if getattr(new.server, k) != getattr(server, k)]
+        if changed_fixed:
+            log.warning("%s: server.%s only change on restart; kept", why,
+                        ", server.".join(changed_fixed))
+            keep = {k: getattr(server, k) for k in _RESTART_ONLY}
+            new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **keep))
+        old_size = self.pool.size
+        now = time.monotonic()
+        self.config = new
+        self._config_text = text
+        self.config_error = None
+        self.scheduler.configure(new.server.max_queue, new.pool.prefetch,
+                                 new.pool.deadline_grace_ms / 1000)
+        self.requests_handler.config = new
+        self.binaries.max_payload_bytes = new.server.max_payload_bytes
+        for handle in self.pool.reconfigure(new, now):
+            self._retire(handle, RestartCause.RECYCLE, now, replace=False)
+        log.info("%s: config reloaded (workers %d -> %d)", why, old_size, self.pool.size)
+
+    # ------------------------------------------------------------------ signals and shutdown
+
+    def _handle_signals(self) -> None:
+        try:
+            data = self._signal_r.recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self.draining is not None and signum == signal.SIGINT:
+                    log.warning("second SIGINT: stopping at once")
+                    self._stop_now(EXIT_FORCED, ShuttingDown("the service was stopped"))
+                    return
+                if self.draining is None:
+                    self._begin_drain(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self.reload_config("SIGHUP")
+            elif signum == signal.SIGCHLD:
+                for handle in self.pool.live():
+                    self._worker_exited(handle)
+
+    def _begin_drain(self, why: str) -> None:
+        log.info("%s: draining (finishing %d in-flight requests, answering %d queued)",
+                 why, self.scheduler.in_flight, self.scheduler.queue_depth)
+        self.draining = Draining(time.monotonic() + self.config.pool.shutdown_grace_ms / 1000)
+        self.pool.stop_replacing()
+        self.scheduler.cancel_queued(ShuttingDown(
+            "the service is shutting down; this request was not started"))
+
+    def _drain_step(self, now: float) -> None:
+        assert self.draining is not None
+        busy = self.scheduler.busy_workers()
+        if busy and now < self.draining.deadline:
+            return
+        late = ShuttingDown("the shutdown grace period ended before this finished")
+        for worker_id in busy:
+            self.scheduler.release_worker(worker_id, late, late, now, requeue=False)
+        for handle in self.pool.live():
+            if handle.state is not WorkerState.RETIRING:
+                self._retire(handle, RestartCause.RECYCLE, now, replace=False)
+        if not any(True for _ in self.pool.live()):
+            self.exit_code = 0
+        elif now > self.draining.deadline + 3:
+            self.pool.kill_all()
+            self.exit_code = 0
+
+    def _stop_now(self, code: int, error: WasmCoreError) -> None:
+        now = time.monotonic()
+        if self.draining is None:
+            self.draining = Draining(now)
+        self.pool.stop_replacing()
+        self.scheduler.cancel_queued(error)
+        for handle in self.pool.live():
+            self.scheduler.release_worker(handle.worker_id, error, error, now, requeue=False)
+            self.pool.kill(handle, RestartCause.RECYCLE)
+        self.exit_code = code
+
     def close(self) -> None:
         self._flush()  # replies decided in the last turn (SHUTTING_DOWN ones, say) go out
-        deadline = time.monotonic() + 3
-        for handle in list(self.by_id.values()):
-            handle.kill(RestartCause.RECYCLE)
-        for handle in list(self.by_id.values()):
-            try:
-                handle.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:
-                pass
-            handle.reap()
+        self.pool.close()
         signal.set_wakeup_fd(-1)
         self.watcher.stop()
         for sock in (self.front, self.back, self.pub, self.watch_events):
             sock.close()
         self.ctx.term()
-        self.registry.close()
+        self.binaries.registry.close()
         self._signal_r.close()
         self._signal_w.close()
         if self.endpoint.startswith("ipc://"):
@@ -427,50 +709,3 @@ class Supervisor(OperationsMixin, SchedulerMixin, WorkerPoolMixin, ReloadMixin, 
 
 def _queue_only(signum: int, frame: object) -> None:
     """Signal handlers only wake the loop (through the wakeup fd); the loop does the work."""
-
-
-def _worker_messages(outgoing: list[tuple[WorkerHandle, PendingJob]]
-                     ) -> dict[WorkerHandle, list[list[Any]]]:
-    """The messages for each worker, its jobs in the order they were assigned: runs of small
-    run jobs become one JobPack frame each, any other job keeps its own message."""
-    by_worker: dict[WorkerHandle, list[PendingJob]] = {}
-    for handle, job in outgoing:
-        by_worker.setdefault(handle, []).append(job)
-    messages: dict[WorkerHandle, list[list[Any]]] = {}
-    for handle, jobs in by_worker.items():
-        identity = handle.worker_id.encode()
-        out: list[list[Any]] = []
-        run: list[PendingJob] = []
-        for job in jobs:
-            if job.packable:
-                run.append(job)
-                continue
-            if run:
-                out.append(_pack(identity, run))
-                run = []
-            frames: list[Any] = [identity, job.header]
-            if job.payload is not None:
-                frames.append(job.payload)
-            elif job.extra:
-                frames.extend(job.extra)
-            out.append(frames)
-        if run:
-            out.append(_pack(identity, run))
-        messages[handle] = out
-    return messages
-
-
-def _pack(identity: bytes, jobs: list[PendingJob]) -> list[Any]:
-    # Even one job is cheaper packed: one frame instead of two.
-    pack = p.JobPack(jobs=[msgspec.Raw(job.header) for job in jobs],  # type: ignore[misc]
-                     payloads=[b"" if job.payload is None else job.payload for job in jobs])
-    return [identity, p.encode(pack)]
-
-
-def _packable_reply(frames: list[Any]) -> bool:
-    """[identity, header, optional payload], all plain bytes and the payload small."""
-    if type(frames[1]) is not bytes:
-        return False
-    if len(frames) == 2:
-        return True
-    return len(frames) == 3 and p.fits_in_pack(frames[2])

@@ -8,7 +8,6 @@ is noticed at once, and signals sent through it can never hit a recycled PID.
 
 from __future__ import annotations
 
-import collections
 import enum
 import os
 import signal
@@ -16,19 +15,19 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 import psutil
 
-from wasmcore.protocol.settings import WorkerSettings
+from wasmcore.protocol.settings import WORKER_MODULE, WorkerSettings
 
 
 class WorkerState(enum.StrEnum):
+    """The process's lifecycle; whether a ready worker is idle or busy is the scheduler's."""
+
     STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    RETIRING = "retiring"  # finishes its job, takes no more, then exits
+    READY = "ready"
+    RETIRING = "retiring"  # finishes its jobs, takes no more, then exits
     DEAD = "dead"
 
 
@@ -48,16 +47,12 @@ class WorkerHandle:
     process: subprocess.Popen[bytes]
     pidfd: int
     started_at: float
-    recycle_after: int
+    recycle_after: int  # executions before it is replaced (jittered per worker)
     state: WorkerState = WorkerState.STARTING
     last_seen: float = field(default_factory=time.monotonic)
-    executions: int = 0
     rss_bytes: int = 0
     compiled: int = 0
     deserialized: int = 0
-    # Jobs sent to it, in order: the head runs, the rest wait (see the scheduler).
-    jobs: collections.deque[Any] = field(default_factory=collections.deque)
-    queued_ms: float = 0.0  # expected run time of `jobs`
     kill_cause: RestartCause | None = None
     retire_cause: RestartCause | None = None
     replaced: bool = False  # a successor already holds this slot
@@ -107,7 +102,7 @@ def spawn_worker(
 ) -> WorkerHandle:
     worker_id = f"w{slot}g{generation}p{os.getpid()}"
     settings = msgspec.structs.replace(settings, worker_id=worker_id, parent_pid=os.getpid())
-    argv = [python or sys.executable, "-m", "wasmcore.sandbox_worker"]
+    argv = [python or sys.executable, "-m", WORKER_MODULE]
     argv.append(msgspec.json.encode(settings).decode())
     process = subprocess.Popen(
         argv,

@@ -1,0 +1,171 @@
+"""What a client asks for, turned into work: execute, execute_batch and chain become run jobs
+for the scheduler; load, unload and list go to the binaries.
+
+Every request names its tenant; a binary is found only among that tenant's own. The limits a
+job runs under are decided here (`run_limits`): the server's configured limits, lowered by the
+binary's configured ones, lowered by the request's. The worker's sandbox applies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from wasmcore.protocol import messages as p
+from wasmcore.protocol import shm
+from wasmcore.protocol.errors import BadRequest, Forbidden, PayloadTooLarge, WasmCoreError
+from wasmcore.protocol.limits import Limits, MiB
+from wasmcore.supervisor.binaries import Binaries
+from wasmcore.supervisor.config import Config
+from wasmcore.supervisor.jobs import PendingJob
+
+Reply = Callable[[list[bytes], Any], None]
+ReplyError = Callable[[list[bytes], int, WasmCoreError], None]
+
+
+def run_limits(config: Config, binary_name: str, wanted: p.RunOptions) -> Limits:
+    """Timeout, fuel and memory for one run: each only ever lowered from the configured."""
+    limits = config.limits.to_limits()
+    per = config.binaries.get(binary_name)
+    if per is not None:
+        limits = limits.lowered(per.timeout_ms, per.fuel,
+                                per.memory_mb * MiB if per.memory_mb else None)
+    return limits.lowered(wanted.timeout_ms, wanted.fuel,
+                          wanted.memory_mb * MiB if wanted.memory_mb else None)
+
+
+class Requests:
+    def __init__(self, config: Config, binaries: Binaries, shm_dir: str | None,
+                 submit: Callable[[PendingJob], None], next_token: Callable[[], int],
+                 reply: Reply, reply_error: ReplyError) -> None:
+        self.config = config
+        self._binaries = binaries
+        self._shm_dir = shm_dir
+        self._submit = submit
+        self._reply = reply
+        self._reply_error = reply_error
+        self._next_token = next_token
+
+    def handle(self, envelope: list[bytes], request: Any, payload: Any) -> None:
+        """One decoded request (its payload frame, or for a batch the list of input frames).
+        Raises WasmCoreError for the caller to answer."""
+        match request:
+            case p.Execute():
+                self._execute(envelope, request, payload)
+            case p.ExecuteBatch():
+                self._batch(envelope, request, payload)
+            case p.Chain():
+                self._chain(envelope, request, payload)
+            case p.Load():
+                self._load(envelope, request, payload)
+            case p.ListBinaries():
+                self._reply(envelope, p.Listed(id=request.id,
+                                               binaries=self._binaries.for_tenant(request.tenant)))
+            case p.Unload():
+                binary = self._binaries.unload(request.tenant, request.binary_id)
+                self._reply(envelope, p.Unloaded(id=request.id, binary_id=binary.binary_id))
+
+    # ------------------------------------------------------------------ runs
+
+    def _entry_for(self, binary: p.BinaryInfo, requested: str | None) -> str | None:
+        per = self.config.binaries.get(binary.name)
+        if per is None or not per.entries:
+            return requested
+        if requested is not None:
+            if requested not in per.entries:
+                raise Forbidden(
+                    f"entry {requested!r} is not allowed for {binary.name!r}; "
+                    f"allowed: {', '.join(per.entries)}",
+                    {"allowed": per.entries},
+                )
+            return requested
+        for entry in per.entries:
+            if entry in binary.exports:
+                return entry
+        raise BadRequest(
+            f"none of the configured entries ({', '.join(per.entries)}) is exported by "
+            f"{binary.name!r}; it exports: {', '.join(binary.exports) or 'nothing callable'}",
+            {"allowed": per.entries, "exports": binary.exports},
+        )
+
+    def _run_job(self, req: p.Execute | p.ExecuteBatch, **fields: Any) -> tuple[p.RunJob,
+                                                                                p.BinaryInfo]:
+        binary = self._binaries.owned(req.tenant, req.binary_id)
+        entry = self._entry_for(binary, req.entry)
+        limits = run_limits(self.config, binary.name, req)
+        job = p.RunJob(token=self._next_token(), request_id=req.id,
+                       modules=[self._binaries.module_ref(binary)],
+                       timeout_ms=limits.timeout_ms, fuel=limits.fuel,
+                       memory_bytes=limits.memory_bytes, env=req.env, entry=entry, **fields)
+        return job, binary
+
+    def _execute(self, envelope: list[bytes], req: p.Execute, payload: Any) -> None:
+        input_shm = req.input_shm
+        if input_shm is not None:
+            if self._shm_dir is None:
+                raise BadRequest("shared-memory payloads are off on this server; send the "
+                                 "input inline")
+            if not shm.NAME.match(input_shm.name) or input_shm.size < 0:
+                raise BadRequest(f"not a segment name: {input_shm.name!r}")
+            if input_shm.size > self.config.server.max_payload_bytes:
+                raise PayloadTooLarge(f"input segment is {input_shm.size} bytes; limit is "
+                                      f"{self.config.server.max_payload_bytes}")
+        if req.output_shm_into and not shm.NAME.match(req.output_shm_into):
+            raise BadRequest(f"not a segment name: {req.output_shm_into!r}")
+        job, binary = self._run_job(
+            req, input_shm=input_shm,
+            output_shm_pid=req.output_shm_pid if self._shm_dir else 0,
+            output_shm_into=req.output_shm_into if self._shm_dir else "")
+        # Its output may overwrite its own input: running it twice could read garbage.
+        retryable = not (input_shm is not None and req.output_shm_into == input_shm.name)
+        self._queue(envelope, req, job, payload, job.timeout_ms / 1000, [binary.binary_id],
+                    retryable=retryable)
+
+    def _batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any]) -> None:
+        job, binary = self._run_job(req, batch=req.count)
+        self._queue(envelope, req, job, None, job.timeout_ms * req.count / 1000,
+                    [binary.binary_id], extra=inputs)
+
+    def _chain(self, envelope: list[bytes], req: p.Chain, payload: Any) -> None:
+        if not req.binary_ids:
+            raise BadRequest("chain needs at least one binary id")
+        binaries = [self._binaries.owned(req.tenant, binary_id) for binary_id in req.binary_ids]
+        limits = [run_limits(self.config, b.name, req) for b in binaries]
+        job = p.RunJob(
+            token=self._next_token(),
+            request_id=req.id,
+            modules=[self._binaries.module_ref(b) for b in binaries],
+            timeout_ms=min(limit.timeout_ms for limit in limits),
+            fuel=min(limit.fuel for limit in limits),
+            memory_bytes=min(limit.memory_bytes for limit in limits),
+            env=req.env,
+            chain=True,
+        )
+        self._queue(envelope, req, job, payload, job.timeout_ms * len(binaries) / 1000,
+                    [b.binary_id for b in binaries])
+
+    def _queue(self, envelope: list[bytes], req: Any, job: p.RunJob, payload: Any,
+               budget_s: float, binary_ids: list[str], extra: list[Any] | None = None,
+               retryable: bool = True) -> None:
+        """Hand a RunJob answering `req` to the scheduler; `budget_s` is what its deadline
+        allows."""
+        pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
+                             header=p.encode(job), payload=payload, budget_s=budget_s,
+                             binary_ids=binary_ids, retryable=retryable)
+        if extra:
+            pending.extra = extra
+        else:
+            pending.packable = p.fits_in_pack(payload)
+        self._submit(pending)
+
+    # ------------------------------------------------------------------ loads
+
+    def _load(self, envelope: list[bytes], req: p.Load, payload: Any) -> None:
+        def done(loaded: p.Loaded) -> None:
+            loaded.id = req.id
+            self._reply(envelope, loaded)
+
+        def failed(error: WasmCoreError) -> None:
+            self._reply_error(envelope, req.id, error)
+
+        self._binaries.load(req.tenant, req.path, req.name, payload, done, failed)
