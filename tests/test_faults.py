@@ -15,10 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import HOSTILE, PLUGINS, wait_for
+from tests.conftest import HOSTILE, PLUGINS, raw_dealer, wait_for
 from wasmcore.client.core import AsyncClient
 from wasmcore.client.launcher import start_service
 from wasmcore.protocol import errors
+from wasmcore.protocol import messages as p
 
 FAST_POOL = {
     "heartbeat_interval_ms": 100,
@@ -152,17 +153,62 @@ def test_blocking_host_call_hits_supervisor_deadline(fault_service):
         wait_for(lambda: len(_live_pids(c)) == 2, 10, "pool at size")
 
 
-def test_late_reply_never_answers_another_request(fault_service):
-    """A worker that is SIGSTOPped past its deadline and then resumed must not have its stale
-    reply delivered: the request was already answered TIMEOUT and the worker killed."""
-    svc = fault_service
-    with svc.client() as c:
-        upper = c.load(PLUGINS / "uppercase.wat").binary_id
-        sleeper = c.load(HOSTILE / "sleep.wat").binary_id
-        with pytest.raises(errors.Timeout):
-            c.execute(sleeper, "", timeout_ms=200)
-        for i in range(50):
-            assert c.execute(upper, f"req {i}").output == f"REQ {i}".encode()
+def test_late_reply_never_answers_another_request():
+    """A reply still in flight when its deadline passes must not answer twice, nor answer a
+    later request. The supervisor itself is SIGSTOPped while its worker runs the job: the
+    worker finishes and sends its reply, which waits in the socket until the supervisor is
+    resumed past the deadline. The request then gets exactly one answer (its result or
+    TIMEOUT, whichever the resumed loop handles first), and the next requests on the same
+    connection get their own replies, never the stale one."""
+    svc = start_service(workers=1, config={
+        "pool": {**FAST_POOL, "deadline_grace_ms": 100, "heartbeat_timeout_ms": 30_000},
+        "limits": {"fuel": 10**13}})
+    try:
+        with svc.client() as c:
+            loop = c.load(HOSTILE / "loop.wat").binary_id
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            worker = psutil.Process(_live_pids(c).pop())
+        supervisor = psutil.Process(svc.process.pid)
+        with raw_dealer(svc.endpoint) as sock:
+            cpu_before = sum(worker.cpu_times()[:2])
+            # Runs until its fuel is gone (a fraction of a second), well inside its timeout;
+            # the supervisor's deadline is timeout + 100 ms grace.
+            sock.send_multipart([p.encode(p.Execute(id=1, binary_id=loop, fuel=300_000_000,
+                                                    timeout_ms=400))])
+            wait_for(lambda: sum(worker.cpu_times()[:2]) > cpu_before + 0.02, 10,
+                     "the worker running the job")
+            supervisor.suspend()
+            try:
+                # Until the worker has answered (idle again) and the deadline has passed.
+                time.sleep(0.6)
+                wait_for(lambda: worker.status() == psutil.STATUS_SLEEPING, 10,
+                         "the worker done with the job")
+            finally:
+                supervisor.resume()
+            first = _replies(sock, 1.0)
+            assert [r.id for r in first] == [1], first
+            assert isinstance(first[0], p.ErrorReply), first
+            assert first[0].code in ("OUT_OF_FUEL", "TIMEOUT"), first
+            for request_id in range(2, 12):
+                sock.send_multipart([p.encode(p.Execute(id=request_id, binary_id=upper)),
+                                     f"req {request_id}".encode()])
+                replies = _replies(sock, 10.0, stop_after=1)
+                assert [r.id for r in replies] == [request_id], replies
+            assert _replies(sock, 0.5) == [], "a second reply to an answered request"
+    finally:
+        svc.cleanup()
+
+
+def _replies(sock, wait_s: float, stop_after: int | None = None) -> list:
+    """Every reply that arrives within `wait_s` (or the first `stop_after` of them)."""
+    out: list = []
+    deadline = time.monotonic() + wait_s
+    while stop_after is None or len(out) < stop_after:
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        if left_ms <= 0 or not sock.poll(left_ms):
+            break
+        out.append(p.reply_decoder.decode(sock.recv_multipart()[0]))
+    return out
 
 
 def test_rss_soft_limit_recycles_after_the_execution():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -52,6 +53,55 @@ def test_code_never_imports_bare_supervisor_package():
             if re.match(r"\s*(from|import)\s+(supervisor|sandbox_worker)\b", line):
                 offenders.append(f"{path}: {line.strip()}")
     assert not offenders, offenders
+
+
+# Which wasmcore packages each package may import: dependencies point one way, through the
+# shared contract (DESIGN.md, Layout). The supervisor starts workers by module name and never
+# imports their runtime; a client loads neither process.
+IMPORT_RULES = {
+    "protocol": {"protocol"},
+    "client": {"client", "protocol"},
+    "supervisor": {"supervisor", "protocol"},
+    "sandbox_worker": {"sandbox_worker", "protocol"},
+}
+
+
+def _wasmcore_imports(path: Path) -> set[str]:
+    """The wasmcore packages a module imports (absolute imports; relative ones stay inside
+    its own package)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "wasmcore" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_import_rules_hold():
+    broken = []
+    for package, allowed in IMPORT_RULES.items():
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files, f"no modules found in {package}/"
+        for path in files:
+            for imported in _wasmcore_imports(path) - allowed:
+                broken.append(f"{path.relative_to(ROOT)} imports wasmcore.{imported}")
+    assert not broken, "\n".join(broken)
+
+
+def test_no_mixins_over_shared_state():
+    # Components own their state and are composed; a class named *Mixin is the pattern the
+    # supervisor was rebuilt away from.
+    mixins = [f"{path.relative_to(ROOT)}: {node.name}"
+              for package in IMPORT_RULES for path in (ROOT / package).rglob("*.py")
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.ClassDef) and node.name.endswith("Mixin")]
+    assert not mixins, mixins
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None and not Path(sys.executable).with_name("ruff")
