@@ -136,10 +136,12 @@ class Scheduler:
     def submit(self, job: PendingJob, now: float, bounded: bool = True) -> None:
         """Run `job` on a worker now, or queue it; Busy when the queue is full (`bounded`
         off: never refused, for work that must not be lost, such as a hot reload)."""
-        lane = self._pick_lane()
-        if lane is not None:
-            self._assign(lane, job, now)
-            return
+        if not self._queue:  # else it waits its turn: nobody overtakes a queued job
+            estimate = self._estimate_ms(job)
+            lane = self._pick_lane(estimate)
+            if lane is not None:
+                self._assign(lane, job, now, estimate)
+                return
         if bounded and len(self._queue) >= self.max_queue:
             raise Busy(
                 f"all workers are busy and {len(self._queue)} requests are queued; "
@@ -171,6 +173,7 @@ class Scheduler:
                                         else 0.8 * previous + 0.2 * elapsed_ms)
         if lane.jobs:
             self._start_clock(lane.jobs[0], now)
+            self._dispatch_queue(now)  # the room this reply freed goes to the queue first
             return job, LaneState.BUSY
         if not lane.accepting:
             return job, LaneState.DRAINED
@@ -203,7 +206,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ internals
 
-    def _pick_lane(self) -> Lane | None:
+    def _pick_lane(self, estimate_ms: float) -> Lane | None:
+        """An idle worker, else (for a job known to be quick) a busy one with room."""
         lanes = self._lanes
         while self._idle:
             # The most recently idle worker (LIFO): its caches are still warm. At low load one
@@ -212,6 +216,8 @@ class Scheduler:
             lane = lanes.get(self._idle.pop())
             if lane is not None and lane.accepting and not lane.jobs:
                 return lane
+        if estimate_ms >= PREFETCH_BUDGET_MS:  # unknown or slow: only an idle worker
+            return None
         depth = self.prefetch
         best: Lane | None = None
         for lane in lanes.values():
@@ -228,11 +234,11 @@ class Scheduler:
             return math.inf
         return sum(self._exec_ms.get(b, math.inf) for b in job.binary_ids)
 
-    def _assign(self, lane: Lane, job: PendingJob, now: float) -> None:
+    def _assign(self, lane: Lane, job: PendingJob, now: float, estimate_ms: float) -> None:
         self._assignments.append((lane.worker_id, job))
         lane.jobs.append(job)
-        job.estimate_ms = self._estimate_ms(job)
-        lane.queued_ms += job.estimate_ms
+        job.estimate_ms = estimate_ms
+        lane.queued_ms += estimate_ms
         if len(lane.jobs) == 1:
             self._start_clock(job, now)
 
@@ -242,14 +248,16 @@ class Scheduler:
 
     def _become_idle(self, lane: Lane, now: float) -> None:
         if self._queue:
-            self._assign(lane, self._queue.popleft(), now)
+            job = self._queue.popleft()
+            self._assign(lane, job, now, self._estimate_ms(job))
             self._dispatch_queue(now)
         else:
             self._idle.append(lane.worker_id)
 
     def _dispatch_queue(self, now: float) -> None:
         while self._queue:
-            lane = self._pick_lane()
+            estimate = self._estimate_ms(self._queue[0])
+            lane = self._pick_lane(estimate)
             if lane is None:
                 return
-            self._assign(lane, self._queue.popleft(), now)
+            self._assign(lane, self._queue.popleft(), now, estimate)

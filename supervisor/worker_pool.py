@@ -314,7 +314,8 @@ class WorkerPool:
         if handle.replaced or not self._replacing or self.stop_reason is not None:
             return
         handle.replaced = True
-        if was_starting and handle.kill_cause is None:
+        # Dying before ready, or killed for not getting ready in time, is a failed start.
+        if was_starting and handle.kill_cause in (None, RestartCause.START_FAILURE):
             reason = ("worker exited at start" if code != EXIT_BOOT_ERROR
                       else "worker could not boot (see its stderr above)")
             log.error("%s: %s (%s)", handle.worker_id, reason, describe_exit(code))

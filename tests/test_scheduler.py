@@ -315,11 +315,6 @@ def test_compile_jobs_count_as_slow() -> None:
     assert sched.queue_depth == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_pick_lane checks only the run time a busy lane already holds, not the new job's: a "
-    "job of a never-run binary (estimate inf) is parked behind a quick head instead of "
-    "waiting in the queue (module docstring: only jobs of binaries known to be quick are "
-    "ever queued behind each other)"))
 def test_job_of_unknown_binary_is_not_parked_behind_a_quick_job() -> None:
     """A job of a never-run binary waits in the queue rather than behind a busy worker's
     quick head."""
@@ -331,10 +326,6 @@ def test_job_of_unknown_binary_is_not_parked_behind_a_quick_job() -> None:
     assert sched.queue_depth == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on_reply returns BUSY without dispatching the queue, and submit() prefetches onto a "
-    "busy lane without looking at the queue: a new job takes the room a reply freed, ahead "
-    "of older queued jobs, which wait until some lane runs dry (never, under steady load)"))
 def test_queued_job_is_not_overtaken_by_newer_jobs() -> None:
     """Under steady load (each reply followed by a new request) a job already waiting in the
     queue is sent to a worker before the requests that arrive after it."""

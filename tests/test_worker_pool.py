@@ -166,10 +166,6 @@ def test_failed_start_is_retried_after_the_backoff(endpoint_dir: str, spawns: Sp
         pool.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker killed by the start timeout has kill_cause START_FAILURE, and _after_exit "
-    "counts a start failure only when kill_cause is None: a worker that hangs at boot is "
-    "restarted every start_timeout, with no backoff, and never trips the breaker"))
 def test_worker_killed_for_start_timeout_counts_as_start_failure(
         endpoint_dir: str, spawns: SpawnLog) -> None:
     """A worker that never says ready is killed at the start timeout, and that counts toward
