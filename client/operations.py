@@ -1,0 +1,174 @@
+"""The transport-free core of both clients: one `Operation` per request, ready to send.
+
+An operation is a request header, its payload frames, how long to wait for its reply and how
+to turn that reply into the caller's result. `Client` and `AsyncClient` only send operations
+and wait; everything else they share is decided here once, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from wasmcore.client.results import ChainExecution, Execution, unpack
+from wasmcore.client.shared_memory import SharedMemory
+from wasmcore.protocol import messages as p
+from wasmcore.protocol.errors import WasmCoreError
+
+T = TypeVar("T")
+Payload = bytes | list[bytes] | None
+
+# A load compiles the module before it answers: a large one takes far longer than a run.
+LOAD_WAIT_S = 120.0
+# Hello comes before a client's first execute: a server that cannot answer it this fast is
+# not one to send work to.
+HELLO_WAIT_S = 10.0
+# A plugin that overruns its timeout_ms is stopped by the server, which then answers TIMEOUT:
+# the client waits that long for that answer instead of giving up first.
+TIMEOUT_GRACE_S = 5.0
+
+
+class Operation(Generic[T]):
+    """One request and what to do with its reply. Transports call `finish` with the reply,
+    or `abandon` when none will come (timeout, cancellation, a failed send)."""
+
+    __slots__ = ("request", "payload", "wait_s")
+
+    def __init__(self, request: Any, payload: Payload, wait_s: float) -> None:
+        self.request = request
+        self.payload = payload
+        self.wait_s = wait_s
+
+    def finish(self, reply: Any, frames: list[bytes]) -> T:
+        return unpack(reply, frames)
+
+    def abandon(self) -> None:
+        pass
+
+
+class Exchange(Operation[tuple[Any, list[bytes]]]):
+    """A request sent as it is, its reply returned as it came: (reply header, payload frames)."""
+
+    __slots__ = ()
+
+    def finish(self, reply: Any, frames: list[bytes]) -> tuple[Any, list[bytes]]:
+        return reply, frames
+
+
+class ExecuteOperation(Operation[Execution]):
+    """An execute, which may lend a shared-memory segment: its input, or room for a large
+    output. The segment comes back when the request is over, for reuse only after a
+    successful reply (a worker may still hold it after anything else)."""
+
+    __slots__ = ("shared", "lent")
+
+    def __init__(self, request: p.Execute, data: bytes, wait_s: float,
+                 shared: SharedMemory) -> None:
+        # Every slot set here, no super().__init__: this runs once per execute.
+        self.request = request
+        self.wait_s = wait_s
+        self.shared = shared
+        self.payload, self.lent = shared.attach(request, data)
+
+    def finish(self, reply: Any, frames: list[bytes]) -> Execution:
+        reusable = False
+        try:
+            result: Execution = unpack(reply, frames, self.shared)
+            reusable = isinstance(reply, p.Executed)
+            return result
+        finally:
+            self.shared.release(self.lent, reusable)
+
+    def abandon(self) -> None:
+        self.shared.release(self.lent)
+
+
+def encode_frames(request: Any, payload: Payload) -> list[bytes]:
+    """The request's frames on the wire: its header, then its payload frames."""
+    header = p.encode(request)
+    if payload is None:
+        return [header]
+    if isinstance(payload, list):
+        return [header, *payload]
+    return [header, payload]
+
+
+def per_step_wait_s(client_timeout_s: float, steps: int, timeout_ms: int | None) -> float:
+    """The wait for a batch or chain: its steps run one after another, each allowed the
+    request's timeout_ms."""
+    return client_timeout_s + steps * (timeout_ms or 0) / 1000
+
+
+def execute_wait_s(client_timeout_s: float, timeout_ms: int | None) -> float:
+    """The wait for an execute: the client's timeout, or longer when the request allows the
+    plugin more time."""
+    return max(client_timeout_s, (timeout_ms or 0) / 1000 + TIMEOUT_GRACE_S)
+
+
+def hello(tenant: str, client_timeout_s: float) -> Operation[p.Welcome]:
+    return Operation(p.Hello(tenant=tenant), None, min(client_timeout_s, HELLO_WAIT_S))
+
+
+def load(tenant: str, client_timeout_s: float, path: str | os.PathLike[str] | None,
+         data: bytes | None, name: str | None) -> Operation[p.Loaded]:
+    wait_s = max(client_timeout_s, LOAD_WAIT_S)
+    if path is not None and data is not None:
+        raise ValueError("load takes a path or data, not both")
+    if path is not None:
+        # A path means the server's filesystem; on one host, the caller's cwd is what a user
+        # means by a relative path.
+        return Operation(p.Load(tenant=tenant, path=str(Path(path).absolute()), name=name),
+                         None, wait_s)
+    if data is None:
+        raise ValueError("load needs a path or data")
+    if not name:
+        raise ValueError("loading bytes needs a name")
+    return Operation(p.Load(tenant=tenant, name=name), bytes(data), wait_s)
+
+
+def execute(shared: SharedMemory, tenant: str, client_timeout_s: float, binary_id: str,
+            input: bytes | str, timeout_ms: int | None, memory_mb: int | None,
+            fuel: int | None, env: Mapping[str, str] | None,
+            entry: str | None) -> ExecuteOperation:
+    # AsyncClient's hot path (~40k a second): one request and one operation, nothing more.
+    data = input.encode() if isinstance(input, str) else bytes(input)
+    request = p.Execute(binary_id=binary_id, tenant=tenant, timeout_ms=timeout_ms,
+                        memory_mb=memory_mb, fuel=fuel, env=dict(env or {}), entry=entry)
+    return ExecuteOperation(request, data, execute_wait_s(client_timeout_s, timeout_ms), shared)
+
+
+def execute_batch(tenant: str, client_timeout_s: float, binary_id: str,
+                  inputs: Iterable[bytes | str], timeout_ms: int | None, memory_mb: int | None,
+                  fuel: int | None, env: Mapping[str, str] | None,
+                  entry: str | None) -> Operation[list[Execution | WasmCoreError]]:
+    frames = [i.encode() if isinstance(i, str) else bytes(i) for i in inputs]
+    if not frames:
+        raise ValueError("execute_batch needs at least one input")
+    request = p.ExecuteBatch(binary_id=binary_id, tenant=tenant, count=len(frames),
+                             timeout_ms=timeout_ms, memory_mb=memory_mb, fuel=fuel,
+                             env=dict(env or {}), entry=entry)
+    return Operation(request, frames, per_step_wait_s(client_timeout_s, len(frames), timeout_ms))
+
+
+def chain(tenant: str, client_timeout_s: float, binary_ids: Iterable[str], input: bytes | str,
+          timeout_ms: int | None, memory_mb: int | None, fuel: int | None,
+          env: Mapping[str, str] | None) -> Operation[ChainExecution]:
+    ids = list(binary_ids)
+    data = input.encode() if isinstance(input, str) else bytes(input)
+    request = p.Chain(binary_ids=ids, tenant=tenant, timeout_ms=timeout_ms,
+                      memory_mb=memory_mb, fuel=fuel, env=dict(env or {}))
+    return Operation(request, data, per_step_wait_s(client_timeout_s, len(ids), timeout_ms))
+
+
+def list_binaries(tenant: str, client_timeout_s: float) -> Operation[list[p.BinaryInfo]]:
+    return Operation(p.ListBinaries(tenant=tenant), None, client_timeout_s)
+
+
+def unload(tenant: str, client_timeout_s: float, binary_id: str) -> Operation[None]:
+    return Operation(p.Unload(tenant=tenant, binary_id=binary_id), None, client_timeout_s)
+
+
+def stats(tenant: str, client_timeout_s: float) -> Operation[p.StatsReply]:
+    return Operation(p.Stats(tenant=tenant), None, client_timeout_s)

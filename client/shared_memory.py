@@ -1,0 +1,136 @@
+"""`SharedMemory`: the client's segments in the server's shared-memory directory. It knows
+segments, not replies: the execute operation (`operations`) says when a lent one comes back.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+from wasmcore.protocol import messages as p
+from wasmcore.protocol import shm
+from wasmcore.protocol.errors import Unavailable
+from wasmcore.protocol.shm import ShmRef
+
+
+class SharedMemory:
+    """The client's side of shared-memory payloads, settled once per client by `hello`.
+
+    Used only when the server's boot id matches this host's and its segment directory is
+    writable here. Segments are recycled through a small free list: a large input is written
+    over a spare segment, and the request lends that segment (or a spare one) to the worker
+    for a large output, which overwrites it in place once the input is read. Reused tmpfs
+    pages cost no allocation, zeroing or freeing. A segment goes back to the free list only
+    after a successful reply (the worker is then done with it); after anything else it is
+    removed. A `zero_copy` output is a read-only view of its segment's mapping: the segment
+    returns to the free list when the caller drops the last reference to that view. Whatever
+    a crash leaves behind, the server sweeps (segments carry this process's pid).
+    """
+
+    _KEEP = 4
+
+    def __init__(self, welcome: p.Welcome, zero_copy: bool = False) -> None:
+        self.pid = os.getpid()
+        self.zero_copy = zero_copy
+        self.directory: str | None = None
+        self.threshold = welcome.shm_threshold_bytes
+        if (welcome.shm_dir and welcome.boot_id and welcome.boot_id == shm.boot_id()
+                and os.access(welcome.shm_dir, os.W_OK)):
+            self.directory = welcome.shm_dir
+        self._free: list[str] = []
+        self._lent: set[str] = set()  # lent to requests in flight
+        self._viewed: set[str] = set()  # behind zero-copy views the caller still holds
+        self._closed = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def wants(self, data: bytes) -> bool:
+        return self.directory is not None and len(data) >= self.threshold
+
+    def put(self, data: bytes) -> ShmRef:
+        assert self.directory is not None
+        while self._free:
+            name = self._free.pop()
+            try:
+                return shm.overwrite(self.directory, name, data)
+            except OSError:
+                continue  # swept or removed: make a new one
+        return shm.write(self.directory, self.pid, data)
+
+    def attach(self, request: p.Execute, data: bytes) -> tuple[bytes | None, str]:
+        """Ready `request` for shared memory. Returns (the inline payload, or None when the
+        input went into a segment; the name of the segment lent to the request, or "").
+        Once the request is over, hand that name to `release`: reusable only after a
+        successful reply, when the worker is done with the segment."""
+        if self.directory is None:
+            return data, ""
+        request.output_shm_pid = self.pid
+        if self.wants(data):
+            request.input_shm = self.put(data)
+            lent, payload = request.input_shm.name, None
+        else:
+            lent, payload = (self._free.pop() if self._free else ""), data
+        if lent:
+            self._lent.add(lent)
+            request.output_shm_into = lent
+        return payload, lent
+
+    def release(self, name: str, reusable: bool = False) -> None:
+        if self.directory is None or not name:
+            return
+        self._lent.discard(name)
+        if name not in self._viewed:  # else it comes back when its view is dropped
+            self._keep(name, reusable)
+
+    def _keep(self, name: str, reusable: bool) -> None:
+        assert self.directory is not None
+        if reusable and not self._closed and len(self._free) < self._KEEP:
+            self._free.append(name)
+        else:
+            shm.remove(self.directory, name)
+
+    def take_output(self, ref: ShmRef) -> bytes:
+        if self.directory is None:
+            raise Unavailable("shared-memory output without a shared-memory directory")
+        if self.zero_copy:
+            return self._view(ref)  # type: ignore[return-value]
+        if ref.name in self._lent:
+            return shm.read(self.directory, ref)  # lent: `release` takes it back
+        reusable = False
+        try:
+            data = shm.read(self.directory, ref)
+            reusable = True
+            return data
+        finally:
+            self._keep(ref.name, reusable)
+
+    def _view(self, ref: ShmRef) -> memoryview:
+        assert self.directory is not None
+        try:
+            region = shm.map_readonly(self.directory, ref)
+        except BaseException:
+            if ref.name not in self._lent:
+                shm.remove(self.directory, ref.name)
+            raise
+        if region is None:
+            if ref.name not in self._lent:
+                self._keep(ref.name, True)
+            return memoryview(b"")
+        self._viewed.add(ref.name)
+        weakref.finalize(region, self._view_dropped, ref.name)
+        return memoryview(region)
+
+    def _view_dropped(self, name: str) -> None:
+        self._viewed.discard(name)
+        if name not in self._lent:
+            self._keep(name, True)
+
+    def close(self) -> None:
+        self._closed = True
+        if self.directory is not None:
+            # Views still held stay readable: a mapping outlives its name.
+            for name in [*self._free, *self._viewed]:
+                shm.remove(self.directory, name)
+        self._free.clear()

@@ -1,0 +1,217 @@
+"""The clients' shared core: request building and reply waits without a server, and the
+blocking and asyncio clients agreeing with each other, on their requests and against a server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HOSTILE, PLUGINS
+from wasmcore.client import AsyncClient, Client
+from wasmcore.client import operations as ops
+from wasmcore.client.core import ChainExecution, Execution, SharedMemory
+from wasmcore.protocol import errors
+from wasmcore.protocol import messages as p
+
+# Connecting needs no server, and these tests never send.
+NOWHERE = "ipc:///tmp/wasm-core-test-nobody.sock"
+
+
+def no_shm() -> SharedMemory:
+    return SharedMemory(p.Welcome(id=0, server_version="test"))  # no shm_dir: inline frames
+
+
+# ------------------------------------------------------------------ the core on its own
+
+
+def test_chain_waits_the_client_timeout_plus_each_step():
+    op = ops.chain("acme", 30.0, ["a", "b", "c"], "in", 2000, 64, 10, {"K": "V"})
+    assert op.request == p.Chain(binary_ids=["a", "b", "c"], tenant="acme", timeout_ms=2000,
+                                 memory_mb=64, fuel=10, env={"K": "V"})
+    assert op.payload == b"in"
+    assert op.wait_s == 30.0 + 3 * 2.0
+    assert ops.chain("acme", 30.0, iter(["a", "b"]), b"", None, None, None, None).wait_s == 30.0
+
+
+def test_execute_waits_for_the_servers_timeout_answer():
+    def wait(client_timeout_s: float, timeout_ms: int | None) -> float:
+        return ops.execute(no_shm(), "t", client_timeout_s, "b", b"", timeout_ms, None, None,
+                           None, None).wait_s
+
+    assert wait(30.0, None) == 30.0
+    assert wait(30.0, 1000) == 30.0  # a short run: the client's own timeout
+    assert wait(30.0, 60_000) == 60.0 + ops.TIMEOUT_GRACE_S
+    assert wait(1.0, 2000) == 2.0 + ops.TIMEOUT_GRACE_S
+
+
+def test_execute_request_and_inline_payload():
+    op = ops.execute(no_shm(), "acme", 30.0, "bin", "héllo", 500, 32, 7, {"A": "1"}, "main")
+    assert op.request == p.Execute(binary_id="bin", tenant="acme", timeout_ms=500, memory_mb=32,
+                                   fuel=7, env={"A": "1"}, entry="main")
+    assert op.payload == "héllo".encode()
+    assert op.lent == ""  # no shared memory: nothing lent, nothing to give back
+    op.abandon()
+
+
+def test_batch_waits_the_client_timeout_plus_each_input():
+    op = ops.execute_batch("t", 10.0, "bin", [b"a", "b", bytearray(b"c")], 1500, None, None,
+                           None, None)
+    assert op.request.count == 3 and op.payload == [b"a", b"b", b"c"]
+    assert op.wait_s == 10.0 + 3 * 1.5
+    with pytest.raises(ValueError, match="at least one input"):
+        ops.execute_batch("t", 10.0, "bin", [], None, None, None, None, None)
+
+
+def test_load_waits_for_a_compile():
+    by_path = ops.load("t", 30.0, Path("plugins/uppercase.wat"), None, None)
+    assert by_path.request.path == str(Path("plugins/uppercase.wat").absolute())
+    assert by_path.payload is None and by_path.wait_s == ops.LOAD_WAIT_S
+    by_data = ops.load("t", 300.0, None, bytearray(b"\0asm"), "mine")
+    assert by_data.request == p.Load(tenant="t", name="mine") and by_data.payload == b"\0asm"
+    assert by_data.wait_s == 300.0
+    with pytest.raises(ValueError, match="not both"):
+        ops.load("t", 30.0, "x.wat", b"x", "x")
+    with pytest.raises(ValueError, match="needs a name"):
+        ops.load("t", 30.0, None, b"x", None)
+
+
+def test_short_requests_wait_the_client_timeout():
+    assert ops.hello("t", 30.0).wait_s == ops.HELLO_WAIT_S
+    assert ops.hello("t", 2.0).wait_s == 2.0
+    for op in (ops.list_binaries("t", 7.0), ops.unload("t", 7.0, "b"), ops.stats("t", 7.0)):
+        assert op.wait_s == 7.0 and op.payload is None and op.request.tenant == "t"
+
+
+def test_frames_and_replies():
+    request = p.Unload(id=3, tenant="t", binary_id="b")
+    assert ops.encode_frames(request, None) == [p.encode(request)]
+    assert ops.encode_frames(request, b"x") == [p.encode(request), b"x"]
+    assert ops.encode_frames(request, [b"x", b"y"]) == [p.encode(request), b"x", b"y"]
+    op = ops.execute(no_shm(), "t", 30.0, "b", b"x", None, None, None, None, None)
+    result = op.finish(p.Executed(id=1, logs=["l"], binary_id="b", version=2), [b"X"])
+    assert isinstance(result, Execution) and (result.output, result.logs) == (b"X", ["l"])
+    with pytest.raises(errors.NotFound):
+        op.finish(p.ErrorReply(id=1, code="NOT_FOUND", message="no such binary"), [])
+    chained = ops.chain("t", 30.0, ["b"], b"", None, None, None, None).finish(
+        p.Chained(id=1, worker_pid=9), [b"out"])
+    assert chained == ChainExecution(output=b"out", worker_pid=9)
+    assert ops.list_binaries("t", 1.0).finish(p.Listed(id=1), []) == []
+    assert ops.unload("t", 1.0, "b").finish(p.Unloaded(id=1, binary_id="b"), []) is None
+
+
+# ------------------------------------------------------------------ both clients, same requests
+
+# Each public request, as a call on either client: what both must turn into the same operation.
+REQUESTS: dict[str, Callable[[Any], Any]] = {
+    "hello": lambda c: c.hello(),
+    "load": lambda c: c.load(data=b"\0asm", name="m"),
+    "execute": lambda c: c.execute("b", "x", timeout_ms=9000, memory_mb=8, env={"K": "V"}),
+    "execute_batch": lambda c: c.execute_batch("b", [b"1", b"2"], timeout_ms=700),
+    "chain": lambda c: c.chain(["a", "b", "c"], b"x", timeout_ms=1500, fuel=5),
+    "list": lambda c: c.list(),
+    "unload": lambda c: c.unload("b"),
+    "stats": lambda c: c.stats(),
+}
+
+
+def _answer(op: ops.Operation[Any]) -> Any:
+    # hello's caller reads its Welcome; nothing else is looked at.
+    return p.Welcome(id=0, server_version="test") if type(op.request) is p.Hello else None
+
+
+def sync_operation(make: Callable[[Any], Any]) -> ops.Operation[Any]:
+    sent: list[ops.Operation[Any]] = []
+    with Client(NOWHERE, tenant="acme", timeout_s=3.0) as client:
+        client._shared = no_shm()
+
+        def run(op: ops.Operation[Any]) -> Any:
+            sent.append(op)
+            return _answer(op)
+
+        client._run = run  # type: ignore[method-assign]
+        make(client)
+    [op] = sent
+    return op
+
+
+def async_operation(make: Callable[[Any], Any]) -> ops.Operation[Any]:
+    sent: list[ops.Operation[Any]] = []
+
+    async def main() -> None:
+        async with AsyncClient(NOWHERE, tenant="acme", timeout_s=3.0) as client:
+            client._shared = no_shm()
+
+            async def run(op: ops.Operation[Any]) -> Any:
+                sent.append(op)
+                return _answer(op)
+
+            client._run = run  # type: ignore[method-assign]
+            await make(client)
+
+    asyncio.run(main())
+    [op] = sent
+    return op
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_both_clients_build_the_same_request_and_wait(name):
+    sync_op, async_op = sync_operation(REQUESTS[name]), async_operation(REQUESTS[name])
+    assert type(sync_op) is type(async_op)
+    assert sync_op.request == async_op.request
+    assert sync_op.payload == async_op.payload
+    assert sync_op.wait_s == async_op.wait_s
+
+
+def test_both_clients_wait_for_every_chain_step():
+    for op in (sync_operation(REQUESTS["chain"]), async_operation(REQUESTS["chain"])):
+        assert op.wait_s == 3.0 + 3 * 1.5
+
+
+# ------------------------------------------------------------------ both clients, one server
+
+
+def _chain_outcome(result: ChainExecution | None, error: Exception | None) -> Any:
+    if error is not None:
+        return type(error), getattr(error, "details", {}).get("step")
+    assert result is not None
+    return result.output, [step.binary_id for step in result.steps]
+
+
+def test_sync_and_async_chain_behave_the_same(service):
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        rot = c.load(PLUGINS / "rot13.wat").binary_id
+        loop = c.load(HOSTILE / "loop.wat").binary_id
+    # The last one outlives the clients' 1 s timeout: a chain's reply wait allows each step
+    # its timeout_ms, so the server's TIMEOUT answer arrives in time for either client.
+    cases: list[tuple[list[str], int | None]] = [
+        ([upper, rot], None), ([upper, "no-such-binary"], None), ([upper, loop], 1200)]
+
+    sync_outcomes = []
+    with Client(service.endpoint, timeout_s=1.0) as client:
+        for ids, timeout_ms in cases:
+            try:
+                sync_outcomes.append(_chain_outcome(
+                    client.chain(ids, "hello chain", timeout_ms=timeout_ms), None))
+            except errors.WasmCoreError as exc:
+                sync_outcomes.append(_chain_outcome(None, exc))
+
+    async def run_async() -> list[Any]:
+        outcomes = []
+        async with AsyncClient(service.endpoint, timeout_s=1.0) as client:
+            for ids, timeout_ms in cases:
+                try:
+                    outcomes.append(_chain_outcome(
+                        await client.chain(ids, "hello chain", timeout_ms=timeout_ms), None))
+                except errors.WasmCoreError as exc:
+                    outcomes.append(_chain_outcome(None, exc))
+        return outcomes
+
+    assert sync_outcomes[0] == (b"URYYB PUNVA", [upper, rot])
+    assert sync_outcomes[1][0] is errors.NotFound
+    assert sync_outcomes[2] == (errors.Timeout, 1)
+    assert asyncio.run(run_async()) == sync_outcomes
