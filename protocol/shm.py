@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import re
@@ -24,6 +25,12 @@ from pathlib import Path
 import msgspec
 
 NAME = re.compile(r"^wc-(\d+)-([0-9a-f]{32})$")
+# The kernel's ceiling for pid_max on 64-bit: used when /proc does not say.
+_PID_MAX_LIMIT = 4 * 1024 * 1024
+# Non-segments named like segments are reported once each, not on every sweep.
+_REPORTED_MAX = 1024
+
+log = logging.getLogger("wasmcore.shm")
 
 
 class ShmRef(msgspec.Struct, array_like=True, frozen=True):
@@ -247,23 +254,57 @@ def remove(directory: str | Path, name: str) -> None:
 
 
 def sweep(directory: str | Path) -> int:
-    """Remove segments whose owner process is gone; returns how many."""
+    """Remove segments whose owner process is gone; returns how many.
+
+    Each entry is judged on its own: only regular files (lstat) whose names parse, with an
+    owner pid that is out of range (garbage) or no longer running. Any error is logged and
+    that entry skipped: nothing anyone puts in the directory makes this raise.
+    """
+    highest_pid = pid_max()
     removed = 0
     try:
-        entries = os.scandir(directory)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                removed += _sweep_one(entry, highest_pid)
     except FileNotFoundError:
-        return 0
-    with entries:
-        for entry in entries:
-            match = NAME.match(entry.name)
-            if match is None or _alive(int(match.group(1))):
-                continue
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except FileNotFoundError:
-                pass
+        pass
+    except Exception as exc:  # noqa: BLE001 - a sweep must never take its caller down
+        log.warning("cannot sweep %s: %s", directory, exc)
     return removed
+
+
+def _sweep_one(entry: os.DirEntry[str], highest_pid: int) -> int:
+    match = NAME.match(entry.name)
+    if match is None:
+        return 0  # not a segment's name: not ours to judge
+    try:
+        # lstat's answer (from the directory entry's type when the filesystem gives it).
+        if not entry.is_file(follow_symlinks=False):
+            _report_once(entry.path, "named like a segment but not a regular file; left alone")
+            return 0
+        pid = int(match.group(1))
+        # Out of range: no process can own it (0 or a pid past pid_max).
+        if 1 <= pid <= highest_pid and _alive(pid):
+            return 0
+        os.unlink(entry.path)
+        return 1
+    except FileNotFoundError:
+        return 0  # removed meanwhile
+    except Exception as exc:  # noqa: BLE001 - one entry never stops the sweep
+        _report_once(entry.path, f"not swept: {exc}")
+        return 0
+
+
+_reported: set[str] = set()
+
+
+def _report_once(path: str, why: str) -> None:
+    if path in _reported:
+        return
+    if len(_reported) >= _REPORTED_MAX:
+        _reported.clear()
+    _reported.add(path)
+    log.warning("shared-memory sweep: %s: %s", path, why)
 
 
 def _alive(pid: int) -> bool:
@@ -272,8 +313,16 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # someone else's process
     return True
+
+
+def pid_max() -> int:
+    """The highest pid this host hands out."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return _PID_MAX_LIMIT
 
 
 def boot_id() -> str:
