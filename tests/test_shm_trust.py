@@ -1,4 +1,5 @@
-"""The shared-memory sweep survives anything it finds in the shared-memory directory."""
+"""The shared-memory sweep survives anything it finds in the shared-memory directory, and each
+instance has a directory of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from wasmcore.protocol import shm
+from wasmcore.supervisor.config import Config, ServerConfig, resolved
 
 
 def _dead_pid() -> int:
@@ -76,3 +78,19 @@ def test_sweep_survives_an_unlink_that_fails(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(os, "unlink", flaky_unlink)
     assert shm.sweep(tmp_path) == 2
     assert len(os.listdir(tmp_path)) == 1
+
+
+# --------------------------------------------------------------------------- one dir per instance
+
+
+def test_each_instance_has_its_own_default_shm_dir() -> None:
+    one = resolved(Config(server=ServerConfig(endpoint="ipc:///tmp/a/wasm-core.sock")))
+    two = resolved(Config(server=ServerConfig(endpoint="tcp://127.0.0.1:5555")))
+    three = resolved(Config(server=ServerConfig(endpoint="tcp://127.0.0.1:5556")))
+    dirs = {one.server.shm_dir, two.server.shm_dir, three.server.shm_dir}
+    assert len(dirs) == 3
+    again = resolved(Config(server=ServerConfig(endpoint="tcp://127.0.0.1:5555")))
+    assert again.server.shm_dir == two.server.shm_dir  # a restart finds its own dir again
+    explicit = resolved(Config(server=ServerConfig(endpoint="tcp://127.0.0.1:5555",
+                                                   shm_dir="/dev/shm/mine")))
+    assert explicit.server.shm_dir == "/dev/shm/mine"
