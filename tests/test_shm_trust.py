@@ -1,17 +1,40 @@
-"""The shared-memory sweep survives anything it finds in the shared-memory directory, and each
-instance has a directory of its own."""
+"""Shared-memory segments trust nothing a client says: no owner pid is taken from a request,
+a lent segment is used only if it is a plain file of ours, and the sweep survives anything it
+finds in the shared-memory directory."""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
+import pytest
+
+from tests.conftest import PLUGINS, raw_dealer, wait_for
+from wasmcore.client.launcher import RunningService, start_service
+from wasmcore.protocol import messages as p
 from wasmcore.protocol import shm
 from wasmcore.supervisor.config import Config, ServerConfig, resolved
+
+# Owner pids an attacker may claim: past what os.kill takes, past a 64-bit pid, and ones a
+# liveness check always finds alive (-1: every process; 1: init).
+FORGED_PIDS = [2**31, 2**63 - 1, -1, 1]
+BIG = 300 * 1024  # above the default 256 KiB threshold: the output would go to a segment
+FAST_POOL = {"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 1000}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _dead_pid() -> int:
@@ -22,6 +45,121 @@ def _dead_pid() -> int:
 
 def _segment_name(pid: int) -> str:
     return f"wc-{pid}-{secrets.token_hex(16)}"
+
+
+def _wait_for_a_sweep(shm_dir: Path) -> None:
+    """Until the supervisor has swept `shm_dir` once more: a dead process's segment, placed
+    now, is gone."""
+    canary = shm_dir / _segment_name(_dead_pid())
+    canary.write_bytes(b"canary")
+    wait_for(lambda: not canary.exists(), 15, "a sweep to remove a dead pid's segment")
+
+
+def _forged_execute(request_id: int, binary_id: str, pid: int) -> bytes:
+    # Encoded by hand: the field is no longer part of Execute, and an old or hostile client
+    # may still send it.
+    return msgspec.msgpack.encode({"type": "execute", "id": request_id, "binary_id": binary_id,
+                                   "output_shm_pid": pid})
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(Path("/dev/shm") / directory.name, ignore_errors=True)
+
+
+def _start(workdir: Path, endpoint: str | None, config: dict | None) -> RunningService:
+    return start_service(workers=2, workdir=workdir, endpoint=endpoint, config=config)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_forged_output_shm_pid_cannot_hurt_the_service(transport: str, workdir: Path) -> None:
+    endpoint = f"tcp://127.0.0.1:{_free_port()}" if transport == "tcp" else None
+    svc = _start(workdir, endpoint, {"pool": FAST_POOL})
+    try:
+        with svc.client() as c:
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        data = b"x" * BIG
+        with raw_dealer(svc.endpoint) as sock:
+            for request_id, pid in enumerate(FORGED_PIDS, start=1):
+                sock.send_multipart([_forged_execute(request_id, upper, pid), data])
+                assert sock.poll(30_000), f"no reply for output_shm_pid={pid}"
+                frames = sock.recv_multipart()
+                reply = p.reply_decoder.decode(frames[0])
+                # No segment of its own for a client that lent none: the output comes inline.
+                assert isinstance(reply, p.Executed) and reply.id == request_id, reply
+                assert reply.output_shm is None and frames[1:] == [data.upper()]
+        _wait_for_a_sweep(svc.shm_dir)
+        assert svc.process.poll() is None, "the supervisor died"
+        names = os.listdir(svc.shm_dir)
+        assert not [n for n in names for pid in FORGED_PIDS if n.startswith(f"wc-{pid}-")]
+        with svc.client() as other:
+            assert other.execute(upper, data).output == data.upper()
+            assert other.execute(upper, "after").output == b"AFTER"
+        assert svc.stop() == 0
+        again = _start(workdir, svc.endpoint, None)  # same config file, same shm dir
+        try:
+            with again.client() as c:
+                assert c.execute(upper, "restarted").output == b"RESTARTED"
+        finally:
+            again.stop()
+    finally:
+        svc.stop()
+
+
+def test_sweep_survives_what_it_finds_in_the_shm_dir(workdir: Path, tmp_path: Path) -> None:
+    svc = _start(workdir, None, {"pool": FAST_POOL})
+    try:
+        with svc.client() as c:
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        dead = _dead_pid()
+        (svc.shm_dir / _segment_name(dead)).mkdir()  # a directory named like a segment
+        target = tmp_path / "not-a-segment"
+        target.write_bytes(b"keep me")
+        (svc.shm_dir / _segment_name(dead)).symlink_to(target)
+        _wait_for_a_sweep(svc.shm_dir)
+        assert svc.process.poll() is None, "the supervisor died"
+        assert target.read_bytes() == b"keep me"
+        with svc.client() as c:
+            assert c.execute(upper, b"y" * BIG).output == b"Y" * BIG
+        assert svc.stop() == 0
+        again = _start(workdir, svc.endpoint, None)
+        again.stop()
+    finally:
+        svc.stop()
+
+
+def test_output_goes_only_into_a_plain_segment_of_the_callers(workdir: Path,
+                                                              tmp_path: Path) -> None:
+    """A lent segment that is a directory, a symlink, a hard link or missing is left alone:
+    the output comes back inline."""
+    svc = _start(workdir, None, {"pool": FAST_POOL})
+    try:
+        directory = svc.shm_dir
+        outside = tmp_path / "outside"
+        outside.write_bytes(b"outside")
+        linked = shm.write(directory, os.getpid(), b"hard-linked")
+        os.link(directory / linked.name, directory / "second-name")  # same filesystem
+        as_dir = _segment_name(os.getpid())
+        (directory / as_dir).mkdir()
+        as_symlink = _segment_name(os.getpid())
+        (directory / as_symlink).symlink_to(outside)
+        data = b"z" * BIG
+        with svc.client() as c:
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            for lent in (as_dir, as_symlink, linked.name, _segment_name(os.getpid())):
+                reply, frames = c.call(p.Execute(binary_id=upper, output_shm_into=lent), data)
+                assert isinstance(reply, p.Executed) and reply.output_shm is None, lent
+                assert frames == [data.upper()]
+        assert outside.read_bytes() == b"outside"
+        assert (directory / "second-name").read_bytes() == b"hard-linked"
+        assert svc.process.poll() is None
+    finally:
+        svc.stop()
 
 
 # --------------------------------------------------------------------------- the sweep itself
