@@ -76,7 +76,11 @@ class ExecuteOperation(Operation[Execution]):
         reusable = False
         try:
             result: Execution = unpack(reply, frames, self.shared)
-            reusable = isinstance(reply, p.Executed)
+            # A large output that came back inline means the worker could not use the
+            # segment: not one to lend again.
+            reusable = isinstance(reply, p.Executed) and (
+                reply.output_shm is not None or not frames
+                or not self.shared.wants(frames[0]))
             return result
         finally:
             self.shared.release(self.lent, reusable)

@@ -17,14 +17,16 @@ class SharedMemory:
     """The client's side of shared-memory payloads, settled once per client by `hello`.
 
     Used only when the server's boot id matches this host's and its segment directory is
-    writable here. Segments are recycled through a small free list: a large input is written
-    over a spare segment, and the request lends that segment (or a spare one) to the worker
-    for a large output, which overwrites it in place once the input is read. Reused tmpfs
-    pages cost no allocation, zeroing or freeing. A segment goes back to the free list only
-    after a successful reply (the worker is then done with it); after anything else it is
-    removed. A `zero_copy` output is a read-only view of its segment's mapping: the segment
-    returns to the free list when the caller drops the last reference to that view. Whatever
-    a crash leaves behind, the server sweeps (segments carry this process's pid).
+    writable here. This client creates its segments (named for its own pid) and removes them;
+    the server never creates one for it. Every execute lends the worker a segment for a large
+    output, which overwrites it in place once the input is read: the input's own segment when
+    the input is large, else a spare one from a small free list, else a new empty one. Reused
+    tmpfs pages cost no allocation, zeroing or freeing. A segment goes back to the free list
+    (at most `_KEEP` of them) only after a successful reply (the worker is then done with it);
+    after anything else it is removed. A `zero_copy` output is a read-only view of its
+    segment's mapping: the segment returns to the free list when the caller drops the last
+    reference to that view. Whatever a crash leaves behind, the server sweeps (segments carry
+    this process's pid).
     """
 
     _KEEP = 4
@@ -66,16 +68,26 @@ class SharedMemory:
         successful reply, when the worker is done with the segment."""
         if self.directory is None:
             return data, ""
-        request.output_shm_pid = self.pid
         if self.wants(data):
             request.input_shm = self.put(data)
             lent, payload = request.input_shm.name, None
         else:
-            lent, payload = (self._free.pop() if self._free else ""), data
+            lent, payload = self._spare(), data
         if lent:
             self._lent.add(lent)
             request.output_shm_into = lent
         return payload, lent
+
+    def _spare(self) -> str:
+        """A segment to lend for a large output: a free one, else a new empty one ("" when
+        none can be made: a large output then comes back inline)."""
+        if self._free:
+            return self._free.pop()
+        assert self.directory is not None
+        try:
+            return shm.write(self.directory, self.pid, b"").name
+        except OSError:
+            return ""
 
     def release(self, name: str, reusable: bool = False) -> None:
         if self.directory is None or not name:
@@ -92,31 +104,18 @@ class SharedMemory:
             shm.remove(self.directory, name)
 
     def take_output(self, ref: ShmRef) -> bytes:
-        if self.directory is None:
-            raise Unavailable("shared-memory output without a shared-memory directory")
+        """The output in `ref`, a segment lent to the request (`release` takes it back)."""
+        if self.directory is None or ref.name not in self._lent:
+            raise Unavailable(f"the server answered with segment {ref.name!r}, which this "
+                              "client did not lend; its output is lost")
         if self.zero_copy:
             return self._view(ref)  # type: ignore[return-value]
-        if ref.name in self._lent:
-            return shm.read(self.directory, ref)  # lent: `release` takes it back
-        reusable = False
-        try:
-            data = shm.read(self.directory, ref)
-            reusable = True
-            return data
-        finally:
-            self._keep(ref.name, reusable)
+        return shm.read(self.directory, ref)
 
     def _view(self, ref: ShmRef) -> memoryview:
         assert self.directory is not None
-        try:
-            region = shm.map_readonly(self.directory, ref)
-        except BaseException:
-            if ref.name not in self._lent:
-                shm.remove(self.directory, ref.name)
-            raise
+        region = shm.map_readonly(self.directory, ref)
         if region is None:
-            if ref.name not in self._lent:
-                self._keep(ref.name, True)
             return memoryview(b"")
         self._viewed.add(ref.name)
         weakref.finalize(region, self._view_dropped, ref.name)

@@ -57,9 +57,9 @@ class Execute(RunOptions, tag="execute", kw_only=True):
     binary_id: str
     entry: str | None = None
     input_shm: ShmRef | None = None  # the input is in this segment (no payload frame)
-    output_shm_pid: int = 0  # non-zero: a large output may come back as a segment owned by it
-    # A segment of the caller's (named for output_shm_pid) that a large output may overwrite
-    # in place, once the input has been read: reused pages instead of a new segment.
+    # A segment of the caller's that a large output may overwrite in place, once the input
+    # has been read. None lent (or none usable): the output comes back inline. The server
+    # never creates a segment for a client, nor takes an owner pid from one.
     output_shm_into: str = ""
 
 
@@ -143,7 +143,9 @@ class Executed(msgspec.Struct, tag="executed", kw_only=True):
     binary_id: str = ""
     version: int = 0
     worker_pid: int = 0
-    output_shm: ShmRef | None = None  # the output is in this segment: read it, then remove it
+    # The output is in the segment the request lent (output_shm_into), which stays the
+    # client's: read it, then reuse or remove it.
+    output_shm: ShmRef | None = None
 
 
 class BatchItem(msgspec.Struct, kw_only=True):
@@ -291,7 +293,6 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     chain: bool = False
     batch: int = 0  # > 0: that many inputs in the payload frames, one result each
     input_shm: ShmRef | None = None
-    output_shm_pid: int = 0
     output_shm_into: str = ""
 
 

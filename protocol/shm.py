@@ -1,19 +1,25 @@
 """Shared-memory payload segments: large inputs and outputs as files in /dev/shm.
 
 Above a size threshold a client on the same host writes its input to a segment and sends only
-its name and size; the worker reads it directly, and writes a large output to a new segment
-that the client reads and removes. The sockets carry descriptors, never the bytes.
+its name and size; the worker reads it directly. For a large output the client lends a segment
+(`Execute.output_shm_into`): the worker writes the output over it and the client reads it. The
+sockets carry descriptors, never the bytes.
+
+Only clients create segments, under their own pid, and only they remove them: a worker never
+creates one, and never takes an owner pid from a request. A client that lent no usable segment
+(a remote one, say) gets its output inline.
 
 Names are `wc-<owner pid>-<128 random bits in hex>`: unguessable, so knowing a name is the
 capability to use it (a tenant cannot name another tenant's segment), and they carry the pid
 whose death makes the segment garbage. The supervisor sweeps segments of dead owners, so a
-crashed client leaves nothing behind; a killed worker never owns a segment.
+crashed client leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import re
@@ -24,6 +30,12 @@ from pathlib import Path
 import msgspec
 
 NAME = re.compile(r"^wc-(\d+)-([0-9a-f]{32})$")
+# The kernel's ceiling for pid_max on 64-bit: used when /proc does not say.
+_PID_MAX_LIMIT = 4 * 1024 * 1024
+# Non-segments named like segments are reported once each, not on every sweep.
+_REPORTED_MAX = 1024
+
+log = logging.getLogger("wasmcore.shm")
 
 
 class ShmRef(msgspec.Struct, array_like=True, frozen=True):
@@ -69,79 +81,91 @@ def overwrite(directory: str | Path, ref_name: str, data: bytes | memoryview) ->
 
 
 class SegmentWriter:
-    """An output segment written while the plugin runs (a sandbox output sink).
+    """An output written while the plugin runs (a sandbox output sink), into the segment its
+    reader lent (`into`): its tmpfs pages already exist, so no page is allocated, zeroed or
+    freed, and whatever happens the segment stays the reader's to remove.
 
-    A new segment is written under the *writer's* pid and renamed to the reader's only when
-    complete: if the worker dies half way, the segment names a dead process and is swept.
-    When the reader lends one of its own segments (`reuse`), the output overwrites it in
-    place instead: its tmpfs pages already exist, so no page is allocated, zeroed or freed,
-    and whatever happens the segment stays the reader's to remove.
+    The segment is opened only once the output reaches the threshold, and used only if it is
+    a regular file with no other name (no symlink, no hard link to anything else). If it is
+    not, the output is kept in memory instead and goes back inline (`spilled`).
     """
 
-    def __init__(self, directory: str | Path, reader_pid: int, threshold: int,
-                 reuse: str = "") -> None:
-        self.directory = directory  # joined only when a segment is opened (hot path)
-        self.reader_pid = reader_pid
+    def __init__(self, directory: str | Path, into: str, threshold: int) -> None:
+        self.directory = directory  # joined only when the segment is opened (hot path)
+        self.into = into
         self.threshold = threshold
         self.size = 0
         self._fd = -1
-        self._name = ""
-        match = NAME.match(reuse) if reuse else None
-        # Only a segment named for the reader: the name is the capability, the pid a check.
-        self._reuse = reuse if match is not None and int(match.group(1)) == reader_pid else ""
-        self._reused = False
+        self._refused = False
+        self._spilled: list[bytes] = []
 
-    def _ensure_open(self) -> int:
-        if self._fd >= 0:
-            return self._fd
-        if self._reuse:
-            try:
-                fd = os.open(os.path.join(self.directory, self._reuse),
-                             os.O_WRONLY | os.O_NOFOLLOW)
-            except OSError:
-                fd = -1  # removed meanwhile: fall back to a new segment
-            if fd >= 0:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    self._fd, self._name, self._reused = fd, self._reuse, True
-                    return fd
-                os.close(fd)
-        self._name = new_name(os.getpid())
-        self._fd = os.open(os.path.join(self.directory, self._name),
-                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    def _segment(self) -> int:
+        """The lent segment's descriptor, or -1 when it is not usable."""
+        if self._fd < 0 and not self._refused:
+            self._fd = _open_lent(self.directory, self.into)
+            self._refused = self._fd < 0
         return self._fd
 
     def write(self, address: int, length: int) -> None:
         if length:
-            _write_all(self._ensure_open(), (ctypes.c_char * length).from_address(address))
+            fd = self._segment()
+            if fd >= 0:
+                _write_all(fd, (ctypes.c_char * length).from_address(address))
+            else:
+                self._spilled.append(ctypes.string_at(address, length))
             self.size += length
 
     def write_bytes(self, data: bytes) -> None:
         if data:
-            _write_all(self._ensure_open(), data)
+            fd = self._segment()
+            if fd >= 0:
+                _write_all(fd, data)
+            else:
+                self._spilled.append(data)
             self.size += len(data)
 
     def finish(self) -> ShmRef | None:
-        """Hand the segment to its reader; None if nothing was written."""
+        """The lent segment, now holding the output; None if it holds none (nothing was
+        written, or the output was kept in memory: see `spilled`)."""
         if self._fd < 0:
             return None
         fd, self._fd = self._fd, -1
         try:
-            if self._reused:
-                os.ftruncate(fd, self.size)  # drop what is left of its previous content
-                return ShmRef(name=self._name, size=self.size)
+            os.ftruncate(fd, self.size)  # drop what is left of its previous content
         finally:
             os.close(fd)
-        final = new_name(self.reader_pid)
-        os.rename(os.path.join(self.directory, self._name),
-                  os.path.join(self.directory, final))
-        return ShmRef(name=final, size=self.size)
+        return ShmRef(name=self.into, size=self.size)
+
+    def spilled(self) -> bytes:
+        """The output written while the lent segment was unusable (to send inline)."""
+        return b"".join(self._spilled)
 
     def abort(self) -> None:
+        self._spilled = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            if not self._reused:
-                remove(self.directory, self._name)
+
+
+def _open_lent(directory: str | Path, name: str) -> int:
+    """A write descriptor on a lent segment, or -1 unless it is a regular file of one name:
+    never a symlink (O_NOFOLLOW), a FIFO (O_NONBLOCK, so opening it cannot block) or a hard
+    link to a file elsewhere, which the output would overwrite."""
+    if not NAME.match(name):
+        return -1
+    try:
+        fd = os.open(os.path.join(directory, name),
+                     os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return -1
 
 
 class SegmentReader:
@@ -203,7 +227,8 @@ def _open_verified(directory: str | Path, ref: ShmRef, *, missing_is_segment_err
     """A read-only descriptor on the segment, refused unless it is a regular file of exactly
     `ref.size` bytes. The caller closes it."""
     try:
-        fd = os.open(_path(directory, ref.name), os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO named like a segment fails the check below instead of blocking.
+        fd = os.open(_path(directory, ref.name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         if missing_is_segment_error and exc.errno in (errno.ENOENT, errno.ELOOP):
             raise SegmentError(f"no segment {ref.name} in {directory}") from None
@@ -247,23 +272,57 @@ def remove(directory: str | Path, name: str) -> None:
 
 
 def sweep(directory: str | Path) -> int:
-    """Remove segments whose owner process is gone; returns how many."""
+    """Remove segments whose owner process is gone; returns how many.
+
+    Each entry is judged on its own: only regular files (lstat) whose names parse, with an
+    owner pid that is out of range (garbage) or no longer running. Any error is logged and
+    that entry skipped: nothing anyone puts in the directory makes this raise.
+    """
+    highest_pid = pid_max()
     removed = 0
     try:
-        entries = os.scandir(directory)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                removed += _sweep_one(entry, highest_pid)
     except FileNotFoundError:
-        return 0
-    with entries:
-        for entry in entries:
-            match = NAME.match(entry.name)
-            if match is None or _alive(int(match.group(1))):
-                continue
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except FileNotFoundError:
-                pass
+        pass
+    except Exception as exc:  # noqa: BLE001 - a sweep must never take its caller down
+        log.warning("cannot sweep %s: %s", directory, exc)
     return removed
+
+
+def _sweep_one(entry: os.DirEntry[str], highest_pid: int) -> int:
+    match = NAME.match(entry.name)
+    if match is None:
+        return 0  # not a segment's name: not ours to judge
+    try:
+        # lstat's answer (from the directory entry's type when the filesystem gives it).
+        if not entry.is_file(follow_symlinks=False):
+            _report_once(entry.path, "named like a segment but not a regular file; left alone")
+            return 0
+        pid = int(match.group(1))
+        # Out of range: no process can own it (0 or a pid past pid_max).
+        if 1 <= pid <= highest_pid and _alive(pid):
+            return 0
+        os.unlink(entry.path)
+        return 1
+    except FileNotFoundError:
+        return 0  # removed meanwhile
+    except Exception as exc:  # noqa: BLE001 - one entry never stops the sweep
+        _report_once(entry.path, f"not swept: {exc}")
+        return 0
+
+
+_reported: set[str] = set()
+
+
+def _report_once(path: str, why: str) -> None:
+    if path in _reported:
+        return
+    if len(_reported) >= _REPORTED_MAX:
+        _reported.clear()
+    _reported.add(path)
+    log.warning("shared-memory sweep: %s: %s", path, why)
 
 
 def _alive(pid: int) -> bool:
@@ -272,8 +331,16 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # someone else's process
     return True
+
+
+def pid_max() -> int:
+    """The highest pid this host hands out."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return _PID_MAX_LIMIT
 
 
 def boot_id() -> str:

@@ -273,10 +273,10 @@ class Worker:
         steps: list[p.StepResult] = []
         fuel_total = 0
         result: ExecutionResult | None = None
-        # A large final output streams from guest memory into a shared-memory segment.
-        sink = (shm.SegmentWriter(self.settings.shm_dir, job.output_shm_pid,
-                                  self.settings.shm_threshold_bytes, reuse=job.output_shm_into)
-                if job.output_shm_pid and self.settings.shm_dir and not job.chain else None)
+        # A large final output streams from guest memory into the segment the client lent.
+        sink = (shm.SegmentWriter(self.settings.shm_dir, job.output_shm_into,
+                                  self.settings.shm_threshold_bytes)
+                if job.output_shm_into and self.settings.shm_dir and not job.chain else None)
         for index, ref in enumerate(job.modules):
             started = time.perf_counter()
             try:
@@ -339,6 +339,8 @@ class Worker:
                         return
                 if output_shm is not None:
                     data = b""
+                elif result.output_in_sink:
+                    data = sink.spilled()  # the lent segment was unusable: inline
             header = p.Executed(
                 id=job.request_id,
                 logs=result.logs,
@@ -351,11 +353,6 @@ class Worker:
             )
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
         self._send_run_reply(done, p.encode(header), data)
-        if output_shm is not None:
-            # Now, not with the rest of the burst: a new segment is already named for its
-            # reader, and if this worker died before the reply left, nobody would know to
-            # remove it while that reader lives.
-            self._flush()
 
     def _run_batch(self, job: p.RunJob, inputs: list[bytes]) -> None:
         """One module, many inputs, one reply: each input succeeds or fails on its own."""

@@ -6,6 +6,7 @@ so a typo stops the service at start instead of silently using a default.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -26,8 +27,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queue: int = 4096
     max_payload_bytes: int = 64 * MiB
     # Payloads at least this large travel through shared memory between a client on the
-    # same host, the supervisor and the workers. Empty dir: /dev/shm/wasm-core-<uid>/payloads;
-    # "off" disables it.
+    # same host, the supervisor and the workers. Empty dir: this instance's own,
+    # /dev/shm/wasm-core-<uid>/payloads-<hash of the endpoint>; "off" disables it.
     shm_dir: str = ""
     shm_threshold_bytes: int = 256 * 1024
     log_level: str = "info"
@@ -209,21 +210,25 @@ def default_artifact_dir() -> Path:
     return runtime_dir() / "artifacts"
 
 
-def default_shm_dir() -> Path:
+def default_shm_dir(endpoint: str) -> Path:
+    """The instance's own segment directory, named from its endpoint: instances never share
+    one (whatever is left in one cannot reach another), and a restart finds its own again."""
+    name = "payloads-" + hashlib.sha256(endpoint.encode()).hexdigest()[:16]
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
-        return shm / f"wasm-core-{os.getuid()}" / "payloads"
-    return runtime_dir() / "payloads"
+        return shm / f"wasm-core-{os.getuid()}" / name
+    return runtime_dir() / name
 
 
 def resolved(config: Config) -> Config:
     """The config with every empty place filled in with its default."""
+    endpoint = config.server.endpoint or default_endpoint()
     server = msgspec.structs.replace(
         config.server,
-        endpoint=config.server.endpoint or default_endpoint(),
+        endpoint=endpoint,
         data_dir=config.server.data_dir or str(default_data_dir()),
         artifact_dir=config.server.artifact_dir or str(default_artifact_dir()),
-        shm_dir=config.server.shm_dir or str(default_shm_dir()),
+        shm_dir=config.server.shm_dir or str(default_shm_dir(endpoint)),
     )
     pool = config.pool
     if pool.workers == 0:

@@ -113,9 +113,7 @@ class Requests:
         if req.output_shm_into and not shm.NAME.match(req.output_shm_into):
             raise BadRequest(f"not a segment name: {req.output_shm_into!r}")
         job, binary = self._run_job(
-            req, input_shm=input_shm,
-            output_shm_pid=req.output_shm_pid if self._shm_dir else 0,
-            output_shm_into=req.output_shm_into if self._shm_dir else "")
+            req, input_shm=input_shm, output_shm_into=req.output_shm_into if self._shm_dir else "")
         # Its output may overwrite its own input: running it twice could read garbage.
         retryable = not (input_shm is not None and req.output_shm_into == input_shm.name)
         self._queue(envelope, req, job, payload, job.timeout_ms / 1000, [binary.binary_id],

@@ -470,7 +470,7 @@ def test_soak_packed_and_shared_memory_requests_with_random_kills():
         print(f"packed soak: outcomes={counts}")
         assert not wrong, wrong[:5]
         assert counts.get("ok", 0) > 0
-        # Both clients closed: their segments are gone; the workers' are swept or renamed.
+        # Both clients closed: their segments are gone (workers create none).
         try:
             wait_for(lambda: os.listdir(svc.shm_dir) == [], 10, "no segment left")
         except AssertionError:

@@ -68,28 +68,64 @@ def test_output_overwrites_a_lent_segment_only_if_it_is_the_callers(shm_service)
     with shm_service.client() as c:
         upper = c.load(PLUGINS / "uppercase.wat").binary_id
         ours = shm.write(directory, os.getpid(), b"old content, longer than nothing" * 2000)
-        other = shm.write(directory, 1, b"someone else's")
         try:
-            # Ours: the output lands in it, truncated to the output's size.
-            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_pid=os.getpid(),
-                                        output_shm_into=ours.name), data.lower())
+            # Lent: the output lands in it, truncated to the output's size.
+            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_into=ours.name),
+                              data.lower())
             assert isinstance(reply, p.Executed) and reply.output_shm == shm.ShmRef(
                 name=ours.name, size=len(data))
             assert (directory / ours.name).read_bytes() == data
-            # Named for another pid: left alone, the output gets a new segment.
-            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_pid=os.getpid(),
-                                        output_shm_into=other.name), data.lower())
-            assert isinstance(reply, p.Executed) and reply.output_shm is not None
-            assert reply.output_shm.name not in (ours.name, other.name)
-            assert shm.read(directory, reply.output_shm) == data
-            shm.remove(directory, reply.output_shm.name)
-            assert (directory / other.name).read_bytes() == b"someone else's"
-            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_pid=os.getpid(),
-                                        output_shm_into="../escape"), data.lower())
+            # A lent segment that is not there: the worker creates none, the output is inline.
+            gone = shm.new_name(os.getpid())
+            reply, frames = c.call(p.Execute(binary_id=upper, output_shm_into=gone),
+                                   data.lower())
+            assert isinstance(reply, p.Executed) and reply.output_shm is None
+            assert frames == [data] and os.listdir(directory) == [ours.name]
+            # None lent: inline too.
+            reply, frames = c.call(p.Execute(binary_id=upper), data.lower())
+            assert isinstance(reply, p.Executed) and reply.output_shm is None
+            assert frames == [data] and os.listdir(directory) == [ours.name]
+            reply, _ = c.call(p.Execute(binary_id=upper, output_shm_into="../escape"),
+                              data.lower())
             assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST"
         finally:
             shm.remove(directory, ours.name)
-            shm.remove(directory, other.name)
+
+
+# Outputs its input 64 times: a small input, a large output.
+AMPLIFY_WAT = b"""
+(module
+  (import "host" "output" (func $output (param i32 i32)))
+  (memory (export "memory") 1)
+  (func (export "alloc") (param $len i32) (result i32) (i32.const 1024))
+  (func (export "process") (param $in i32) (param $in_len i32) (param $env i32)
+        (param $env_len i32) (result i32)
+    (local $n i32)
+    (loop $again
+      (call $output (local.get $in) (local.get $in_len))
+      (local.set $n (i32.add (local.get $n) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $n) (i32.const 64))))
+    (i32.const 0)))
+"""
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_large_output_of_a_small_input_comes_through_a_lent_segment(shm_service, zero_copy):
+    """The client lends a segment of its own even for a small input, so a large output stays
+    on the fast path; the worker creates none."""
+    data = b"0123456789" * 10
+    with Client(shm_service.endpoint, zero_copy=zero_copy) as c:
+        amplify = c.load(data=AMPLIFY_WAT, name="amplify").binary_id
+        for _ in range(3):
+            result = c.execute(amplify, data)
+            assert bytes(result.output) == data * 64
+            if zero_copy:  # a view of the segment's mapping; an inline output is bytes
+                assert isinstance(result.output, memoryview)
+            del result
+            shared = c._shared
+            assert shared is not None and len(shared._free) == 1
+            assert os.listdir(shm_service.shm_dir) == shared._free  # the one lent segment
+    assert os.listdir(shm_service.shm_dir) == []
 
 
 def test_segments_are_reused_across_requests(shm_service):
