@@ -126,6 +126,7 @@ class Supervisor:
         self._packers: set[bytes] = set()
         self._next_tick = 0.0
         self._next_sweep = 0.0
+        self._turn_end = time.monotonic()  # when the loop last finished a turn
 
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
@@ -211,9 +212,11 @@ class Supervisor:
         self._watch_files(self.binaries.watched_paths())
         log.info("wasm-core serving on %s with %d workers, %d binaries",
                  self.endpoint, self.pool.size, len(self.binaries.registry))
+        self._turn_end = time.monotonic()
         try:
             while self.exit_code is None:
-                events = self.poller.poll(self._poll_timeout_ms())
+                timeout_ms = self._poll_timeout_ms()
+                events = self.poller.poll(timeout_ms)
                 for target, _ in events:
                     if target is self.front:
                         self._drain_front()
@@ -228,6 +231,7 @@ class Supervisor:
                         if handle is not None:
                             self._worker_exited(handle)
                 now = time.monotonic()
+                self._excuse_stall(now, timeout_ms / 1000)
                 if now >= self._next_tick or self.draining:
                     self._next_tick = now + _TICK_S
                     self._tick(now)
@@ -242,7 +246,22 @@ class Supervisor:
         busy = self.pool.starting or self.draining or self.scheduler.in_flight
         return 10 if busy else 100
 
+    def _excuse_stall(self, now: float, poll_timeout_s: float) -> None:
+        """The loop's own stalls are never a worker's fault. The time since the last turn,
+        less what poll was allowed to wait, is time the loop was not running (a huge message
+        received, a slow step, the process stopped); when it is a sizeable part of the
+        heartbeat timeout, it counts against no worker."""
+        stall = now - self._turn_end - poll_timeout_s
+        self._turn_end = now
+        if stall > self.config.pool.heartbeat_timeout_ms / 4000:
+            log.warning("the supervisor's loop was stalled for %.1fs; not counted against "
+                        "any worker's heartbeats", stall)
+            self.pool.excuse(stall, now)
+
     def _tick(self, now: float) -> None:
+        # What workers sent while this turn ran (heartbeats, replies) is read before anyone
+        # is judged: a busy loop must not see a healthy worker as silent.
+        self._drain_back()
         self._expire_deadlines(now)
         ticked = self.pool.tick(now)
         for handle in ticked.killed:
