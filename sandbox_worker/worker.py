@@ -24,7 +24,7 @@ from wasmcore.protocol import messages as p
 from wasmcore.protocol import shm
 from wasmcore.protocol.engine import engine_fingerprint
 from wasmcore.protocol.errors import BadRequest, InternalError, WasmCoreError
-from wasmcore.protocol.limits import Limits
+from wasmcore.protocol.limits import Limits, MiB
 from wasmcore.protocol.settings import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
@@ -56,11 +56,19 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_PARENT_GONE)
 
 
-def cap_data_segment(limit_bytes: int) -> None:
+def cap_data_segment(limit_bytes: int) -> int:
     """RLIMIT_DATA backs up the RSS watchdog. Unlike RLIMIT_AS it ignores wasmtime's
-    PROT_NONE address-space reservations and counts only memory actually made writable."""
-    if limit_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+    PROT_NONE address-space reservations and counts only memory actually made writable.
+
+    Returns the limit applied: `limit_bytes`, or the hard limit we were started under when
+    that is lower (an unprivileged process cannot raise it; asking would stop us booting)."""
+    if limit_bytes <= 0:
+        return 0
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY and hard < limit_bytes:
+        limit_bytes = hard
+    resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+    return limit_bytes
 
 
 class Worker:
@@ -467,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))
     try:
-        cap_data_segment(settings.rlimit_data_bytes)
+        applied = cap_data_segment(settings.rlimit_data_bytes)
+        if applied != settings.rlimit_data_bytes:
+            print(f"wasm-core worker {settings.worker_id}: the hard RLIMIT_DATA is "
+                  f"{applied // MiB} MiB, below pool.rlimit_data_mb "
+                  f"({settings.rlimit_data_bytes // MiB} MiB); using {applied // MiB} MiB",
+                  file=sys.stderr, flush=True)
         worker = Worker(settings)
     except Exception as exc:
         print(f"wasm-core worker {settings.worker_id}: cannot start: {exc!r}", file=sys.stderr)
