@@ -39,7 +39,7 @@ class InFlight:
 
     def __init__(self, service: RunningService, hog: str) -> None:
         self.outcome: Any = None
-        slow = (0).to_bytes(4, "little") + (600).to_bytes(4, "little")  # ~1-2 s of spinning
+        slow = (0).to_bytes(4, "little") + (3000).to_bytes(4, "little")  # seconds of spinning
 
         def run() -> None:
             try:
