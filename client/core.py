@@ -235,7 +235,9 @@ class AsyncClient:
             if type(request) is p.Execute and p.fits_in_pack(payload):
                 header = msgspec.Raw(p.encode(request))  # encoded once, spliced into the pack
                 size = len(header) + (len(payload) if payload else 0) + 16
-                if packed_bytes + size > p.EXECUTE_PACK_MAX_BYTES and pack.executes:
+                full = (packed_bytes + size > p.EXECUTE_PACK_MAX_BYTES
+                        or len(pack.executes) >= p.MAX_PACK_EXECUTES)
+                if full and pack.executes:
                     send([p.encode(pack)])
                     pack = p.ExecutePack(executes=[], payloads=[])
                     packed_bytes = 0

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,10 @@ def start_service(
     wait: bool = True,
     ready_timeout_s: float = 60.0,
     stderr: Any = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> RunningService:
-    """A supervisor on an ipc endpoint in a short private dir (ipc paths must stay short)."""
+    """A supervisor on an ipc endpoint in a short private dir (ipc paths must stay short).
+    `preexec_fn` runs in the supervisor's process before it starts (rlimits, say)."""
     owns = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or {}).items()}
@@ -137,6 +140,7 @@ def start_service(
         stdin=subprocess.DEVNULL,
         stderr=stderr,
         env=env,
+        preexec_fn=preexec_fn,
     )
     service = RunningService(workdir, server["endpoint"], process, config_path, owns,
                              Path(server["shm_dir"]))

@@ -12,11 +12,18 @@ Worker -> supervisor:   [WorkerEvent header, client reply header?, payload?]
 
 Every request carries a client-chosen `id`; its one reply carries the same `id`. New fields
 always get defaults so older peers keep decoding.
+
+Bounds. Nothing in a request header is trusted: the decoder itself refuses any string, list or
+map longer than its bound (msgspec checks a container's length before building it), so a
+header can never make the supervisor build a huge object. The server also refuses a header
+frame over `server.max_header_bytes` before decoding it at all. The bounds are in
+docs/protocol.md, section 8.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
 import msgspec
 
@@ -26,6 +33,31 @@ from .shm import ShmRef
 PROTOCOL_VERSION = 1
 DEFAULT_TENANT = "default"
 
+# --------------------------------------------------------------------------- request bounds
+
+MAX_TENANT_CHARS = 256
+MAX_NAME_CHARS = 256  # a binary's name (load)
+MAX_ENTRY_CHARS = 256
+MAX_BINARY_ID_CHARS = 64  # ids are UUIDs (36 characters)
+MAX_PATH_CHARS = 4096  # PATH_MAX
+# The wire bound on a chain's steps: generous, so the decoder never builds a huge list; the
+# server's own (lower) step limit is a config check on top of it.
+MAX_CHAIN_STEPS = 1024
+MAX_BATCH_INPUTS = 4096
+MAX_PACK_EXECUTES = 8192
+MAX_ENV_ENTRIES = 256
+MAX_ENV_KEY_CHARS = 256
+MAX_ENV_VALUE_CHARS = 16_384
+
+Tenant = Annotated[str, msgspec.Meta(max_length=MAX_TENANT_CHARS)]
+BinaryId = Annotated[str, msgspec.Meta(max_length=MAX_BINARY_ID_CHARS)]
+Entry = Annotated[str, msgspec.Meta(max_length=MAX_ENTRY_CHARS)]
+Env = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=MAX_ENV_KEY_CHARS)],
+         Annotated[str, msgspec.Meta(max_length=MAX_ENV_VALUE_CHARS)]],
+    msgspec.Meta(max_length=MAX_ENV_ENTRIES),
+]
+
 
 # --------------------------------------------------------------------------- client requests
 
@@ -34,9 +66,9 @@ class Load(msgspec.Struct, tag="load", kw_only=True):
     """Load a module from a server-side `path`, or from the payload frame under `name`."""
 
     id: int = 0
-    tenant: str = DEFAULT_TENANT
-    path: str | None = None
-    name: str | None = None
+    tenant: Tenant = DEFAULT_TENANT
+    path: Annotated[str, msgspec.Meta(max_length=MAX_PATH_CHARS)] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] | None = None
 
 
 class RunOptions(msgspec.Struct, kw_only=True):
@@ -46,16 +78,16 @@ class RunOptions(msgspec.Struct, kw_only=True):
     timeout_ms: int | None = None
     memory_mb: int | None = None
     fuel: int | None = None
-    env: dict[str, str] = {}
+    env: Env = {}
 
 
 class Execute(RunOptions, tag="execute", kw_only=True):
     """Run one binary on the payload frame (the input), or on a shared-memory segment."""
 
     id: int = 0
-    tenant: str = DEFAULT_TENANT
-    binary_id: str
-    entry: str | None = None
+    tenant: Tenant = DEFAULT_TENANT
+    binary_id: BinaryId
+    entry: Entry | None = None
     input_shm: ShmRef | None = None  # the input is in this segment (no payload frame)
     # A segment of the caller's that a large output may overwrite in place, once the input
     # has been read. None lent (or none usable): the output comes back inline. The server
@@ -68,41 +100,41 @@ class ExecuteBatch(RunOptions, tag="execute_batch", kw_only=True):
     per input, in order. A failing input fails only its own item."""
 
     id: int = 0
-    tenant: str = DEFAULT_TENANT
-    binary_id: str
-    count: int
-    entry: str | None = None
+    tenant: Tenant = DEFAULT_TENANT
+    binary_id: BinaryId
+    count: Annotated[int, msgspec.Meta(le=MAX_BATCH_INPUTS)]
+    entry: Entry | None = None
 
 
 class Hello(msgspec.Struct, tag="hello", kw_only=True):
     """What the server offers: limits, and shared memory for clients on the same host."""
 
     id: int = 0
-    tenant: str = DEFAULT_TENANT
+    tenant: Tenant = DEFAULT_TENANT
 
 
 class Chain(RunOptions, tag="chain", kw_only=True):
     """Run binaries in order; each step's output is the next step's input."""
 
     id: int = 0
-    tenant: str = DEFAULT_TENANT
-    binary_ids: list[str]
+    tenant: Tenant = DEFAULT_TENANT
+    binary_ids: Annotated[list[BinaryId], msgspec.Meta(max_length=MAX_CHAIN_STEPS)]
 
 
 class ListBinaries(msgspec.Struct, tag="list", kw_only=True):
     id: int = 0
-    tenant: str = DEFAULT_TENANT
+    tenant: Tenant = DEFAULT_TENANT
 
 
 class Unload(msgspec.Struct, tag="unload", kw_only=True):
     id: int = 0
-    tenant: str = DEFAULT_TENANT
-    binary_id: str
+    tenant: Tenant = DEFAULT_TENANT
+    binary_id: BinaryId
 
 
 class Stats(msgspec.Struct, tag="stats", kw_only=True):
     id: int = 0
-    tenant: str = DEFAULT_TENANT
+    tenant: Tenant = DEFAULT_TENANT
 
 
 class ExecutePack(msgspec.Struct, tag="xpack", kw_only=True):
@@ -112,8 +144,17 @@ class ExecutePack(msgspec.Struct, tag="xpack", kw_only=True):
     one frame for a burst of requests instead of two per request. Inputs that take a frame
     of their own (shared-memory segments, large payloads) go unpacked."""
 
-    executes: list[Execute]
-    payloads: list[bytes | None]
+    executes: Annotated[list[Execute], msgspec.Meta(max_length=MAX_PACK_EXECUTES)]
+    payloads: Annotated[list[bytes | None], msgspec.Meta(max_length=MAX_PACK_EXECUTES)]
+
+
+class UndecodedPack(msgspec.Struct, tag="xpack", kw_only=True):
+    """An ExecutePack read with its executes left encoded, for a pack that failed to decode
+    whole: each execute is then decoded (and, if malformed, refused) on its own, so one bad
+    execute does not leave the others in its pack unanswered."""
+
+    executes: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=MAX_PACK_EXECUTES)]
+    payloads: Annotated[list[bytes | None], msgspec.Meta(max_length=MAX_PACK_EXECUTES)]
 
 
 Request = (Load | Execute | ExecuteBatch | Chain | ListBinaries | Unload | Stats | Hello
@@ -389,20 +430,49 @@ _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 request_decoder = msgspec.msgpack.Decoder(Request)
+execute_decoder = msgspec.msgpack.Decoder(Execute)
+undecoded_pack_decoder = msgspec.msgpack.Decoder(UndecodedPack)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
 command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
 event_decoder = msgspec.msgpack.Decoder(WorkerEvent)
 broadcast_decoder = msgspec.msgpack.Decoder(Broadcast)
 
 
+class _Peek(msgspec.Struct):
+    """Only a header's `type` and `id`: every other value is skipped, never built."""
+
+    type: Any = None
+    id: Any = 0
+
+
+_peek_decoder = msgspec.msgpack.Decoder(_Peek)
+
+
+def peek_header(frame: bytes) -> tuple[str, int]:
+    """Best-effort `type` and `id` of a header that is not (or not yet) decoded, so its error
+    still correlates: ("", 0) where the frame does not say."""
+    try:
+        peeked = _peek_decoder.decode(frame)
+    except Exception:
+        return "", 0
+    kind = peeked.type if isinstance(peeked.type, str) else ""
+    value = peeked.id
+    request_id = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return kind, request_id
+
+
 def peek_request_id(frame: bytes) -> int:
     """Best-effort `id` of a frame that failed to decode, so its error still correlates."""
-    try:
-        raw = msgspec.msgpack.decode(frame)
-    except Exception:
-        return 0
-    if isinstance(raw, dict):
-        value = raw.get("id")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return 0
+    return peek_header(frame)[1]
+
+
+_BOUND = re.compile(r"(?:length )?<= (\d+) - at (?:`key` in )?`\$\.?([^`]*)`")
+
+
+def exceeded_bound(decode_error: str) -> tuple[str, int] | None:
+    """The field and the bound of a decode error that is a request bound exceeded (msgspec:
+    "Expected `str` of length <= 256 - at `$.tenant`"), else None."""
+    found = _BOUND.search(decode_error)
+    if found is None:
+        return None
+    return found.group(2), int(found.group(1))

@@ -104,7 +104,7 @@ _pool_new = _holding("wasmtime_pooling_allocation_config_new", c_void_p)
 _pool_delete = _holding("wasmtime_pooling_allocation_config_delete", None, c_void_p)
 _pool_u32 = {
     name: _holding(f"wasmtime_pooling_allocation_config_{name}_set", None, c_void_p, c_uint32)
-    for name in ("total_core_instances", "total_memories", "total_tables")
+    for name in ("total_core_instances", "total_memories", "total_tables", "total_stacks")
 }
 _pool_size = {
     name: _holding(f"wasmtime_pooling_allocation_config_{name}_set", None, c_void_p, c_size_t)
@@ -228,7 +228,9 @@ def enable_pooling(
     """
     pc = _pool_new()
     try:
-        for name in ("total_core_instances", "total_memories", "total_tables"):
+        # total_stacks too: its default (1,000 async stacks of 2 MiB) maps ~2 GiB of writable
+        # memory that RLIMIT_DATA counts, though nothing here runs async.
+        for name in ("total_core_instances", "total_memories", "total_tables", "total_stacks"):
             _pool_u32[name](pc, slots)
         _pool_size["max_memory_size"](pc, max_memory_bytes)
         _pool_size["linear_memory_keep_resident"](pc, keep_resident)

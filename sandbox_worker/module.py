@@ -200,5 +200,8 @@ class ModuleCache:
         while len(self._items) > self._capacity:
             self._items.popitem(last=False)
 
+    def discard(self, sha256: str) -> None:
+        self._items.pop(sha256, None)
+
     def clear(self) -> None:
         self._items.clear()

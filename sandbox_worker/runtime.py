@@ -200,6 +200,14 @@ class Sandbox:
         self._cache.put(compiled)
         return compiled
 
+    def cached(self, sha256: str) -> CompiledModule | None:
+        """The module compiled or loaded under `sha256`, if the cache still holds it."""
+        return self._cache.get(sha256)
+
+    def forget(self, sha256: str) -> None:
+        """Drop a module from the cache (it was unloaded); running it again compiles it again."""
+        self._cache.discard(sha256)
+
     def _prepare(self, sha256: str, size: int, module: wasmtime.Module) -> CompiledModule:
         needs_wasi = check_imports(module)
         pre = link(self._linker, module)

@@ -24,7 +24,7 @@ from wasmcore.protocol import messages as p
 from wasmcore.protocol import shm
 from wasmcore.protocol.engine import engine_fingerprint
 from wasmcore.protocol.errors import BadRequest, InternalError, WasmCoreError
-from wasmcore.protocol.limits import Limits
+from wasmcore.protocol.limits import Limits, MiB
 from wasmcore.protocol.settings import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
@@ -40,6 +40,9 @@ _PR_SET_PDEATHSIG = 1
 
 # Modules whose executions average under this may have replies held back within a batch.
 _QUICK_US = 1000.0
+# Execution-time averages kept, at most (one per binary run): forgotten, a binary counts as
+# slow until measured again.
+_MAX_TIMED_MODULES = 4096
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -53,18 +56,27 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_PARENT_GONE)
 
 
-def cap_data_segment(limit_bytes: int) -> None:
+def cap_data_segment(limit_bytes: int) -> int:
     """RLIMIT_DATA backs up the RSS watchdog. Unlike RLIMIT_AS it ignores wasmtime's
-    PROT_NONE address-space reservations and counts only memory actually made writable."""
-    if limit_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+    PROT_NONE address-space reservations and counts only memory actually made writable.
+
+    Returns the limit applied: `limit_bytes`, or the hard limit we were started under when
+    that is lower (an unprivileged process cannot raise it; asking would stop us booting)."""
+    if limit_bytes <= 0:
+        return 0
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY and hard < limit_bytes:
+        limit_bytes = hard
+    resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+    return limit_bytes
 
 
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        # Compiled modules are held by the sandbox's cache alone (LRU, sandbox.cache_size), so
+        # a worker's memory is bounded however many distinct binaries it runs.
         self.sandbox = Sandbox(settings.sandbox)
-        self.modules: dict[str, CompiledModule] = {}
         self.ctx = zmq.Context()
         self.back = self.ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
@@ -158,6 +170,8 @@ class Worker:
     def _record_time(self, sha256: str, started: float) -> None:
         elapsed_us = (time.perf_counter() - started) * 1e6
         previous = self.exec_us.get(sha256)
+        if previous is None and len(self.exec_us) >= _MAX_TIMED_MODULES:
+            self.exec_us.clear()  # one entry per binary ever run: bounded like the modules
         self.exec_us[sha256] = elapsed_us if previous is None else 0.8 * previous + 0.2 * elapsed_us
 
     def _flush_before(self, sha256s: list[str]) -> None:
@@ -197,13 +211,13 @@ class Worker:
             except msgspec.DecodeError:
                 continue
             if message.removed:
-                self.modules.pop(message.sha256, None)
+                self.sandbox.forget(message.sha256)
+                self.exec_us.pop(message.sha256, None)
                 continue
-            if message.sha256 not in self.modules and Path(message.artifact_path).exists():
+            if (self.sandbox.cached(message.sha256) is None
+                    and Path(message.artifact_path).exists()):
                 try:
-                    self.modules[message.sha256] = self.sandbox.load_serialized(
-                        message.artifact_path, message.sha256
-                    )
+                    self.sandbox.load_serialized(message.artifact_path, message.sha256)
                     self.deserialized += 1
                 except WasmCoreError:
                     pass  # fetched again, or compiled, when a job needs it
@@ -212,7 +226,7 @@ class Worker:
 
     def _module(self, ref: p.ModuleRef) -> CompiledModule:
         """The exact version the job names: a worker that missed a broadcast catches up here."""
-        module = self.modules.get(ref.sha256)
+        module = self.sandbox.cached(ref.sha256)
         if module is not None:
             return module
         if ref.artifact_path and Path(ref.artifact_path).exists():
@@ -231,7 +245,6 @@ class Worker:
                     self.sandbox.serialize(module, ref.artifact_path)
                 except OSError:
                     pass
-        self.modules[ref.sha256] = module
         return module
 
     def _run(self, job: p.RunJob, payload: bytes) -> None:
@@ -410,7 +423,6 @@ class Worker:
         except Exception as exc:
             self._reply_error(job, InternalError.code, f"compile failed: {exc!r}", {})
             return
-        self.modules[ref.sha256] = module
         done = p.JobDone(token=job.token, kind=module.kind, exports=list(module.exports))
         self._send([p.encode(done)])
         self._flush()
@@ -460,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))
     try:
-        cap_data_segment(settings.rlimit_data_bytes)
+        applied = cap_data_segment(settings.rlimit_data_bytes)
+        if applied != settings.rlimit_data_bytes:
+            print(f"wasm-core worker {settings.worker_id}: the hard RLIMIT_DATA is "
+                  f"{applied // MiB} MiB, below pool.rlimit_data_mb "
+                  f"({settings.rlimit_data_bytes // MiB} MiB); using {applied // MiB} MiB",
+                  file=sys.stderr, flush=True)
         worker = Worker(settings)
     except Exception as exc:
         print(f"wasm-core worker {settings.worker_id}: cannot start: {exc!r}", file=sys.stderr)

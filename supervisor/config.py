@@ -32,6 +32,10 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shm_dir: str = ""
     shm_threshold_bytes: int = 256 * 1024
     log_level: str = "info"
+    # A request header frame over this is refused (PAYLOAD_TOO_LARGE) without being decoded.
+    # An xpack frame may be EXECUTE_PACK_MAX_BYTES + PACKED_PAYLOAD_MAX_BYTES larger: its
+    # small payloads ride inside it.
+    max_header_bytes: int = 64 * 1024
 
 
 class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -138,6 +142,7 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("server.max_queue", config.server.max_queue >= 0, "must be >= 0"),
         ("server.max_payload_bytes", config.server.max_payload_bytes > 0, "must be > 0"),
         ("server.shm_threshold_bytes", config.server.shm_threshold_bytes >= 0, "must be >= 0"),
+        ("server.max_header_bytes", config.server.max_header_bytes >= 4096, "must be >= 4096"),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
         ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),

@@ -66,8 +66,13 @@ def client_messages(outgoing: list[list[Any]], packers: set[bytes]) -> list[list
 
 
 def _packable_reply(frames: list[Any]) -> bool:
-    """[identity, header, optional payload], all plain bytes and the payload small."""
-    if type(frames[1]) is not bytes:
+    """[identity, header, optional payload], all plain bytes and the payload small.
+
+    Only a reply whose envelope is exactly [identity] may be packed. A request that came with
+    an empty delimiter (REQ style, even from a connection that also sends packs) is answered
+    [identity, b"", header, ...] and must leave as it is: its empty frame is no header (an
+    encoded header is never empty), and packed it would break the whole pack."""
+    if type(frames[1]) is not bytes or not frames[1]:
         return False
     if len(frames) == 2:
         return True

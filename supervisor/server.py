@@ -62,6 +62,9 @@ log = logging.getLogger("wasmcore.supervisor")
 
 EXIT_FORCED = 130
 _DRAIN_BATCH = 256  # messages per socket per turn, so neither side starves the other
+# An oversized header's `type` and `id` are peeked at (other values skipped, never built) up
+# to this size; skipping costs up to ~4 ns a byte, so larger ones are not read at all.
+_PEEK_MAX_BYTES = 4 * MiB
 _MAX_PACKERS = 65_536
 _WATCH_ADDRESS = "inproc://wasm-core-watch"
 # Timers (deadlines, heartbeats, watchdog, respawns) are checked at most this often.
@@ -123,6 +126,7 @@ class Supervisor:
         self._packers: set[bytes] = set()
         self._next_tick = 0.0
         self._next_sweep = 0.0
+        self._turn_end = time.monotonic()  # when the loop last finished a turn
 
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
@@ -208,9 +212,11 @@ class Supervisor:
         self._watch_files(self.binaries.watched_paths())
         log.info("wasm-core serving on %s with %d workers, %d binaries",
                  self.endpoint, self.pool.size, len(self.binaries.registry))
+        self._turn_end = time.monotonic()
         try:
             while self.exit_code is None:
-                events = self.poller.poll(self._poll_timeout_ms())
+                timeout_ms = self._poll_timeout_ms()
+                events = self.poller.poll(timeout_ms)
                 for target, _ in events:
                     if target is self.front:
                         self._drain_front()
@@ -225,6 +231,7 @@ class Supervisor:
                         if handle is not None:
                             self._worker_exited(handle)
                 now = time.monotonic()
+                self._excuse_stall(now, timeout_ms / 1000)
                 if now >= self._next_tick or self.draining:
                     self._next_tick = now + _TICK_S
                     self._tick(now)
@@ -239,7 +246,22 @@ class Supervisor:
         busy = self.pool.starting or self.draining or self.scheduler.in_flight
         return 10 if busy else 100
 
+    def _excuse_stall(self, now: float, poll_timeout_s: float) -> None:
+        """The loop's own stalls are never a worker's fault. The time since the last turn,
+        less what poll was allowed to wait, is time the loop was not running (a huge message
+        received, a slow step, the process stopped); when it is a sizeable part of the
+        heartbeat timeout, it counts against no worker."""
+        stall = now - self._turn_end - poll_timeout_s
+        self._turn_end = now
+        if stall > self.config.pool.heartbeat_timeout_ms / 4000:
+            log.warning("the supervisor's loop was stalled for %.1fs; not counted against "
+                        "any worker's heartbeats", stall)
+            self.pool.excuse(stall, now)
+
     def _tick(self, now: float) -> None:
+        # What workers sent while this turn ran (heartbeats, replies) is read before anyone
+        # is judged: a busy loop must not see a healthy worker as silent.
+        self._drain_back()
         self._expire_deadlines(now)
         ticked = self.pool.tick(now)
         for handle in ticked.killed:
@@ -285,18 +307,56 @@ class Supervisor:
             self._reply_error(envelope, 0, BadRequest("empty message: expected a header frame"))
             return
         header = body[0]
+        refusal = self._refuse_unread(header, len(body))
+        if refusal is not None:
+            self._reply_error(envelope, *refusal)
+            return
         try:
             request = p.request_decoder.decode(header)
         except msgspec.DecodeError as exc:
-            error = BadRequest(f"malformed request: {exc}", {"hint": "see docs/protocol.md"})
-            self._reply_error(envelope, p.peek_request_id(header), error)
+            pack = _undecoded_pack(header)
+            if pack is not None:  # each execute in it is answered on its own
+                self._on_pack(envelope, pack, body)
+                return
+            self._reply_error(envelope, p.peek_request_id(header), _malformed(exc))
             return
         if type(request) is p.ExecutePack:
             self._on_pack(envelope, request, body)
             return
         self._on_request(envelope, request, body[1:])
 
-    def _on_pack(self, envelope: list[bytes], pack: p.ExecutePack, body: list[bytes]) -> None:
+    def _refuse_unread(self, header: bytes, frames: int) -> tuple[int, WasmCoreError] | None:
+        """A request refused for its size alone, before its header is decoded: a header frame
+        over server.max_header_bytes (an xpack frame may be larger by what its payloads
+        take), or more frames than any request has. Decoding a huge header would stall the
+        loop for everyone; the answer would only be an error anyway."""
+        size = len(header)
+        limit = self.config.server.max_header_bytes
+        if size > limit:
+            # Only `type` and `id` are read (the rest skipped), and only from a frame small
+            # enough that even skipping costs nothing.
+            kind, request_id = p.peek_header(header) if size <= _PEEK_MAX_BYTES else ("", 0)
+            pack_limit = limit + p.EXECUTE_PACK_MAX_BYTES + p.PACKED_PAYLOAD_MAX_BYTES
+            if kind != "xpack":
+                return request_id, PayloadTooLarge(
+                    f"request header is {size} bytes; this server reads at most {limit} "
+                    "(server.max_header_bytes): send data in payload frames, or less of it",
+                    {"size": size, "limit": limit})
+            if size > pack_limit:
+                return request_id, PayloadTooLarge(
+                    f"xpack frame is {size} bytes; this server reads at most {pack_limit} "
+                    f"(server.max_header_bytes + {pack_limit - limit} for packed payloads): "
+                    "send fewer executes per pack", {"size": size, "limit": pack_limit})
+        if frames > p.MAX_BATCH_INPUTS + 1:
+            request_id = p.peek_request_id(header) if size <= _PEEK_MAX_BYTES else 0
+            return request_id, BadRequest(
+                f"{frames} frames; a request has at most {p.MAX_BATCH_INPUTS + 1} (a header "
+                f"and up to {p.MAX_BATCH_INPUTS} execute_batch inputs)",
+                {"frames": frames, "limit": p.MAX_BATCH_INPUTS + 1})
+        return None
+
+    def _on_pack(self, envelope: list[bytes], pack: p.ExecutePack | p.UndecodedPack,
+                 body: list[bytes]) -> None:
         if len(body) != 1 or len(pack.executes) != len(pack.payloads) or not pack.executes:
             self._reply_error(envelope, 0, BadRequest(
                 f"an execute pack is one frame with as many payloads as executes (at least "
@@ -309,6 +369,12 @@ class Supervisor:
             self._packers.add(envelope[0])
         self.requests += len(pack.executes) - 1
         for request, payload in zip(pack.executes, pack.payloads, strict=True):
+            if type(request) is msgspec.Raw:  # from a pack that did not decode whole
+                try:
+                    request = p.execute_decoder.decode(request)
+                except msgspec.DecodeError as exc:
+                    self._reply_error(envelope, p.peek_request_id(request), _malformed(exc))
+                    continue
             self._on_request(envelope, request, [] if payload is None else [payload])
 
     def _on_request(self, envelope: list[bytes], request: Any, payloads: list[bytes]) -> None:
@@ -705,6 +771,27 @@ class Supervisor:
             lock = Path(self.endpoint[len("ipc://"):] + ".lock")
             lock.unlink(missing_ok=True)  # still ours: the flock is held until the close below
             os.close(self._lock_fd)
+
+
+def _malformed(exc: msgspec.DecodeError) -> BadRequest:
+    """The BAD_REQUEST for a header that does not decode; one over a bound of the protocol
+    names the field and the bound in its details too."""
+    details: dict[str, Any] = {"hint": "see docs/protocol.md"}
+    bound = p.exceeded_bound(str(exc))
+    if bound is not None:
+        details["field"], details["limit"] = bound
+        return BadRequest(f"malformed request: {exc} (a bound of the protocol: docs/protocol.md, "
+                          "section 8)", details)
+    return BadRequest(f"malformed request: {exc}", details)
+
+
+def _undecoded_pack(header: bytes) -> p.UndecodedPack | None:
+    """A pack that failed to decode whole, read again with its executes left encoded; None
+    if it is not a well-formed pack even so."""
+    try:
+        return p.undecoded_pack_decoder.decode(header)
+    except msgspec.DecodeError:
+        return None
 
 
 def _queue_only(signum: int, frame: object) -> None:

@@ -151,6 +151,13 @@ class WorkerPool:
         if handle is not None:
             handle.last_seen = now
 
+    def excuse(self, stall_s: float, now: float) -> None:
+        """The supervisor's loop was not running for `stall_s` seconds up to `now`: nothing
+        could be heard from anyone meanwhile, so that time counts against no worker's
+        heartbeats or start timeout. Never past `now`: an excuse is not a heartbeat."""
+        for handle in self._by_id.values():
+            handle.last_seen = min(now, handle.last_seen + stall_s)
+
     def retire(self, handle: WorkerHandle, cause: RestartCause, now: float,
                replace: bool = True) -> None:
         """It takes no more jobs; a successor takes its slot at once. It exits once the
