@@ -354,7 +354,12 @@ def _read_rows(path: Path, blobs: BlobStore) -> tuple[list[tuple[int, tuple[Any,
     what is wrong with the file as a whole if anything, and whether it is corrupt (to be
     moved aside) rather than unreadable for now (locked, I/O error: left alone)."""
     if not path.exists():
-        return [], None, False
+        present = blobs.count()
+        if not present:
+            return [], None, False  # a first start
+        return [], (f"{path} is missing while {present} module blobs exist in {blobs.root}: "
+                    "the binaries they belonged to could not be restored and their blobs are "
+                    "kept"), True
     rows: list[tuple[int, tuple[Any, ...]]] = []
     db = None
     try:
@@ -386,9 +391,13 @@ def _read_rows(path: Path, blobs: BlobStore) -> tuple[list[tuple[int, tuple[Any,
 
 
 def _move_aside(path: Path) -> Path | None:
-    """Keep an unreadable registry for recovery, out of the way of a new one."""
+    """Keep an unreadable registry for recovery, out of the way of a new one (a missing one
+    leaves a note in its place): while it is there, blobs are kept."""
     target = path.with_name(f"{path.name}{_BROKEN}{time.strftime('%Y%m%dT%H%M%S')}")
     try:
+        if not path.exists():
+            target.write_text(f"{path.name} was missing at {time.ctime()} while module blobs "
+                              "existed; they are kept while this file is here.\n")
         for suffix in ("", "-wal", "-shm"):
             source = Path(f"{path}{suffix}")
             if source.exists():

@@ -363,13 +363,17 @@ def test_one_bad_registry_row_does_not_stop_the_service(tmp_path: Path):
         svc.cleanup()
 
 
-def test_an_empty_registry_beside_blobs_is_reported_not_silently_empty(tmp_path: Path):
+@pytest.mark.parametrize("damage", ["zero-length", "missing", "garbage"])
+def test_an_empty_registry_beside_blobs_is_reported_not_silently_empty(damage: str):
     svc = start_service(workers=1)
     try:
         with svc.client() as c:
             lost = c.load(PLUGINS / "uppercase.wat")
         assert svc.stop() == 0
-        _registry(svc).write_bytes(b"")
+        if damage == "missing":
+            _registry(svc).unlink()
+        else:
+            _registry(svc).write_bytes(b"" if damage == "zero-length" else b"x" * 8192)
         for _ in range(2):  # and again on the next start: not forgotten after one restart
             svc = start_service(workers=1, workdir=svc.workdir)
             svc.owns_workdir = True
