@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     load = sub.add_parser("load", help="load a .wasm or .wat; prints its UUID")
-    load.add_argument("--path", required=True, help="module file (read by the server)")
+    load.add_argument("--path", required=True, help="module file: read here and sent; its "
+                      "path names the binary (loading it again updates it)")
     load.add_argument("--name", help="name for the binary (default: the file's stem)")
 
     for name, helptext in (("execute", "run a binary on an input"),
@@ -120,6 +121,8 @@ def _print_stats(stats: Any) -> None:
         print(f"restarts: {causes}")
     if stats.config_error:
         print(f"config change refused (running config kept): {stats.config_error}")
+    for problem in stats.registry_problems:
+        print(f"registry problem: {problem}")
     if stats.errors_by_code:
         codes = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors_by_code.items()))
         print(f"errors: {codes}")

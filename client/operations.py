@@ -121,10 +121,12 @@ def load(tenant: str, client_timeout_s: float, path: str | os.PathLike[str] | No
     if path is not None and data is not None:
         raise ValueError("load takes a path or data, not both")
     if path is not None:
-        # A path means the server's filesystem; on one host, the caller's cwd is what a user
-        # means by a relative path.
-        return Operation(p.Load(tenant=tenant, path=str(Path(path).absolute()), name=name),
-                         None, wait_s)
+        # The client reads its own file and sends the bytes; the path, resolved (the server
+        # follows no symlink when it rereads a watched file), names the binary: loading it
+        # again updates the same one. The server never needs to read the file for this.
+        source = Path(path)
+        return Operation(p.Load(tenant=tenant, path=str(source.resolve()),
+                                name=name or source.stem), source.read_bytes(), wait_s)
     if data is None:
         raise ValueError("load needs a path or data")
     if not name:

@@ -83,6 +83,13 @@ class PayloadTooLarge(WasmCoreError):
     code = "PAYLOAD_TOO_LARGE"
 
 
+class StorageError(WasmCoreError):
+    """The server could not write to its own storage (disk full, data dir broken): nothing
+    was changed."""
+
+    code = "STORAGE_ERROR"
+
+
 class Unavailable(WasmCoreError):
     """The client got no reply in time (the service is down or unreachable)."""
 
@@ -108,6 +115,7 @@ ERROR_CLASSES: dict[str, type[WasmCoreError]] = {
         ShuttingDown,
         PayloadTooLarge,
         Unavailable,
+        StorageError,
     )
 }
 

@@ -63,7 +63,8 @@ Env = Annotated[
 
 
 class Load(msgspec.Struct, tag="load", kw_only=True):
-    """Load a module from a server-side `path`, or from the payload frame under `name`."""
+    """Load the payload frame's bytes under `path` (a file's identity) or `name`; with no
+    payload, the server reads `path` itself, if it may (docs/operations.md, load roots)."""
 
     id: int = 0
     tenant: Tenant = DEFAULT_TENANT
@@ -172,6 +173,7 @@ class Loaded(msgspec.Struct, tag="loaded", kw_only=True):
     sha256: str
     kind: str = "core"
     exports: list[str] = []
+    watched: bool = False  # the server watches `path` and reloads it when it changes
 
 
 class Executed(msgspec.Struct, tag="executed", kw_only=True):
@@ -282,6 +284,8 @@ class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     restarts_by_cause: dict[str, int] = {}
     uptime_s: float = 0.0
     config_error: str | None = None  # why the last config change was refused, if it was
+    # What of the registry could not be read at start (skipped rows, a broken file kept).
+    registry_problems: list[str] = []
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):

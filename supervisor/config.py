@@ -36,6 +36,10 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # An xpack frame may be EXECUTE_PACK_MAX_BYTES + PACKED_PAYLOAD_MAX_BYTES larger: its
     # small payloads ride inside it.
     max_header_bytes: int = 64 * 1024
+    # Absolute directories whose module files the server may read and watch for any peer
+    # (loads by path without bytes, hot reload). Other paths are only names for sent bytes,
+    # unless every peer is the service's own user (a private ipc socket dir; operations.md).
+    load_roots: list[str] = []
 
 
 class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -143,6 +147,8 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("server.max_payload_bytes", config.server.max_payload_bytes > 0, "must be > 0"),
         ("server.shm_threshold_bytes", config.server.shm_threshold_bytes >= 0, "must be >= 0"),
         ("server.max_header_bytes", config.server.max_header_bytes >= 4096, "must be >= 4096"),
+        ("server.load_roots", all(os.path.isabs(r) for r in config.server.load_roots),
+         "must list absolute directories"),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
         ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),

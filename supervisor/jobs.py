@@ -8,6 +8,8 @@ from typing import Any
 
 import zmq
 
+from wasmcore.protocol.errors import WasmCoreError
+
 # Called with (error code or "", JobDone or None, reply frames) when the job ends, in place of
 # forwarding the worker's reply to a client. Used by compiles, whose reply the supervisor
 # builds itself.
@@ -34,3 +36,5 @@ class PendingJob:
     # False when running it may have destroyed its own input (a large output written over
     # the input segment the client lent): it must never run a second time.
     retryable: bool = True
+    # Called instead when `on_done` raised, so whoever waits for the job is still answered.
+    on_error: Callable[[WasmCoreError], None] | None = None

@@ -50,6 +50,8 @@ from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.config import Config, parse_config, resolved
 from wasmcore.supervisor.jobs import PendingJob
+from wasmcore.supervisor.module_files import PathPolicy
+from wasmcore.supervisor.offloop import OffLoop
 from wasmcore.supervisor.packing import client_messages, worker_messages
 from wasmcore.supervisor.registry import Registry
 from wasmcore.supervisor.requests import Requests
@@ -71,6 +73,8 @@ _WATCH_ADDRESS = "inproc://wasm-core-watch"
 _TICK_S = 0.002
 # Payload segments of processes that exited are removed this often.
 _SWEEP_S = 1.0
+# Replaced module versions are checked for deletion this often while any wait.
+_COLLECT_S = 0.1
 # Settings that only take effect on restart: a reloaded config keeps the running values.
 _RESTART_ONLY = ("endpoint", "data_dir", "artifact_dir", "shm_dir")
 
@@ -127,6 +131,13 @@ class Supervisor:
         self._next_tick = 0.0
         self._next_sweep = 0.0
         self._turn_end = time.monotonic()  # when the loop last finished a turn
+        self._next_collect = 0.0
+        # Tokens of the jobs submitted and not ended yet, oldest first: a replaced module
+        # version is deleted once no job older than the change is left.
+        self._outstanding: dict[int, None] = {}
+        # Every peer of the endpoint is this service's user (decided at bind).
+        self._private_endpoint = False
+        self.offloop = OffLoop()
 
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
@@ -148,7 +159,11 @@ class Supervisor:
             Registry(Path(config.server.data_dir)), artifact_dir, self.fingerprint,
             config.server.max_payload_bytes, submit=self._submit,
             publish=lambda message: self.pub.send(message, NOBLOCK),
-            next_token=tokens.__next__, watch=self._watch_files)
+            next_token=tokens.__next__, watch=self._watch_files,
+            offload=self.offloop.run, oldest_job=lambda: next(iter(self._outstanding), None))
+        for problem in self.binaries.problems():
+            log.error("registry: %s", problem)
+        self.binaries.sweep()
         self.requests_handler = Requests(
             config, self.binaries, self.shm_dir,
             submit=lambda job: self._submit(job, True), next_token=tokens.__next__,
@@ -161,6 +176,10 @@ class Supervisor:
             path = Path(self.endpoint[len("ipc://") :])
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_endpoint(path)
+            self._private_endpoint = _only_owner_enters(path.parent)
+        self.binaries.set_paths(self._path_policy(self.config))
+        log.info("loads by path: the server reads and watches %s",
+                 self.binaries.paths.describe())
         for sock in (self.front, self.back):
             sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -178,6 +197,7 @@ class Supervisor:
         self.poller.register(self.back, zmq.POLLIN)
         self.poller.register(self._signal_r.fileno(), zmq.POLLIN)
         self.poller.register(self.watch_events, zmq.POLLIN)
+        self.poller.register(self.offloop.fileno(), zmq.POLLIN)
 
     def _lock_endpoint(self, path: Path) -> None:
         """ZeroMQ's ipc bind silently steals a live server's socket file; refuse instead."""
@@ -226,6 +246,8 @@ class Supervisor:
                         self._handle_signals()
                     elif target is self.watch_events:
                         self._drain_watch_events()
+                    elif target == self.offloop.fileno():
+                        self.offloop.drain()
                     else:
                         handle = self.pool.by_pidfd(target)
                         if handle is not None:
@@ -270,6 +292,9 @@ class Supervisor:
             self._worker_exited(handle)
         for handle in ticked.to_recycle:
             self._retire(handle, RestartCause.MEMORY, now)
+        if self.binaries.has_superseded and now >= self._next_collect:
+            self._next_collect = now + _COLLECT_S
+            self.binaries.collect()
         if self.shm_dir and now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_S
             removed = shm.sweep(self.shm_dir)
@@ -461,32 +486,59 @@ class Supervisor:
             restarts_by_cause=dict(self.pool.restarts),
             uptime_s=time.time() - self.started,
             config_error=self.config_error,
+            registry_problems=self.binaries.problems(),
         )
 
     # ------------------------------------------------------------------ jobs
 
     def _submit(self, job: PendingJob, bounded: bool) -> None:
+        if self.draining is not None:  # a load whose file read ended after the drain began
+            raise ShuttingDown("the service is shutting down; retry on its replacement")
         self.scheduler.submit(job, time.monotonic(), bounded)
+        self._outstanding[job.token] = None
 
     def _finish(self, job: PendingJob, event: p.JobDone, rest: list[Any]) -> None:
         """A worker's reply ends `job`: forward it to the client (or to the job's own
         completion, for compiles)."""
+        self._outstanding.pop(job.token, None)
         self.binaries.record_executions(job.binary_ids)
         if event.code:
             self.errors_by_code[event.code] += 1
         if job.on_done is not None:
-            job.on_done(event.code, event, rest)
+            try:
+                job.on_done(event.code, event, rest)
+            except Exception as exc:
+                self._completion_failed(job, exc)
         elif job.envelope is not None:
             self._front_out.append([*job.envelope, *rest])
 
     def _fail(self, job: PendingJob, error: WasmCoreError) -> None:
         """End a job with an error of the supervisor's own (lost worker, deadline, shutdown)."""
+        self._outstanding.pop(job.token, None)
         if job.on_done is not None:
             frames = [zmq.Frame(p.encode(p.ErrorReply(id=0, code=error.code,
                                                       message=error.message,
                                                       details=error.details)))]
-            job.on_done(error.code, None, frames)
             self.errors_by_code[error.code] += 1
+            try:
+                job.on_done(error.code, None, frames)
+            except Exception as exc:
+                self._completion_failed(job, exc)
+        elif job.envelope is not None:
+            self._reply_error(job.envelope, job.request_id, error)
+
+    def _completion_failed(self, job: PendingJob, exc: Exception) -> None:
+        """A job's own completion raised (a bug of ours): whoever waits is answered all the
+        same, and the loop goes on."""
+        log.exception("internal error completing job %d", job.token, exc_info=exc)
+        error = InternalError(f"internal error: {exc!r}; the service keeps running, please "
+                              "report it")
+        self.errors_by_code[error.code] += 1
+        if job.on_error is not None:
+            try:
+                job.on_error(error)
+            except Exception:
+                log.exception("internal error answering job %d", job.token)
         elif job.envelope is not None:
             self._reply_error(job.envelope, job.request_id, error)
 
@@ -638,6 +690,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ files and config
 
+    def _path_policy(self, config: Config) -> PathPolicy:
+        """The files the server may read and watch for its clients: under the load roots,
+        or any path when every peer is this service's user (module_files.py)."""
+        return PathPolicy(config.server.load_roots, any_path=self._private_endpoint)
+
     def _watch_files(self, module_paths: set[str]) -> None:
         files = set(module_paths)
         if self.config_path:
@@ -691,6 +748,8 @@ class Supervisor:
                                  new.pool.deadline_grace_ms / 1000)
         self.requests_handler.config = new
         self.binaries.max_payload_bytes = new.server.max_payload_bytes
+        if new.server.load_roots != server.load_roots:
+            self.binaries.set_paths(self._path_policy(new))
         for handle in self.pool.reconfigure(new, now):
             self._retire(handle, RestartCause.RECYCLE, now, replace=False)
         log.info("%s: config reloaded (workers %d -> %d)", why, old_size, self.pool.size)
@@ -755,6 +814,8 @@ class Supervisor:
     def close(self) -> None:
         self._flush()  # replies decided in the last turn (SHUTTING_DOWN ones, say) go out
         self.pool.close()
+        self.offloop.close()  # loads whose read or write just ended are answered too
+        self._flush()
         signal.set_wakeup_fd(-1)
         self.watcher.stop()
         for sock in (self.front, self.back, self.pub, self.watch_events):
@@ -792,6 +853,14 @@ def _undecoded_pack(header: bytes) -> p.UndecodedPack | None:
         return p.undecoded_pack_decoder.decode(header)
     except msgspec.DecodeError:
         return None
+def _only_owner_enters(directory: Path) -> bool:
+    """Only this process's user (and root) can reach a socket in `directory`: it is ours and
+    nobody else may search it. Then every peer on an ipc endpoint there is this user."""
+    try:
+        info = directory.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.geteuid() and info.st_mode & 0o077 == 0
 
 
 def _queue_only(signum: int, frame: object) -> None:

@@ -67,9 +67,11 @@ def test_batch_waits_the_client_timeout_plus_each_input():
 
 
 def test_load_waits_for_a_compile():
-    by_path = ops.load("t", 30.0, Path("plugins/uppercase.wat"), None, None)
-    assert by_path.request.path == str(Path("plugins/uppercase.wat").absolute())
-    assert by_path.payload is None and by_path.wait_s == ops.LOAD_WAIT_S
+    # A path: the client reads the file and sends it; the resolved path names the binary.
+    plugin = Path(__file__).resolve().parent.parent / "plugins" / "uppercase.wat"
+    by_path = ops.load("t", 30.0, plugin, None, None)
+    assert by_path.request == p.Load(tenant="t", path=str(plugin), name="uppercase")
+    assert by_path.payload == plugin.read_bytes() and by_path.wait_s == ops.LOAD_WAIT_S
     by_data = ops.load("t", 300.0, None, bytearray(b"\0asm"), "mine")
     assert by_data.request == p.Load(tenant="t", name="mine") and by_data.payload == b"\0asm"
     assert by_data.wait_s == 300.0

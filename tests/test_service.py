@@ -164,7 +164,7 @@ def test_unknown_ids_and_invalid_modules(service):
     with service.client() as c:
         with pytest.raises(errors.NotFound):
             c.execute("00000000-0000-0000-0000-000000000000", "x")
-        with pytest.raises(errors.NotFound):
+        with pytest.raises(FileNotFoundError):  # the client reads its own file
             c.load("/nonexistent/plugin.wasm")
         with pytest.raises(errors.InvalidModule) as invalid:
             c.load(HOSTILE / "invalid.wasm")
