@@ -218,7 +218,8 @@ class Binaries:
                                 list(event.exports)), None)
 
         self._submit(PendingJob(token=token, envelope=None, request_id=0, header=header,
-                                payload=None, budget_s=_COMPILE_BUDGET_S, on_done=compiled),
+                                payload=None, budget_s=_COMPILE_BUDGET_S, on_done=compiled,
+                                tenant=tenant, size_bytes=len(header) + len(data)),
                      bounded)
 
     def _commit(self, tenant: str, name: str, path: str | None, sha256: str, size: int,

@@ -34,3 +34,6 @@ class PendingJob:
     # False when running it may have destroyed its own input (a large output written over
     # the input segment the client lent): it must never run a second time.
     retryable: bool = True
+    tenant: str = "default"  # whose queue it waits in, whose share and caps it counts against
+    size_bytes: int = 0  # what the supervisor holds for it until it ends (header and payload)
+    charged_ms: float = 0.0  # run time charged to its tenant when it was sent (for fairness)

@@ -149,13 +149,17 @@ class Requests:
                retryable: bool = True) -> None:
         """Hand a RunJob answering `req` to the scheduler; `budget_s` is what its deadline
         allows."""
+        header = p.encode(job)
+        size = len(header) + (len(payload) if payload is not None else 0)
         pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
-                             header=p.encode(job), payload=payload, budget_s=budget_s,
-                             binary_ids=binary_ids, retryable=retryable)
+                             header=header, payload=payload, budget_s=budget_s,
+                             binary_ids=binary_ids, retryable=retryable, tenant=req.tenant)
         if extra:
             pending.extra = extra
+            size += sum(len(frame) for frame in extra)
         else:
             pending.packable = p.fits_in_pack(payload)
+        pending.size_bytes = size
         self._submit(pending)
 
     # ------------------------------------------------------------------ loads
