@@ -34,6 +34,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Payload bytes held for requests not yet answered (queued or on a worker), all tenants
     # together; each tenant also has its own bound ([tenants.<name>] max_queued_bytes).
     max_queued_bytes: int = 1024 * MiB
+    # The most binaries one chain may name (BAD_REQUEST above it).
+    max_chain_steps: int = 32
 
 
 class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -167,6 +169,7 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("server.max_payload_bytes", config.server.max_payload_bytes > 0, "must be > 0"),
         ("server.shm_threshold_bytes", config.server.shm_threshold_bytes >= 0, "must be >= 0"),
         ("server.max_queued_bytes", config.server.max_queued_bytes >= 0, "must be >= 0"),
+        ("server.max_chain_steps", config.server.max_chain_steps >= 1, "must be at least 1"),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
         ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),

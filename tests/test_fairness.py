@@ -7,14 +7,39 @@ import struct
 import time
 from typing import Any
 
+import pytest
 import zmq
 
 from tests.conftest import HOSTILE, PLUGINS, raw_dealer, wait_for
 from wasmcore.client.launcher import start_service
+from wasmcore.protocol import errors
 from wasmcore.protocol import messages as p
 
 KiB = 1024
 MiB = 1024 * KiB
+FAST_POOL = {"deadline_grace_ms": 500, "heartbeat_interval_ms": 100,
+             "heartbeat_timeout_ms": 2000}
+
+# A WASI command that spins until `SPIN_MS` of wall time have passed (WASI's monotonic
+# clock), then exits 0: a step that takes a known time and succeeds.
+SPIN_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "clock_time_get"
+    (func $clock (param i32 i64 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (local $end i64)
+    (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 0)))
+    (local.set $end (i64.add (i64.load (i32.const 0)) (i64.const SPIN_NS)))
+    (loop $spin
+      (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 0)))
+      (br_if $spin (i64.lt_u (i64.load (i32.const 0)) (local.get $end))))))
+"""
+
+
+def spin_module(ms: int) -> bytes:
+    return SPIN_WAT.replace("SPIN_NS", str(ms * 1_000_000)).encode()
+
 
 def hog_input(spin_millions: int) -> bytes:
     """rss_hog's input: touch no memory, spin this many million loop iterations, succeed."""
@@ -138,3 +163,52 @@ def test_queued_bytes_are_bounded_per_tenant_and_in_all():
             assert isinstance(replies[request_id], p.Executed), replies[request_id]
     finally:
         svc.cleanup()
+
+
+# --------------------------------------------------------------------------- chains
+
+
+@pytest.fixture(scope="module")
+def chain_service():
+    svc = start_service(workers=2, config={"server": {"log_level": "warning"},
+                                           "pool": FAST_POOL})
+    try:
+        yield svc
+    finally:
+        svc.cleanup()
+
+
+def test_chain_timeout_is_the_whole_chains_budget(chain_service):
+    """Each step spins 60% of the timeout: the second step runs out of what is left of the
+    chain's one budget and the chain gets TIMEOUT there (before: each step had the whole
+    timeout, so three such steps took 1.8 timeouts and succeeded)."""
+    with chain_service.client() as c:
+        spin = c.load(data=spin_module(1200), name="spin1200").binary_id
+        assert len(c.chain([spin, spin], "x", timeout_ms=5000).steps) == 2
+        with pytest.raises(errors.Timeout) as info:
+            c.chain([spin, spin, spin], "x", timeout_ms=2000)
+    assert info.value.details["step"] == 1
+    assert info.value.details["timeout_ms"] == 2000
+    assert "2000 ms" in info.value.message
+
+
+def test_supervisor_deadline_of_a_chain_is_its_budget_not_steps_times_it(chain_service):
+    """A chain stuck in a host call is ended by the supervisor at its one budget plus the
+    grace; the TIMEOUT reply names that budget (before: steps x timeout)."""
+    with chain_service.client() as c:
+        sleeper = c.load(HOSTILE / "sleep.wat").binary_id
+        with pytest.raises(errors.Timeout) as info:
+            c.chain([sleeper, sleeper, sleeper], "x", timeout_ms=300)
+    assert info.value.details["timeout_ms"] == 300
+    assert "pid" in info.value.details  # the supervisor's deadline, not the worker's epoch
+
+
+def test_chain_steps_are_capped(chain_service):
+    """More than `server.max_chain_steps` (32 by default) steps: BAD_REQUEST with the count
+    and the limit, before any binary is looked up."""
+    with chain_service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        assert c.chain([upper] * 32, "ok").output == b"OK"
+        with pytest.raises(errors.BadRequest) as info:
+            c.chain([upper] * 33, "too long")
+    assert info.value.details == {"steps": 33, "limit": 32}

@@ -42,6 +42,8 @@ def test_tenant_settings_fall_back_to_default_then_built_in():
     assert parse_config("[tenants.acme]\nweight = 2\n").tenant("anyone") == TenantConfig()
     with pytest.raises(ConfigError, match=r"tenants.acme.weight.*line 2"):
         parse_config("[tenants.acme]\nweight = 0\n")
+    with pytest.raises(ConfigError, match=r"server.max_chain_steps"):
+        parse_config("[server]\nmax_chain_steps = 0\n")
 
 
 def test_config_errors_name_key_and_line():
