@@ -51,6 +51,9 @@ PREFETCH_BUDGET_MS = 2.0
 # What a job of a binary with no measured run time is charged to its tenant when it is sent,
 # until its real run time is known.
 _UNKNOWN_COST_MS = 1.0
+# Tenants with nothing pending are remembered (their record reused) while there are at most
+# this many tenants in all.
+_IDLE_TENANTS_KEPT = 1024
 
 
 class LaneState(enum.Enum):
@@ -174,15 +177,17 @@ class Scheduler:
             return
         head, *waiting = lane.jobs
         lane.jobs.clear()
-        self._settle(head, (now - head.started) * 1000)
-        self._end(head, head_error)
+        tenant = self._tenants[head.tenant]
+        self._settle(tenant, head, (now - head.started) * 1000)
+        self._end(tenant, head, head_error)
         for job in reversed(waiting):
-            self._settle(job, 0.0)  # never started: its tenant gets its charge back
+            tenant = self._tenants[job.tenant]
+            self._settle(tenant, job, 0.0)  # never started: its tenant gets its charge back
             if not requeue or job.requeued or not job.retryable:
-                self._end(job, waiting_error)
+                self._end(tenant, job, waiting_error)
             else:
                 job.requeued = True
-                self._enqueue(self._tenants[job.tenant], job, front=True)
+                self._enqueue(tenant, job, front=True)
         self._dispatch_queue(now)
 
     def jobs_on(self, worker_id: str) -> int:
@@ -204,7 +209,7 @@ class Scheduler:
         `bounded` off: never refused, for work that must not be lost, such as a hot reload."""
         tenant = self._tenants.get(job.tenant)
         if tenant is None:
-            tenant = TenantQueue(job.tenant, self._policy(job.tenant))
+            tenant = TenantQueue(job.tenant, self._policy(job.tenant))  # kept by _hold
         if bounded:
             self._admit(tenant, job)
         if not self._queued:  # else it waits its turn: nobody overtakes a queued job
@@ -222,8 +227,11 @@ class Scheduler:
                 {"queue_depth": self._queued},
             )
         self._hold(tenant, job)
-        self._enqueue(tenant, job)
-        self._dispatch_queue(now)  # its tenant's turn may come before those already queued
+        if not tenant.jobs:  # its tenant's turn may come before those already queued
+            self._enqueue(tenant, job)
+            self._dispatch_queue(now)
+        else:  # behind its tenant's own: whose turn it is and what can run did not change
+            self._enqueue(tenant, job)
 
     def on_reply(self, worker_id: str, token: int,
                  now: float) -> tuple[PendingJob, LaneState] | None:
@@ -246,8 +254,9 @@ class Scheduler:
             previous = self._exec_ms.get(binary_id)
             self._exec_ms[binary_id] = (elapsed_ms if previous is None
                                         else 0.8 * previous + 0.2 * elapsed_ms)
-        self._settle(job, elapsed_ms)
-        self._release(job)
+        tenant = self._tenants[job.tenant]
+        self._settle(tenant, job, elapsed_ms)
+        self._release(tenant, job)
         if lane.jobs:
             self._start_clock(lane.jobs[0], now)
             self._dispatch_queue(now)  # the room this reply freed goes to the queue first
@@ -271,7 +280,7 @@ class Scheduler:
         count = self._queued
         for tenant in list(self._tenants.values()):
             while tenant.jobs:
-                self._end(tenant.jobs.popleft(), error)
+                self._end(tenant, tenant.jobs.popleft(), error)
         self._queued = 0
         self._turns.clear()
         return count
@@ -372,7 +381,12 @@ class Scheduler:
     def _admit(self, tenant: TenantQueue, job: PendingJob) -> None:
         """Raise if `job` would take its tenant or the server past a bound; changes nothing."""
         size = job.size_bytes
-        bounds = ((tenant.config.max_queued_bytes, tenant.held_bytes, "tenant_queued_bytes",
+        config = tenant.config
+        if (tenant.pending < config.max_pending
+                and tenant.held_bytes + size <= config.max_queued_bytes
+                and self._held_bytes + size <= self.max_queued_bytes):
+            return
+        bounds = ((config.max_queued_bytes, tenant.held_bytes, "tenant_queued_bytes",
                    "this tenant's [tenants] max_queued_bytes"),
                   (self.max_queued_bytes, self._held_bytes, "queued_bytes",
                    "server.max_queued_bytes"))
@@ -381,12 +395,11 @@ class Scheduler:
                 raise PayloadTooLarge(
                     f"this request holds {size} bytes while it waits; {setting} allows "
                     f"{limit}: send less per request", {"size": size, "limit": limit})
-        limit = tenant.config.max_pending
-        if tenant.pending >= limit:
+        if tenant.pending >= config.max_pending:
             raise Busy(
                 f"this tenant already has {tenant.pending} requests queued or running, its "
                 f"limit (max_pending); wait for replies before sending more",
-                {"tenant_pending": tenant.pending, "limit": limit})
+                {"tenant_pending": tenant.pending, "limit": config.max_pending})
         for limit, used, key, setting in bounds:
             if used + size > limit:
                 raise Busy(
@@ -396,31 +409,28 @@ class Scheduler:
 
     def _hold(self, tenant: TenantQueue, job: PendingJob) -> None:
         """`job` now counts against its tenant and the server until `_release`."""
-        if tenant.pending == 0:
+        if tenant.pending == 0 and not tenant.jobs:
             self._tenants[tenant.name] = tenant
         tenant.pending += 1
         tenant.held_bytes += job.size_bytes
         self._held_bytes += job.size_bytes
 
-    def _release(self, job: PendingJob) -> None:
-        tenant = self._tenants.get(job.tenant)
-        if tenant is None:
-            return
+    def _release(self, tenant: TenantQueue, job: PendingJob) -> None:
         tenant.pending -= 1
         tenant.held_bytes -= job.size_bytes
         self._held_bytes -= job.size_bytes
-        if tenant.pending <= 0 and not tenant.jobs:
-            del self._tenants[job.tenant]  # a tenant with nothing pending costs nothing
+        # An idle tenant is kept for its next request (most send again soon), up to a
+        # bound: names are the clients' to choose.
+        if (tenant.pending == 0 and not tenant.jobs
+                and len(self._tenants) > _IDLE_TENANTS_KEPT):
+            del self._tenants[tenant.name]
 
-    def _end(self, job: PendingJob, error: WasmCoreError) -> None:
+    def _end(self, tenant: TenantQueue, job: PendingJob, error: WasmCoreError) -> None:
         self._failures.append((job, error))
-        self._release(job)
+        self._release(tenant, job)
 
-    def _settle(self, job: PendingJob, elapsed_ms: float) -> None:
+    def _settle(self, tenant: TenantQueue, job: PendingJob, elapsed_ms: float) -> None:
         """Correct what `job`'s tenant was charged to what it really took."""
-        tenant = self._tenants.get(job.tenant)
-        if tenant is None:
-            return
         delta = (elapsed_ms - job.charged_ms) / tenant.config.weight
         job.charged_ms = 0.0
         tenant.vtime += delta
