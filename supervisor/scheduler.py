@@ -53,7 +53,7 @@ PREFETCH_BUDGET_MS = 2.0
 _UNKNOWN_COST_MS = 1.0
 # Tenants with nothing pending are remembered (their record reused) while there are at most
 # this many tenants in all.
-_IDLE_TENANTS_KEPT = 1024
+IDLE_TENANTS_KEPT = 1024
 
 
 class LaneState(enum.Enum):
@@ -79,8 +79,9 @@ class Lane:
 
 @dataclass(eq=False, slots=True)
 class TenantQueue:
-    """A tenant with jobs queued or running (forgotten when it has none): its FIFO, what it
-    holds, and how much run time it has been given, which decides whose turn it is."""
+    """A tenant as the scheduler sees it (kept while it has jobs, and a while after): its
+    FIFO, what it holds, and how much run time it has been given, which decides whose turn
+    it is."""
 
     name: str
     config: TenantConfig
@@ -291,6 +292,11 @@ class Scheduler:
         return (queue.pending, queue.held_bytes) if queue is not None else (0, 0)
 
     @property
+    def tenants_tracked(self) -> int:
+        """Tenants the scheduler keeps a record of (those with jobs, and some idle ones)."""
+        return len(self._tenants)
+
+    @property
     def queue_depth(self) -> int:
         return self._queued
 
@@ -422,7 +428,7 @@ class Scheduler:
         # An idle tenant is kept for its next request (most send again soon), up to a
         # bound: names are the clients' to choose.
         if (tenant.pending == 0 and not tenant.jobs
-                and len(self._tenants) > _IDLE_TENANTS_KEPT):
+                and len(self._tenants) > IDLE_TENANTS_KEPT):
             del self._tenants[tenant.name]
 
     def _end(self, tenant: TenantQueue, job: PendingJob, error: WasmCoreError) -> None:

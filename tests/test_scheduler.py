@@ -20,7 +20,12 @@ from wasmcore.protocol.errors import (
 )
 from wasmcore.supervisor.config import TenantConfig
 from wasmcore.supervisor.jobs import PendingJob
-from wasmcore.supervisor.scheduler import PREFETCH_BUDGET_MS, LaneState, Scheduler
+from wasmcore.supervisor.scheduler import (
+    IDLE_TENANTS_KEPT,
+    PREFETCH_BUDGET_MS,
+    LaneState,
+    Scheduler,
+)
 
 QUICK = "quick-binary"  # taught to run in QUICK_MS before the jobs under test
 QUICK_MS = 0.01
@@ -809,3 +814,19 @@ def test_configure_applies_new_tenant_caps() -> None:
                     tenant_policy=lambda name: TenantConfig(max_pending=1))
     with pytest.raises(Busy):
         sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
+
+
+def test_records_of_idle_tenants_stay_bounded() -> None:
+    """Tenant names are the clients' to choose: thousands of names, one request each, leave
+    at most a bounded number of records behind (and refused ones leave none)."""
+    sched = make_scheduler(tenants={"default": TenantConfig(max_queued_bytes=10)})
+    sched.add_worker("w1", recycle_after=100_000, now=0.0)
+    now = 0.0
+    for i in range(3 * IDLE_TENANTS_KEPT):
+        job = make_job(UNKNOWN, tenant=f"t{i}")
+        sched.submit(job, now)
+        now += 0.001
+        assert sched.on_reply("w1", job.token, now) is not None
+        with pytest.raises(PayloadTooLarge):
+            sched.submit(make_job(UNKNOWN, tenant=f"refused{i}", size_bytes=11), now)
+    assert sched.tenants_tracked <= IDLE_TENANTS_KEPT + 1
