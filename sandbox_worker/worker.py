@@ -23,7 +23,7 @@ import zmq
 from wasmcore.protocol import messages as p
 from wasmcore.protocol import shm
 from wasmcore.protocol.engine import engine_fingerprint
-from wasmcore.protocol.errors import BadRequest, InternalError, WasmCoreError
+from wasmcore.protocol.errors import BadRequest, InternalError, Timeout, WasmCoreError
 from wasmcore.protocol.limits import Limits, MiB
 from wasmcore.protocol.settings import (
     EXIT_BOOT_ERROR,
@@ -54,6 +54,16 @@ def die_with_parent(parent_pid: int) -> None:
         pass  # not Linux: the parent check in the loop still ends us
     if os.getppid() != parent_pid:
         os._exit(EXIT_PARENT_GONE)
+
+
+def _time_left(limits: Limits, budget_ms: int, spent_s: float) -> Limits:
+    """`limits` with the timeout cut to what is left of a `budget_ms` of which `spent_s` is
+    gone; TIMEOUT if nothing is left."""
+    left_ms = budget_ms - int(spent_s * 1000)
+    if left_ms <= 0:
+        raise Timeout(f"execution exceeded the {budget_ms} ms time limit",
+                      {"timeout_ms": budget_ms})
+    return msgspec.structs.replace(limits, timeout_ms=left_ms)
 
 
 def cap_data_segment(limit_bytes: int) -> int:
@@ -290,9 +300,12 @@ class Worker:
         sink = (shm.SegmentWriter(self.settings.shm_dir, job.output_shm_into,
                                   self.settings.shm_threshold_bytes)
                 if job.output_shm_into and self.settings.shm_dir and not job.chain else None)
+        chain_started = time.perf_counter()
         for index, ref in enumerate(job.modules):
             started = time.perf_counter()
             try:
+                if job.chain:  # timeout_ms is the whole chain's: each step gets what is left
+                    limits = _time_left(limits, job.timeout_ms, started - chain_started)
                 module = self._module(ref)
                 result = self.sandbox.execute(
                     module, data, env=job.env, entry=job.entry, limits=limits,
@@ -305,8 +318,12 @@ class Worker:
                 details = dict(exc.details)
                 message = exc.message
                 if job.chain:
+                    if exc.code == Timeout.code:
+                        details["timeout_ms"] = job.timeout_ms
+                        message = (f"the chain ran past its {job.timeout_ms} ms time limit "
+                                   "(all steps together)")
                     details.update(step=index, binary_id=ref.binary_id, steps_done=len(steps))
-                    message = f"chain step {index} ({ref.binary_id}) failed: {exc.message}"
+                    message = f"chain step {index} ({ref.binary_id}) failed: {message}"
                 self._reply_error(job, exc.code, message, details)
                 return
             except shm.SegmentError as exc:  # the input segment let us down (not our files)

@@ -350,7 +350,8 @@ class Binaries:
         try:
             self._submit(PendingJob(token=token, envelope=None, request_id=0, header=header,
                                     payload=None, budget_s=_COMPILE_BUDGET_S, on_done=compiled,
-                                    on_error=lost), bounded)
+                                    on_error=lost, tenant=tenant,
+                                    size_bytes=len(header)), bounded)
         except WasmCoreError as exc:  # BUSY
             self._let_go(sha256)
             staged(None, exc)

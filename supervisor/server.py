@@ -151,7 +151,8 @@ class Supervisor:
 
         pool = config.pool
         self.scheduler = Scheduler(config.server.max_queue, pool.prefetch,
-                                   pool.deadline_grace_ms / 1000)
+                                   pool.deadline_grace_ms / 1000,
+                                   config.server.max_queued_bytes, config.tenant)
         self.pool = WorkerPool(config, self.back_endpoint, self.pub_endpoint, self.shm_dir,
                                self.poller, self._tell)
         tokens = itertools.count(1)
@@ -745,7 +746,8 @@ class Supervisor:
         self._config_text = text
         self.config_error = None
         self.scheduler.configure(new.server.max_queue, new.pool.prefetch,
-                                 new.pool.deadline_grace_ms / 1000)
+                                 new.pool.deadline_grace_ms / 1000,
+                                 new.server.max_queued_bytes, new.tenant)
         self.requests_handler.config = new
         self.binaries.max_payload_bytes = new.server.max_payload_bytes
         if new.server.load_roots != server.load_roots:
