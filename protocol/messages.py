@@ -239,6 +239,8 @@ class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     restarts_by_cause: dict[str, int] = {}
     uptime_s: float = 0.0
     config_error: str | None = None  # why the last config change was refused, if it was
+    compile_workers: list[WorkerInfo] = []  # the compile lane's workers (not in `workers`)
+    compile_queue_depth: int = 0  # loads waiting for a compile worker or their tenant's turn
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):

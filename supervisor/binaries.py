@@ -3,9 +3,10 @@
 The path of a load or a hot reload, in order:
 1. `load` (a client's request) or `file_changed` (the watcher saw a loaded file change)
    reads the bytes and hashes them; an unchanged module costs nothing more.
-2. `_stage` stores the blob and submits a compile job: a worker validates and compiles the
-   untrusted bytes (never the supervisor) and writes the serialized artifact to the shared
-   artifact dir. A module whose twin is already compiled skips this.
+2. `_stage` stores the blob and submits a compile job to the compile lane: a compile worker
+   checks the imports, then validates and compiles the untrusted bytes (never the supervisor
+   nor an executing worker) and writes the serialized artifact to the shared artifact dir. A
+   module whose twin is already compiled skips this.
 3. `_commit` makes it the binary's next version in the registry (durable) and broadcasts it
    on the PUB socket: every worker maps the artifact before a job needs it. The broadcast is
    only a hint: each job names the exact version (`module_ref`), so a worker that missed it
@@ -38,12 +39,11 @@ from wasmcore.supervisor.registry import Registry
 
 log = logging.getLogger("wasmcore.supervisor")
 
-# Runs a job on a worker (the scheduler); `bounded` False: never refused for a full queue.
-Submit = Callable[[PendingJob, bool], None]
+# Runs a compile job for a tenant in the compile lane; `bounded` False: never refused for a
+# full queue.
+Submit = Callable[[str, PendingJob, bool], None]
 # Called once when a staged version is committed (the binary) or refused (the error).
 Staged = Callable[[p.BinaryInfo | None, WasmCoreError | None], None]
-
-_COMPILE_BUDGET_S = 60.0
 
 
 class Binaries:
@@ -194,9 +194,10 @@ class Binaries:
 
     def _stage(self, tenant: str, name: str, path: str | None, data: bytes, sha256: str,
                binary_id: str, staged: Staged, bounded: bool = True) -> None:
-        """Store the blob, have a worker validate and compile it once, then commit and
+        """Store the blob, have the compile lane validate and compile it once, then commit and
         broadcast. Untrusted bytes never reach the compiler inside the supervisor."""
         _, blob_path = self.registry.blobs.put(data)
+        size = len(data)  # the bytes are not kept while the compile waits
         twin = next((b for b in self.registry.all() if b.sha256 == sha256), None)
         if twin is not None and self._artifact_path(sha256).exists():
             staged(self._commit(tenant, name, path, sha256, len(data), binary_id, twin.kind,
@@ -214,12 +215,13 @@ class Binaries:
                 self.registry.record_error(binary_id, f"{error.code}: {error.message}")
                 staged(None, error)
                 return
-            staged(self._commit(tenant, name, path, sha256, len(data), binary_id, event.kind,
+            staged(self._commit(tenant, name, path, sha256, size, binary_id, event.kind,
                                 list(event.exports)), None)
 
-        self._submit(PendingJob(token=token, envelope=None, request_id=0, header=header,
-                                payload=None, budget_s=_COMPILE_BUDGET_S, on_done=compiled),
-                     bounded)
+        # budget_s: the lane sets it (compile.timeout_ms).
+        self._submit(tenant, PendingJob(token=token, envelope=None, request_id=0,
+                                        header=header, payload=None, budget_s=0.0,
+                                        on_done=compiled), bounded)
 
     def _commit(self, tenant: str, name: str, path: str | None, sha256: str, size: int,
                 binary_id: str, kind: str, exports: list[str]) -> p.BinaryInfo:

@@ -99,8 +99,9 @@ def spawn_worker(
     generation: int,
     settings: WorkerSettings,
     python: str | None = None,
+    prefix: str = "w",
 ) -> WorkerHandle:
-    worker_id = f"w{slot}g{generation}p{os.getpid()}"
+    worker_id = f"{prefix}{slot}g{generation}p{os.getpid()}"
     settings = msgspec.structs.replace(settings, worker_id=worker_id, parent_pid=os.getpid())
     argv = [python or sys.executable, "-m", WORKER_MODULE]
     argv.append(msgspec.json.encode(settings).decode())
