@@ -105,9 +105,9 @@ def _imports(section: bytes, base: int) -> list[Import]:
                 break
             pos = _skip_desc(section, pos + 1, kind)
             found.append(Import(module, name, _KINDS[kind]))
-    except IndexError:
-        raise MalformedImports(f"malformed module: import {len(found)} runs past the end of "
-                               f"the import section (offset {base + pos})") from None
+    except (IndexError, MalformedImports):  # past the section's end, or an over-long number
+        raise MalformedImports(f"malformed module: import {len(found)} of {count} cannot be "
+                               f"read from the import section at offset {base}") from None
     return found
 
 

@@ -80,6 +80,10 @@ class TenantGate:
         self._waiting.setdefault(tenant, collections.deque()).append(job)
         return False
 
+    def would_wait(self, tenant: str) -> bool:
+        return (len(self._running.get(tenant, ())) >= self.per_tenant
+                or bool(self._waiting.get(tenant)))
+
     def done(self, tenant: str, job: PendingJob) -> PendingJob | None:
         """`job` ended (answered, failed or cancelled): the tenant's next job to enter the
         lane, if one waits and there is room."""
@@ -188,11 +192,8 @@ class CompileLane:
 
     def submit(self, tenant: str, job: PendingJob, bounded: bool) -> None:
         """Compile `job` for `tenant` now, or after the tenant's earlier compiles; Busy when
-        the lane's queue is full (`bounded` off: never refused, for a hot reload)."""
-        depth = self.queue_depth
-        if bounded and depth >= self._config.server.max_queue:
-            raise Busy(f"{depth} loads are waiting to be compiled; retry shortly",
-                       {"compile_queue_depth": depth})
+        it would wait and the lane's queue is full (`bounded` off: never refused, for a hot
+        reload)."""
         job.budget_s = self._config.compile.timeout_ms / 1000
         completion = job.on_done
         assert completion is not None
@@ -204,8 +205,24 @@ class CompileLane:
             completion(code, event, frames)
 
         job.on_done = finished
-        if self._gate.admit(tenant, job):
-            self._scheduler.submit(job, self._clock(), bounded=False)
+        if self._gate.would_wait(tenant):
+            if bounded:
+                self._check_room()
+            self._gate.admit(tenant, job)  # queued behind the tenant's others
+            return
+        self._gate.admit(tenant, job)
+        try:
+            self._scheduler.submit(job, self._clock(), bounded)
+        except Busy:
+            self._gate.done(tenant, job)
+            self._check_room()
+            raise
+
+    def _check_room(self) -> None:
+        depth = self.queue_depth
+        if depth >= self._config.server.max_queue:
+            raise Busy(f"{depth} loads are waiting to be compiled; retry shortly",
+                       {"compile_queue_depth": depth})
 
     def take_assignments(self) -> list[tuple[str, PendingJob]]:
         return self._scheduler.take_assignments()

@@ -16,6 +16,8 @@ from tests.conftest import PLUGINS, raw_dealer, wait_for
 from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol import errors
 from wasmcore.protocol import messages as p
+from wasmcore.supervisor.compile_lane import TenantGate
+from wasmcore.supervisor.jobs import PendingJob
 
 ROOT = Path(__file__).resolve().parent.parent
 # About 1-3 s to compile on the 2-core test machine: long enough to be seen, short for a suite.
@@ -172,3 +174,49 @@ def test_shipped_config_lists_every_compile_setting():
     section = text.split("[compile]", 1)[1].split("\n[", 1)[0]
     for key in CompileConfig.__struct_fields__:
         assert re.search(rf"^{key} = ", section, re.M), f"compile.{key} missing"
+
+
+# ---------------------------------------------------------------------------- TenantGate (pure)
+
+
+def _job(token: int) -> PendingJob:
+    return PendingJob(token=token, envelope=None, request_id=0, header=b"", payload=None,
+                      budget_s=1.0)
+
+
+def test_gate_lets_in_per_tenant_and_queues_the_rest_in_order():
+    gate = TenantGate(per_tenant=1)
+    a1, a2, a3, b1 = _job(1), _job(2), _job(3), _job(4)
+    assert gate.admit("a", a1)
+    assert gate.would_wait("a") and not gate.would_wait("b")
+    assert not gate.admit("a", a2) and not gate.admit("a", a3)
+    assert gate.admit("b", b1)  # another tenant is not held up by a's queue
+    assert gate.waiting == 2
+    assert gate.done("a", a1) is a2
+    assert gate.done("b", b1) is None
+    assert gate.done("a", a2) is a3
+    assert gate.done("a", a3) is None
+    assert gate.waiting == 0 and not gate.would_wait("a")
+
+
+def test_gate_cancelled_jobs_never_free_a_place_they_did_not_hold():
+    gate = TenantGate(per_tenant=1)
+    running, waiting = _job(1), _job(2)
+    assert gate.admit("a", running) and not gate.admit("a", waiting)
+    assert gate.cancel_waiting() == [waiting]
+    assert gate.done("a", waiting) is None  # its completion runs when it is failed
+    assert gate.would_wait("a")  # `running` still holds the tenant's place
+    assert gate.done("a", running) is None and not gate.would_wait("a")
+
+
+def test_gate_a_larger_limit_lets_waiting_jobs_in_at_once():
+    gate = TenantGate(per_tenant=1)
+    jobs = [_job(i) for i in range(4)]
+    assert gate.admit("a", jobs[0])
+    assert not any(gate.admit("a", job) for job in jobs[1:])
+    assert gate.configure(3) == jobs[1:3]
+    assert gate.waiting == 1
+    assert gate.configure(1) == []
+    assert gate.done("a", jobs[0]) is None  # still 2 in, over the new limit of 1
+    assert gate.done("a", jobs[1]) is None
+    assert gate.done("a", jobs[2]) is jobs[3]
