@@ -46,15 +46,19 @@ def _section(section_id: int, body: bytes) -> bytes:
     return bytes([section_id]) + uleb(len(body)) + body
 
 
-def _filler_body(seed: int, index: int, steps: int) -> bytes:
-    """(param i32) (result i32): a chain of adds and xors, different per function."""
-    code = bytearray(b"\x00")  # no locals
-    code += b"\x20\x00"  # local.get 0
+def _filler_tail(seed: int, steps: int) -> bytes:
+    """Adds and xors of the argument with constants, then the end of the function."""
+    code = bytearray()
     for step in range(steps):
-        code += b"\x41" + sleb((index * 31 + step * 7 + seed) % 100_000)  # i32.const
+        code += b"\x41" + sleb((step * 7919 + seed) % 100_000)  # i32.const
         code += b"\x6a\x20\x00\x73"  # i32.add, local.get 0, i32.xor
-    code += b"\x0b"
-    return uleb(len(code)) + bytes(code)
+    return bytes(code) + b"\x0b"
+
+
+def _filler_body(index: int, tail: bytes) -> bytes:
+    """(param i32) (result i32), different per function (its first constant)."""
+    code = b"\x00\x20\x00\x41" + sleb(index) + b"\x6a" + tail  # no locals; x + index ...
+    return uleb(len(code)) + code
 
 
 def big_module(size_bytes: int, seed: int = 0, imports: list[tuple[str, str]] = (),
@@ -65,8 +69,13 @@ def big_module(size_bytes: int, seed: int = 0, imports: list[tuple[str, str]] = 
         b"\x60" + _vec([]) + _vec([]),  # 0: () -> ()
         b"\x60" + _vec([bytes([_I32])]) + _vec([bytes([_I32])]),  # 1: (i32) -> i32
     ])
-    one = _filler_body(seed, 0, steps)
-    count = max(1, size_bytes // len(one))
+    tail = _filler_tail(seed, steps)
+    bodies: list[bytes] = []
+    total = 0
+    while total < size_bytes or not bodies:
+        bodies.append(_filler_body(len(bodies), tail))
+        total += len(bodies[-1])
+    count = len(bodies)
     functions = _vec([b"\x01"] * count + [b"\x00"])  # fillers, then `run`
     run_index = len(imports) + count
     sections = [_section(1, types)]
@@ -76,7 +85,6 @@ def big_module(size_bytes: int, seed: int = 0, imports: list[tuple[str, str]] = 
     sections += [
         _section(3, functions),
         _section(7, _vec([_name("run") + b"\x00" + uleb(run_index)])),
-        _section(10, _vec([_filler_body(seed, i, steps) for i in range(count)]
-                          + [b"\x02\x00\x0b"])),
+        _section(10, _vec([*bodies, b"\x02\x00\x0b"])),
     ]
     return b"\0asm\x01\0\0\0" + b"".join(sections)

@@ -19,6 +19,7 @@ the server routes a compile worker's messages here (`owns`) and sends what it de
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -39,6 +40,8 @@ from wasmcore.supervisor.worker_pool import (
     worker_id_prefix,
 )
 from wasmcore.supervisor.worker_process import RestartCause, WorkerHandle, WorkerState
+
+log = logging.getLogger("wasmcore.supervisor")
 
 # Compile workers run at this niceness: an execution always gets the CPU first.
 COMPILE_NICE = 10
@@ -197,11 +200,17 @@ class CompileLane:
         job.budget_s = self._config.compile.timeout_ms / 1000
         completion = job.on_done
         assert completion is not None
+        submitted = self._clock()
 
         def finished(code: str, event: object, frames: list[zmq.Frame]) -> None:
+            now = self._clock()
             after = self._gate.done(tenant, job)  # first: the completion may raise
             if after is not None:
-                self._scheduler.submit(after, self._clock(), bounded=False)
+                self._scheduler.submit(after, now, bounded=False)
+            started = job.started or now  # 0: it never reached a compile worker
+            log.info("compile for tenant %r: %s in %.1f ms on a compile worker, after %.1f ms "
+                     "waiting", tenant, code or "compiled", (now - started) * 1000,
+                     (started - submitted) * 1000)
             completion(code, event, frames)
 
         job.on_done = finished
@@ -228,8 +237,10 @@ class CompileLane:
         return self._scheduler.take_assignments()
 
     def take_failures(self) -> list[tuple[PendingJob, WasmCoreError]]:
-        out, self._failures = self._failures + self._scheduler.take_failures(), []
-        return out
+        failures = self._scheduler.take_failures()
+        if self._failures:  # rare (cancelled waiting loads): no new list every loop turn
+            failures, self._failures = self._failures + failures, []
+        return failures
 
     def on_reply(self, worker_id: str, token: int, now: float) -> PendingJob | None:
         """A compile worker answered job `token`: the job it ends, or None for a late reply."""

@@ -5,6 +5,7 @@ before any compile; a compile has a timeout and a memory cap, and the lane recov
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,12 @@ import zmq
 
 from bench.wasm_gen import big_module
 from tests.conftest import PLUGINS, raw_dealer, wait_for
-from wasmcore.client.launcher import RunningService, start_service
+from wasmcore.client.launcher import RunningService, render_toml, start_service
 from wasmcore.protocol import errors
 from wasmcore.protocol import messages as p
+from wasmcore.protocol.settings import SandboxConfig
+from wasmcore.sandbox_worker.runtime import Sandbox
+from wasmcore.sandbox_worker.worker import for_compiles
 from wasmcore.supervisor.compile_lane import TenantGate
 from wasmcore.supervisor.jobs import PendingJob
 
@@ -167,6 +171,26 @@ def test_a_compile_over_its_memory_cap_is_answered_and_the_lane_recovers():
         svc.cleanup()
 
 
+def test_the_lane_follows_a_config_reload():
+    svc = start_service(workers=1)
+    try:
+        with svc.client() as c:
+            assert len(c.stats().compile_workers) == 1
+            config = tomllib.loads(svc.config_path.read_text())
+            config["compile"] = {"workers": 2, "per_tenant": 2, "timeout_ms": 30_000}
+            svc.config_path.write_text(render_toml(config))
+            wait_for(lambda: [w.state for w in c.stats().compile_workers] == ["idle", "idle"],
+                     20, "two idle compile workers")
+            config["compile"]["workers"] = 1
+            svc.config_path.write_text(render_toml(config))
+            wait_for(lambda: len(c.stats().compile_workers) == 1, 20, "one compile worker")
+            upper = c.load(PLUGINS / "uppercase.wat").binary_id
+            assert c.execute(upper, "reloaded").output == b"RELOADED"
+            assert c.stats().config_error is None
+    finally:
+        svc.cleanup()
+
+
 def test_shipped_config_lists_every_compile_setting():
     from wasmcore.supervisor.config import CompileConfig
 
@@ -174,6 +198,20 @@ def test_shipped_config_lists_every_compile_setting():
     section = text.split("[compile]", 1)[1].split("\n[", 1)[0]
     for key in CompileConfig.__struct_fields__:
         assert re.search(rf"^{key} = ", section, re.M), f"compile.{key} missing"
+
+
+def test_a_compile_workers_artifacts_are_an_executing_workers(tmp_path: Path):
+    """The compile lane's sandbox differs (no instance pool, slow ticks), never its code."""
+    module = big_module(50_000, seed=7)
+    paths = []
+    for config in (SandboxConfig(), for_compiles(SandboxConfig())):
+        with Sandbox(config) as sandbox:
+            paths.append(tmp_path / f"{len(paths)}.cwasm")
+            sandbox.serialize(sandbox.compile(module), paths[-1])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    with Sandbox() as executing:
+        loaded = executing.load_serialized(paths[1], "x")
+        assert executing.execute(loaded, b"", entry="run").output == b""
 
 
 # ---------------------------------------------------------------------------- TenantGate (pure)
