@@ -506,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BOOT_ERROR
     die_with_parent(settings.parent_pid)
     if settings.nice:
-        # Before any thread exists (the compiler's too): they all inherit it.
-        os.nice(settings.nice)
+        # Before any thread exists (the compiler's too): they all inherit it. Absolute: the
+        # supervisor set it already at spawn, if it was quick enough.
+        os.setpriority(os.PRIO_PROCESS, 0, settings.nice)
     # The supervisor owns shutdown; a terminal's Ctrl-C must not kill workers mid-request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))

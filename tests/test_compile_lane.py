@@ -4,11 +4,13 @@ before any compile; a compile has a timeout and a memory cap, and the lane recov
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import zmq
 
@@ -20,7 +22,7 @@ from wasmcore.protocol import messages as p
 from wasmcore.protocol.settings import SandboxConfig
 from wasmcore.sandbox_worker.runtime import Sandbox
 from wasmcore.sandbox_worker.worker import for_compiles
-from wasmcore.supervisor.compile_lane import TenantGate
+from wasmcore.supervisor.compile_lane import COMPILE_NICE, TenantGate
 from wasmcore.supervisor.jobs import PendingJob
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +171,17 @@ def test_a_compile_over_its_memory_cap_is_answered_and_the_lane_recovers():
             assert c.execute(upper, "after").output == b"AFTER"
     finally:
         svc.cleanup()
+
+
+def test_compile_workers_run_at_a_lower_priority_than_executing_ones(lane_service):
+    with lane_service.client() as c:
+        stats = c.stats()
+
+    def niceness(pid: int) -> set[int]:  # of every thread: Linux nice is per thread
+        return {psutil.Process(thread.id).nice() for thread in psutil.Process(pid).threads()}
+
+    assert {n for w in stats.workers for n in niceness(w.pid)} == {os.nice(0)}
+    assert {n for w in stats.compile_workers for n in niceness(w.pid)} == {COMPILE_NICE}
 
 
 def test_the_lane_follows_a_config_reload():
