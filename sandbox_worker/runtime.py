@@ -162,10 +162,6 @@ class Sandbox:
         self._cache.put(compiled)
         return compiled
 
-    def forget(self, sha256: str) -> None:
-        """Drop a compiled module from the cache (a compile worker keeps nothing it made)."""
-        self._cache.discard(sha256)
-
     def serialize(self, module: CompiledModule, path: str | os.PathLike[str]) -> None:
         """Write the compiled code to `path` atomically (temp file in the same dir + rename)."""
         blob = module.module.serialize()
@@ -205,6 +201,14 @@ class Sandbox:
         compiled = self._prepare(sha256, os.path.getsize(target), module)
         self._cache.put(compiled)
         return compiled
+
+    def cached(self, sha256: str) -> CompiledModule | None:
+        """The module compiled or loaded under `sha256`, if the cache still holds it."""
+        return self._cache.get(sha256)
+
+    def forget(self, sha256: str) -> None:
+        """Drop a module from the cache (it was unloaded); running it again compiles it again."""
+        self._cache.discard(sha256)
 
     def _prepare(self, sha256: str, size: int, module: wasmtime.Module) -> CompiledModule:
         needs_wasi = check_imports(module)
