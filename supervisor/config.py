@@ -91,6 +91,17 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         )
 
 
+class CompileConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The compile lane: worker processes that only compile, apart from the executing pool."""
+
+    workers: int = 1  # compile worker processes
+    timeout_ms: int = 60_000  # a compile past this gets TIMEOUT; its worker is replaced
+    # Memory cap of a compile worker (the RSS kill; RLIMIT_DATA at twice it is the backstop):
+    # a 30 MB module needs about 1 GiB. Past the pool's soft RSS limit it is recycled.
+    memory_mb: int = 2048
+    per_tenant: int = 1  # compiles of one tenant in the lane at a time; the rest wait
+
+
 class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Settings for the binaries of one name (any tenant), under [binaries.<name>]."""
 
@@ -123,6 +134,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     binaries: dict[str, BinaryConfig] = {}
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=_default_tenants)
+    compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
 
     def tenant(self, name: str) -> TenantConfig:
         """The settings that apply to tenant `name`: its own table, else [tenants.default],
@@ -188,6 +200,11 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("limits.output_bytes", config.limits.output_bytes > 0, "must be > 0"),
         ("limits.log_bytes", config.limits.log_bytes >= 0, "must be >= 0"),
         ("limits.max_wasm_stack", config.limits.max_wasm_stack >= 64 * 1024, ">= 65536"),
+        ("compile.workers", config.compile.workers >= 1, "must be at least 1"),
+        ("compile.timeout_ms", config.compile.timeout_ms > 0, "must be > 0"),
+        ("compile.memory_mb", config.compile.memory_mb >= 128,
+         "must be at least 128 (a compile worker needs about 40 MiB to start)"),
+        ("compile.per_tenant", config.compile.per_tenant >= 1, "must be at least 1"),
     ]
     for name, tenant in config.tenants.items():
         checks += [
