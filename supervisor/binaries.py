@@ -37,10 +37,12 @@ from wasmcore.protocol.errors import (
     InternalError,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     StorageError,
     WasmCoreError,
     error_from_code,
 )
+from wasmcore.supervisor.config import TenantConfig
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.module_files import PathPolicy, read_module, without_content
 from wasmcore.supervisor.registry import Registry
@@ -60,7 +62,8 @@ class Binaries:
     def __init__(self, registry: Registry, artifact_dir: Path, fingerprint: str,
                  max_payload_bytes: int, submit: Submit, publish: Callable[[bytes], None],
                  next_token: Callable[[], int], watch: Callable[[set[str]], None],
-                 offload: Offload, oldest_job: Callable[[], int | None]) -> None:
+                 offload: Offload, oldest_job: Callable[[], int | None],
+                 quotas: Callable[[str], TenantConfig] = lambda tenant: TenantConfig()) -> None:
         self.registry = registry
         self.max_payload_bytes = max_payload_bytes
         self._artifact_dir = artifact_dir
@@ -79,6 +82,11 @@ class Binaries:
         self._reading: dict[str, bool] = {}
         # (first job token that cannot name it, sha256) of replaced and unloaded versions.
         self._superseded: list[tuple[int, str]] = []
+        # A tenant's quotas (max_binaries, max_stored_bytes), from the running config.
+        self._quotas = quotas
+        # Loads being compiled, per tenant: binary id -> module size. They count against the
+        # tenant's quotas already, so loads in parallel cannot pass them together.
+        self._staging: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ lookups
 
@@ -126,6 +134,11 @@ class Binaries:
         self.paths = policy
         self._watch(self.watched_paths())
 
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(binaries, stored bytes) of `tenant`, loads being compiled included."""
+        sizes = self._sizes(tenant)
+        return len(sizes), sum(sizes.values())
+
     def problems(self) -> list[str]:
         """What of the registry could not be read at start."""
         return list(self.registry.problems)
@@ -172,14 +185,26 @@ class Binaries:
                 done(_loaded(existing, changed=False, watched=watched))
                 return
 
+            try:
+                self._check_quotas(tenant, existing, blob.size)
+            except WasmCoreError as exc:
+                self._let_go(blob.sha256)
+                failed(exc)
+                return
+            binary_id = existing.binary_id if existing else self.registry.new_id()
+            staging = self._staging.setdefault(tenant, {})
+            staging[binary_id] = blob.size
+
             def staged(binary: p.BinaryInfo | None, error: WasmCoreError | None) -> None:
+                staging.pop(binary_id, None)
+                if not staging and self._staging.get(tenant) is staging:
+                    del self._staging[tenant]
                 if binary is None:
                     assert error is not None
                     failed(error)
                 else:
                     done(_loaded(binary, changed=True, watched=watched))
 
-            binary_id = existing.binary_id if existing else self.registry.new_id()
             self._stage(tenant, name, path, blob, binary_id, staged, server_read=server_read)
 
         self._offload(work, stored)
@@ -243,6 +268,33 @@ class Binaries:
         self._superseded = waiting
 
     # ------------------------------------------------------------------ internals
+
+    def _sizes(self, tenant: str) -> dict[str, int]:
+        sizes = {b.binary_id: b.size for b in self.registry.for_tenant(tenant)}
+        for binary_id, size in self._staging.get(tenant, {}).items():
+            sizes[binary_id] = max(size, sizes.get(binary_id, 0))
+        return sizes
+
+    def _check_quotas(self, tenant: str, existing: p.BinaryInfo | None, size: int) -> None:
+        """QuotaExceeded if storing `size` bytes as a new binary (or as `existing`'s next
+        version) takes `tenant` past max_binaries or max_stored_bytes."""
+        quotas = self._quotas(tenant)
+        if not quotas.max_binaries and not quotas.max_stored_bytes:
+            return
+        sizes = self._sizes(tenant)
+        replaced = existing.binary_id if existing is not None else ""
+        if quotas.max_binaries and replaced not in sizes and len(sizes) >= quotas.max_binaries:
+            raise QuotaExceeded(
+                f"this tenant has {len(sizes)} binaries, its quota (max_binaries); unload one "
+                "before loading another", {"quota": "max_binaries",
+                                           "limit": quotas.max_binaries, "used": len(sizes)})
+        stored = sum(sizes.values()) - sizes.get(replaced, 0)
+        if quotas.max_stored_bytes and stored + size > quotas.max_stored_bytes:
+            raise QuotaExceeded(
+                f"this tenant's binaries take {stored} bytes and this module {size} more, past "
+                f"its quota (max_stored_bytes, {quotas.max_stored_bytes}); unload some first",
+                {"quota": "max_stored_bytes", "limit": quotas.max_stored_bytes,
+                 "used": stored, "size": size})
 
     def _artifact_path(self, sha256: str) -> Path:
         return self._artifact_dir / f"{sha256}-{self._fingerprint}.cwasm"
