@@ -125,8 +125,17 @@ class Binaries:
                 binary.executions += 1
 
     def watched_paths(self) -> set[str]:
-        """The module files the server watches: those it may read (`paths`)."""
-        return {b.path for b in self.registry.all() if b.path and self.paths.may_read(b.path)}
+        """The module files the server watches: those it may read for their binary's tenant
+        (`paths`, with the tenant's own load_roots)."""
+        policies: dict[str, PathPolicy] = {}
+        watched = set()
+        for b in self.registry.all():
+            if b.path:
+                policy = policies.get(b.tenant) or policies.setdefault(
+                    b.tenant, self._policy_for(b.tenant))
+                if policy.may_read(b.path):
+                    watched.add(b.path)
+        return watched
 
     def set_paths(self, policy: PathPolicy) -> None:
         """Which files the server may read and watch (decided by the server at bind, and on
@@ -160,7 +169,7 @@ class Binaries:
                              "under the server's load roots")
         elif not name:
             raise BadRequest("a load with bytes needs a name (loading it again updates it)")
-        policy, limit = self.paths, self.max_payload_bytes
+        policy, limit = self._policy_for(tenant), self.max_payload_bytes
         server_read = payload is None
         if server_read:
             assert path is not None
@@ -216,10 +225,12 @@ class Binaries:
         if path in self._reading:
             self._reading[path] = True
             return
-        if not self.paths.may_read(path):
+        readers = self._readers(path)
+        if not readers:
             return
+        policy = self._policy_for(readers[0])
         self._reading[path] = False
-        self._offload(functools.partial(self._read_and_store, path, self.paths,
+        self._offload(functools.partial(self._read_and_store, path, policy,
                                         self.max_payload_bytes),
                       functools.partial(self._file_read, path))
 
@@ -268,6 +279,15 @@ class Binaries:
         self._superseded = waiting
 
     # ------------------------------------------------------------------ internals
+
+    def _policy_for(self, tenant: str) -> PathPolicy:
+        """The files the server may read for `tenant`: `paths` and its own load_roots."""
+        return self.paths.with_roots(self._quotas(tenant).load_roots)
+
+    def _readers(self, path: str) -> list[str]:
+        """Tenants with a binary loaded from `path` that the server may read for them."""
+        tenants = {b.tenant for b in self.registry.all() if b.path == path}
+        return [t for t in sorted(tenants) if self._policy_for(t).may_read(path)]
 
     def _sizes(self, tenant: str) -> dict[str, int]:
         sizes = {b.binary_id: b.size for b in self.registry.for_tenant(tenant)}
@@ -329,7 +349,10 @@ class Binaries:
                 self._let_go(blob.sha256)
             self.file_changed(path)
             return
-        owners = [b for b in self.registry.all() if b.path == path]
+        # Only binaries whose tenant may read the file: another tenant's binary named by the
+        # same path (its own bytes) never gets a file of someone else's load roots.
+        readers = set(self._readers(path))
+        owners = [b for b in self.registry.all() if b.path == path and b.tenant in readers]
         if blob is None:
             if isinstance(error, NotFound):
                 return  # deleted (or mid-rename): the last version keeps serving

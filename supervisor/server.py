@@ -801,6 +801,7 @@ class Supervisor:
             new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **keep))
         old_size = self.pool.size
         now = time.monotonic()
+        old = self.config
         self.config = new
         self._config_text = text
         self.config_error = None
@@ -809,8 +810,9 @@ class Supervisor:
                                  new.server.max_queued_bytes, new.tenant)
         self.requests_handler.config = new
         self.binaries.max_payload_bytes = new.server.max_payload_bytes
-        if new.server.load_roots != server.load_roots:
-            self.binaries.set_paths(self._path_policy(new))
+        if (new.server.load_roots != server.load_roots
+                or new.tenants != old.tenants):  # a tenant's load_roots
+            self.binaries.set_paths(self._path_policy(new))  # what is watched may change
         for handle in self.pool.reconfigure(new, now):
             self._retire(handle, RestartCause.RECYCLE, now, replace=False)
         self.compile_lane.reconfigure(new, now)

@@ -4,11 +4,14 @@ max_queued_bytes are exceeded in tests/test_fairness.py.)"""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import PLUGINS, exchange, raw_dealer
+from tests.conftest import PLUGINS, exchange, raw_dealer, wait_for
 from tests.test_fairness import spin_module
 from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol import errors
@@ -129,3 +132,37 @@ def test_max_stored_bytes_and_stats_usage() -> None:
             assert (usage.binaries, usage.stored_bytes, usage.max_stored_bytes) == (0, 0, 1)
     finally:
         svc.cleanup()
+
+
+def test_a_tenants_own_load_roots(tmp_path: Path) -> None:
+    """[tenants.alice] load_roots: the server reads files there for alice's loads by path
+    only (on an endpoint other users may reach); bob asking for the same file gets FORBIDDEN,
+    and his binary named by that path (his own bytes) is not reloaded from alice's file."""
+    root = tmp_path / "alice"
+    root.mkdir()
+    module = root / "upper.wat"
+    module.write_bytes(UPPER.read_bytes())
+    shared = Path(tempfile.mkdtemp(prefix="wcq", dir="/tmp"))
+    shared.chmod(0o755)  # not private: paths are read only under load roots
+    svc = start_service(workers=1, endpoint=f"ipc://{shared}/s.sock", config={
+        "server": {"log_level": "warning"},
+        "tenants": {"alice": {"load_roots": [str(root)]}}})
+    try:
+        with raw_dealer(svc.endpoint) as sock:
+            loaded = exchange(sock, [p.encode(p.Load(id=1, tenant="alice", path=str(module)))])
+            assert isinstance(loaded, p.Loaded) and loaded.watched, loaded
+            refused = exchange(sock, [p.encode(p.Load(id=2, tenant="bob", path=str(module)))])
+            assert isinstance(refused, p.ErrorReply) and refused.code == "FORBIDDEN", refused
+        with svc.client(tenant="bob") as bob, svc.client(tenant="alice") as alice:
+            rot13 = (PLUGINS / "rot13.wasm").read_bytes()
+            with raw_dealer(svc.endpoint) as sock:  # his own bytes, known by alice's path
+                own = exchange(sock, [p.encode(p.Load(id=3, tenant="bob", path=str(module))),
+                                      rot13])
+            assert isinstance(own, p.Loaded) and not own.watched, own
+            module.write_bytes(UPPER.read_bytes() + b"\n;; changed\n")
+            wait_for(lambda: alice.list()[0].version == 2, 20, "alice's hot reload")
+            assert [b.version for b in bob.list()] == [1]
+            assert bob.execute(own.binary_id, "abc").output == b"nop"
+    finally:
+        svc.cleanup()
+        shutil.rmtree(shared, ignore_errors=True)
