@@ -40,6 +40,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (loads by path without bytes, hot reload). Other paths are only names for sent bytes,
     # unless every peer is the service's own user (a private ipc socket dir; operations.md).
     load_roots: list[str] = []
+    # CURVE authentication of clients: "auto" (on tcp endpoints), "on" (ipc too), "off". With
+    # it a tenant is proven by its key (`wasm-core tenant add`); docs/operations.md, section 7.
+    curve: str = "auto"
+    # Serve tcp without authentication: anyone who reaches the port may claim any tenant.
+    # Only on a network you trust; logged as a warning at start.
+    allow_unauthenticated_tcp: bool = False
 
 
 class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -149,6 +155,8 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("server.max_header_bytes", config.server.max_header_bytes >= 4096, "must be >= 4096"),
         ("server.load_roots", all(os.path.isabs(r) for r in config.server.load_roots),
          "must list absolute directories"),
+        ("server.curve", config.server.curve in ("auto", "on", "off"),
+         'must be "auto", "on" or "off"'),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
         ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),

@@ -38,3 +38,5 @@ class PendingJob:
     retryable: bool = True
     # Called instead when `on_done` raised, so whoever waits for the job is still answered.
     on_error: Callable[[WasmCoreError], None] | None = None
+    # The requester is an admin: errors the supervisor answers it with may name worker pids.
+    shows_pids: bool = True
