@@ -458,16 +458,19 @@ def test_pitfall_domain_star_does_not_match_our_zap_domain(tmp_path: Path) -> No
     keys = KeyStore(tmp_path)
     creds, _ = keys.add("grace")
     public, secret = creds.public_key.encode(), creds.secret_key.encode()
-    ctx = zmq.Context()
-    star = zmq.auth.thread.ThreadAuthenticator(ctx)
+    # A context of its own: a closed ZAP socket frees its inproc name only later.
+    star_ctx = zmq.Context()
+    star = zmq.auth.thread.ThreadAuthenticator(star_ctx)
     star.start()
     star.configure_curve_callback(domain="*", credentials_provider=_AcceptAll())
     try:
-        with _curve_router(ctx) as (endpoint, key):
-            assert _handshake(ctx, endpoint, key, public, secret) == (
+        with _curve_router(star_ctx) as (endpoint, key):
+            assert _handshake(star_ctx, endpoint, key, public, secret) == (
                 zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400)
     finally:
         star.stop()
+        star_ctx.term()
+    ctx = zmq.Context()
     auth = FrontAuth(ctx, keys)
     front = ctx.socket(zmq.ROUTER)
     front.setsockopt(zmq.LINGER, 0)
