@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wasm-client", description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", help="server endpoint (default: $WASM_CORE_ENDPOINT or "
                         "the per-user ipc socket)")
-    parser.add_argument("--tenant", default="default", help="tenant name (default: default)")
+    parser.add_argument("--tenant", help="tenant name (default: the credentials' tenant, else "
+                        "default); with credentials the server goes by the key's tenant")
+    parser.add_argument("--credentials", metavar="FILE",
+                        help="credentials file from `wasm-core tenant add` (default: "
+                        "$WASM_CORE_CREDENTIALS); needed where the server requires keys (tcp)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     parser.add_argument("--timeout", dest="client_timeout", type=float, default=30.0,
                         metavar="SECONDS", help="how long to wait for a reply (default 30)")
@@ -56,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list your binaries")
     unload = sub.add_parser("unload", help="remove a binary")
     unload.add_argument("--binary-id", required=True)
-    sub.add_parser("stats", help="workers, binaries and queue of the service")
+    stats = sub.add_parser("stats", help="workers, binaries and queue of the service")
+    stats.add_argument("--all", action="store_true", dest="all_tenants",
+                       help="every tenant's binaries (admin keys, and the service's own user)")
 
     bench = sub.add_parser("bench", help="load test: many executes in flight, latency and "
                            "throughput (see docs/performance.md)")
@@ -96,25 +102,26 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
 
 
-def _print_binaries(binaries: Sequence[Any]) -> None:
+def _print_binaries(binaries: Sequence[Any], tenants: bool = False) -> None:
     if not binaries:
         print("no binaries loaded")
         return
-    print(f"{'BINARY ID':36}  {'VER':>3}  {'KIND':4}  {'RUNS':>6}  NAME / PATH")
+    print(f"{'BINARY ID':36}  {'VER':>3}  {'KIND':4}  {'RUNS':>6}  "
+          f"{'TENANT / ' if tenants else ''}NAME / PATH")
     for b in binaries:
-        where = b.path or b.name
+        where = f"{b.tenant}: {b.path or b.name}" if tenants else b.path or b.name
         line = f"{b.binary_id:36}  {b.version:>3}  {b.kind:4}  {b.executions:>6}  {where}"
         if b.last_error:
             line += f"  [last reload failed: {b.last_error}]"
         print(line)
 
 
-def _print_stats(stats: Any) -> None:
+def _print_stats(stats: Any, tenants: bool = False) -> None:
     print(f"uptime {stats.uptime_s:.0f}s  requests {stats.requests}  queue {stats.queue_depth}"
           f"  in flight {stats.in_flight}")
     print(f"{'SLOT':>4}  {'PID':>7}  {'STATE':9}  {'RSS MiB':>8}  {'EXECUTIONS':>10}")
     for w in stats.workers:
-        print(f"{w.slot:>4}  {w.pid:>7}  {w.state:9}  {w.rss_bytes / 2**20:>8.1f}  "
+        print(f"{w.slot:>4}  {w.pid or '-':>7}  {w.state:9}  {w.rss_bytes / 2**20:>8.1f}  "
               f"{w.executions:>10}")
     for w in stats.compile_workers:
         print(f"{'c' + str(w.slot):>4}  {w.pid:>7}  {w.state:9}  {w.rss_bytes / 2**20:>8.1f}  "
@@ -129,7 +136,7 @@ def _print_stats(stats: Any) -> None:
     if stats.errors_by_code:
         codes = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors_by_code.items()))
         print(f"errors: {codes}")
-    _print_binaries(stats.binaries)
+    _print_binaries(stats.binaries, tenants)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -143,7 +150,8 @@ def _bench(args: argparse.Namespace) -> int:
     payload = _input_bytes(args)
     raw = asyncio.run(loadgen.execute_load(args.endpoint, args.tenant, args.binary_id, payload,
                                            args.requests, args.concurrency,
-                                           args.client_timeout, args.warmup))
+                                           args.client_timeout, args.warmup,
+                                           args.credentials))
     rep = loadgen.report(raw, args.requests, args.concurrency, input_bytes=len(payload))
     if args.json:
         _print_json(rep)
@@ -157,7 +165,8 @@ def _bench(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         return _bench(args)
-    with Client(args.endpoint, tenant=args.tenant, timeout_s=args.client_timeout) as client:
+    with Client(args.endpoint, tenant=args.tenant, timeout_s=args.client_timeout,
+                credentials=args.credentials) as client:
         match args.command:
             case "load":
                 started = time.perf_counter()
@@ -203,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     print(f"unloaded {args.binary_id}")
             case "stats":
-                stats = client.stats()
-                _print_json(stats) if args.json else _print_stats(stats)
+                stats = client.stats(all_tenants=args.all_tenants)
+                _print_json(stats) if args.json else _print_stats(stats, args.all_tenants)
     sys.stdout.flush()
     return 0
 

@@ -5,6 +5,11 @@ method builds its request as an `operations.Operation` (header, payload, reply w
 unpack the reply) and runs it; they differ in how they send and wait. Errors come back as the
 exception class of their code (see `wasmcore.protocol.errors`). Every wait is bounded; a reply
 that arrives after its request timed out is recognised by its id and discarded.
+
+With credentials (`credentials=` a file from `wasm-core tenant add`, or $WASM_CORE_CREDENTIALS)
+the socket is a CURVE client: the server knows the tenant by its key. Both clients watch the
+socket's handshakes (handshake.py), so a refused key raises `Unauthenticated` at once instead
+of a timeout.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -19,17 +25,44 @@ import msgspec
 import zmq
 
 from wasmcore.client import operations
+from wasmcore.client.handshake import HandshakeWatch
 from wasmcore.client.operations import Exchange, Operation, Payload, encode_frames
 from wasmcore.client.results import ChainExecution, Execution
 from wasmcore.client.shared_memory import SharedMemory
 from wasmcore.protocol import messages as p
-from wasmcore.protocol.endpoints import resolve_endpoint
-from wasmcore.protocol.errors import Unavailable, WasmCoreError
+from wasmcore.protocol.credentials import Credentials, apply_to_client, resolve_credentials
+from wasmcore.protocol.endpoints import ENDPOINT_ENV, resolve_endpoint
+from wasmcore.protocol.errors import Unauthenticated, Unavailable, WasmCoreError
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 
 __all__ = ["AsyncClient", "ChainExecution", "Client", "Execution", "SharedMemory"]
 
 T = TypeVar("T")
+CredentialsArg = Credentials | str | os.PathLike[str] | None
+
+
+def _settings(endpoint: str | None, tenant: str | None,
+              credentials: CredentialsArg) -> tuple[str, str, Credentials | None]:
+    """The endpoint, tenant and credentials a client uses. The endpoint: the argument, else
+    $WASM_CORE_ENDPOINT, else the credentials', else the default socket. The tenant: the
+    argument, else the credentials' (a key's tenant is what the server goes by anyway)."""
+    creds = resolve_credentials(credentials)
+    if creds is not None and not endpoint and not os.environ.get(ENDPOINT_ENV):
+        endpoint = creds.endpoint or None
+    tenant = tenant or (creds.tenant if creds is not None else p.DEFAULT_TENANT)
+    return resolve_endpoint(endpoint), tenant, creds
+
+
+def _socket(ctx: zmq.Context[Any], endpoint: str,
+            creds: Credentials | None) -> tuple[zmq.Socket[Any], HandshakeWatch]:
+    """A DEALER, a CURVE client if there are credentials, and its handshake watch; not yet
+    connected (the caller sets its options first)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.copy_threshold = COPY_THRESHOLD
+    if creds is not None:
+        apply_to_client(sock, creds)
+    return sock, HandshakeWatch(sock, endpoint, curve=creds is not None)
 
 
 class Client:
@@ -37,27 +70,42 @@ class Client:
 
     `zero_copy=True`: an output that came through shared memory is returned as a read-only
     memoryview over the mapped segment instead of being copied into bytes.
+    `credentials`: a credentials file (or `Credentials`) for a server that requires keys;
+    default $WASM_CORE_CREDENTIALS, if set.
     """
 
-    def __init__(self, endpoint: str | None = None, tenant: str = p.DEFAULT_TENANT,
+    def __init__(self, endpoint: str | None = None, tenant: str | None = None,
                  timeout_s: float = 30.0, context: zmq.Context[Any] | None = None,
-                 zero_copy: bool = False) -> None:
-        self.endpoint = resolve_endpoint(endpoint)
+                 zero_copy: bool = False, credentials: CredentialsArg = None) -> None:
         self.zero_copy = zero_copy
-        self.tenant = tenant
         self.timeout_s = timeout_s
+        self.endpoint, self.tenant, self._credentials = _settings(endpoint, tenant, credentials)
         self._own_context = context is None
         self._ctx = context or zmq.Context()
-        self._socket = self._ctx.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.copy_threshold = COPY_THRESHOLD
-        self._socket.connect(self.endpoint)
+        self._open()
         self._ids = itertools.count(1)
         self._shared: SharedMemory | None = None
+
+    def _open(self) -> None:
+        self._socket, self._watch = _socket(self._ctx, self.endpoint, self._credentials)
+        self._socket.connect(self.endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._watch.socket, zmq.POLLIN)
+
+    def _refused(self, refusal: Unauthenticated) -> Unauthenticated:
+        """The server refused this client's handshake: start over on a new socket, so that
+        nothing sent so far (queued by ZeroMQ, never delivered) is delivered later should a
+        reconnect be accepted. Returns `refusal` to raise."""
+        self._watch.close()
+        self._socket.close()
+        self._open()
+        return refusal
 
     def close(self) -> None:
         if self._shared is not None:
             self._shared.close()
+        self._watch.close()
         self._socket.close()
         if self._own_context:
             self._ctx.term()
@@ -76,13 +124,20 @@ class Client:
             # copy=False: frames below copy_threshold are copied anyway.
             self._socket.send_multipart(encode_frames(request, op.payload), copy=False)
             wait_ms = int(1000 * op.wait_s)
+            deadline = time.monotonic() + op.wait_s
             while True:
-                if not self._socket.poll(wait_ms):
+                ready = self._poller.poll(max(0, int(1000 * (deadline - time.monotonic()))))
+                if not ready:
                     raise Unavailable(
                         f"no reply from {self.endpoint} within {wait_ms} ms; "
                         "is `wasm-core` running?",
                         {"endpoint": self.endpoint},
                     )
+                if not any(sock is self._socket for sock, _ in ready):
+                    refusal = self._watch.update()  # a handshake event
+                    if refusal is not None:
+                        raise self._refused(refusal)
+                    continue
                 reply_frames = self._socket.recv_multipart()
                 reply = p.reply_decoder.decode(reply_frames[0])
                 if reply.id == request_id:
@@ -144,8 +199,10 @@ class Client:
     def unload(self, binary_id: str) -> None:
         self._run(operations.unload(self.tenant, self.timeout_s, binary_id))
 
-    def stats(self) -> p.StatsReply:
-        return self._run(operations.stats(self.tenant, self.timeout_s))
+    def stats(self, all_tenants: bool = False) -> p.StatsReply:
+        """The service as this tenant may see it; `all_tenants` (admins only): every
+        tenant's binaries."""
+        return self._run(operations.stats(self.tenant, self.timeout_s, all_tenants))
 
 
 class AsyncClient:
@@ -157,38 +214,52 @@ class AsyncClient:
     of sends is followed by a drain (a send can consume the edge of a waiting reply).
     """
 
-    def __init__(self, endpoint: str | None = None, tenant: str = p.DEFAULT_TENANT,
-                 timeout_s: float = 30.0, zero_copy: bool = False) -> None:
-        self.endpoint = resolve_endpoint(endpoint)
-        self.tenant = tenant
+    def __init__(self, endpoint: str | None = None, tenant: str | None = None,
+                 timeout_s: float = 30.0, zero_copy: bool = False,
+                 credentials: CredentialsArg = None) -> None:
         self.timeout_s = timeout_s
         self.zero_copy = zero_copy
+        self.endpoint, self.tenant, self._credentials = _settings(endpoint, tenant, credentials)
         self._ctx = zmq.Context()
-        self._socket = self._ctx.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, 0)  # sends never block: nothing waits in a send
-        self._socket.setsockopt(zmq.RCVHWM, 0)
-        self._socket.copy_threshold = COPY_THRESHOLD
-        self._socket.connect(self.endpoint)
-        self._fd = self._socket.getsockopt(zmq.FD)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[Any, list[bytes]]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._shared: SharedMemory | None = None
         self._hello: asyncio.Future[p.Welcome] | None = None
         self._outbox: list[Operation[Any]] = []
         self._flush_scheduled = False
 
+    def _open(self) -> None:
+        self._socket, self._watch = _socket(self._ctx, self.endpoint, self._credentials)
+        self._socket.setsockopt(zmq.SNDHWM, 0)  # sends never block: nothing waits in a send
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.connect(self.endpoint)
+        self._fd = self._socket.getsockopt(zmq.FD)
+        self._watch_fd = self._watch.socket.getsockopt(zmq.FD)
+        if self._loop is not None:
+            self._watch_on(self._loop)
+
+    def _watch_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self._fd, self._drain)
+        loop.add_reader(self._watch_fd, self._on_handshake)
+        self._on_handshake()  # events from before the reader was added
+
+    def _unwatch(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(self._watch_fd)
+
     async def close(self) -> None:
         if self._shared is not None:
             self._shared.close()
-        if self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop = None
+        self._unwatch()
+        self._loop = None
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(Unavailable("client closed"))
         self._pending.clear()
+        self._watch.close()
         self._socket.close()
         self._ctx.term()
 
@@ -221,6 +292,24 @@ class AsyncClient:
             future = pending.pop(reply.id, None)
             if future is not None and not future.done():
                 future.set_result((reply, frames[1:]))
+
+    def _on_handshake(self) -> None:
+        """A handshake event: if the server refused this client, every request waiting for a
+        reply gets the reason now (none would ever come), and the client starts over on a
+        new socket, so that nothing sent so far is delivered later should a reconnect be
+        accepted."""
+        if self._watch.update() is None:
+            return
+        watch = self._watch
+        self._outbox.clear()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(watch.refusal() or Unavailable("refused"))
+        self._pending.clear()
+        self._unwatch()
+        watch.close()
+        self._socket.close()
+        self._open()
 
     def _flush(self) -> None:
         """Send every request made since the last turn of the event loop, back to back: a send
@@ -261,7 +350,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            loop.add_reader(self._fd, self._drain)
+            self._watch_on(loop)
         op.request.id = request_id = next(self._ids)
         future: asyncio.Future[tuple[Any, list[bytes]]] = loop.create_future()
         self._pending[request_id] = future
@@ -339,5 +428,5 @@ class AsyncClient:
     async def unload(self, binary_id: str) -> None:
         await self._run(operations.unload(self.tenant, self.timeout_s, binary_id))
 
-    async def stats(self) -> p.StatsReply:
-        return await self._run(operations.stats(self.tenant, self.timeout_s))
+    async def stats(self, all_tenants: bool = False) -> p.StatsReply:
+        return await self._run(operations.stats(self.tenant, self.timeout_s, all_tenants))

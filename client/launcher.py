@@ -48,17 +48,18 @@ def render_toml(sections: dict[str, Any], prefix: str = "") -> str:
 
 
 def wait_until_serving(endpoint: str | None, process: subprocess.Popen[bytes], workers: int,
-                       timeout_s: float = 60.0) -> None:
+                       timeout_s: float = 60.0, credentials: str | None = None) -> None:
     """Until the server at `endpoint` has `workers` workers idle or busy (and a compile
     worker, if it has a compile lane); raises RuntimeError if `process` exits first,
-    TimeoutError after `timeout_s`."""
+    TimeoutError after `timeout_s`. `credentials`: a credentials file, for a server that
+    requires keys."""
     deadline = time.monotonic() + timeout_s
     last_error = "no reply"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"wasm-core exited with {process.returncode} at start")
         try:
-            with Client(endpoint, timeout_s=1.0) as client:
+            with Client(endpoint, timeout_s=1.0, credentials=credentials) as client:
                 stats = client.stats()
             ready = sum(1 for w in stats.workers if w.state in ("idle", "busy"))
             # A server with a compile lane lists its compile workers from the start.
@@ -76,8 +77,10 @@ def wait_until_serving(endpoint: str | None, process: subprocess.Popen[bytes], w
 
 class RunningService:
     def __init__(self, workdir: Path, endpoint: str, process: subprocess.Popen[bytes],
-                 config_path: Path, owns_workdir: bool, shm_dir: Path) -> None:
+                 config_path: Path, owns_workdir: bool, shm_dir: Path,
+                 credentials: str | None = None) -> None:
         self.workdir = workdir
+        self.credentials = credentials  # what `client()` and the readiness wait use
         self.endpoint = endpoint
         self.process = process
         self.config_path = config_path
@@ -88,12 +91,16 @@ class RunningService:
     def pid(self) -> int:
         return self.process.pid
 
-    def client(self, tenant: str = "default", timeout_s: float = 30.0) -> Client:
-        return Client(self.endpoint, tenant=tenant, timeout_s=timeout_s)
+    def client(self, tenant: str | None = None, timeout_s: float = 30.0,
+               credentials: str | None = None) -> Client:
+        """A client of this service: with `credentials`, else the service's own (if any),
+        as `tenant` (default: the credentials' tenant, else "default")."""
+        return Client(self.endpoint, tenant=tenant, timeout_s=timeout_s,
+                      credentials=credentials or self.credentials)
 
     def wait_ready(self, workers: int, timeout_s: float = 60.0) -> None:
         """Until `workers` workers are idle or busy (a started pool), or raise."""
-        wait_until_serving(self.endpoint, self.process, workers, timeout_s)
+        wait_until_serving(self.endpoint, self.process, workers, timeout_s, self.credentials)
 
     def stop(self, timeout_s: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -121,9 +128,13 @@ def start_service(
     ready_timeout_s: float = 60.0,
     stderr: Any = None,
     preexec_fn: Callable[[], None] | None = None,
+    credentials: str | None = None,
 ) -> RunningService:
     """A supervisor on an ipc endpoint in a short private dir (ipc paths must stay short).
-    `preexec_fn` runs in the supervisor's process before it starts (rlimits, say)."""
+    `preexec_fn` runs in the supervisor's process before it starts (rlimits, say).
+    `credentials`: a credentials file (an admin's, for the readiness wait and `client()`)
+    for a server that requires keys; make them first with `wasm-core tenant add` in
+    `workdir`'s data dir (`<workdir>/data`)."""
     owns = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or {}).items()}
@@ -148,7 +159,7 @@ def start_service(
         preexec_fn=preexec_fn,
     )
     service = RunningService(workdir, server["endpoint"], process, config_path, owns,
-                             Path(server["shm_dir"]))
+                             Path(server["shm_dir"]), credentials)
     if wait:
         try:
             service.wait_ready(sections["pool"]["workers"], ready_timeout_s)

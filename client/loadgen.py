@@ -79,10 +79,11 @@ async def drive(call: Callable[[], Awaitable[Any]], requests: int, concurrency: 
     return raw
 
 
-async def execute_load(endpoint: str | None, tenant: str, binary_id: str, payload: bytes,
-                       requests: int, concurrency: int, timeout_s: float = 30.0,
-                       warmup: int = 0) -> RawLoad:
-    async with AsyncClient(endpoint, tenant=tenant, timeout_s=timeout_s) as client:
+async def execute_load(endpoint: str | None, tenant: str | None, binary_id: str,
+                       payload: bytes, requests: int, concurrency: int, timeout_s: float = 30.0,
+                       warmup: int = 0, credentials: str | None = None) -> RawLoad:
+    async with AsyncClient(endpoint, tenant=tenant, timeout_s=timeout_s,
+                           credentials=credentials) as client:
         if warmup:
             await drive(lambda: client.execute(binary_id, payload), warmup, concurrency)
         return await _metered_load(client, binary_id, payload, requests, concurrency)
@@ -106,11 +107,13 @@ async def _metered_load(client: AsyncClient, binary_id: str, payload: bytes, req
 
 
 def _process_main(args: tuple[Any, ...], ready: Any, go: Any, out: Any) -> None:
-    endpoint, tenant, binary_id, payload, requests, concurrency, timeout_s, warmup = args
+    (endpoint, tenant, binary_id, payload, requests, concurrency, timeout_s, warmup,
+     credentials) = args
 
     async def main() -> RawLoad:
         # Connect and warm up before the common start, so every process starts together.
-        async with AsyncClient(endpoint, tenant=tenant, timeout_s=timeout_s) as client:
+        async with AsyncClient(endpoint, tenant=tenant, timeout_s=timeout_s,
+                               credentials=credentials) as client:
             if warmup:
                 await drive(lambda: client.execute(binary_id, payload), warmup, concurrency)
             ready.set()
@@ -125,14 +128,15 @@ def _process_main(args: tuple[Any, ...], ready: Any, go: Any, out: Any) -> None:
         out.send(exc)
 
 
-def run_processes(endpoint: str | None, tenant: str, binary_id: str, payload: bytes,
+def run_processes(endpoint: str | None, tenant: str | None, binary_id: str, payload: bytes,
                   requests: int, concurrency: int, processes: int, timeout_s: float = 30.0,
-                  warmup: int = 0) -> RawLoad:
+                  warmup: int = 0, credentials: str | None = None) -> RawLoad:
     """The same load split over `processes` client processes (spawned, each its own
-    AsyncClient); throughput counts from the first start to the last finish."""
+    AsyncClient); throughput counts from the first start to the last finish. `credentials`:
+    a credentials file path, for a server that requires keys."""
     if processes <= 1:
         return asyncio.run(execute_load(endpoint, tenant, binary_id, payload, requests,
-                                        concurrency, timeout_s, warmup))
+                                        concurrency, timeout_s, warmup, credentials))
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     children = []
@@ -141,7 +145,8 @@ def run_processes(endpoint: str | None, tenant: str, binary_id: str, payload: by
         lanes = max(1, concurrency // processes)
         ready = ctx.Event()
         parent_end, child_end = ctx.Pipe(duplex=False)
-        args = (endpoint, tenant, binary_id, payload, share, lanes, timeout_s, warmup)
+        args = (endpoint, tenant, binary_id, payload, share, lanes, timeout_s, warmup,
+                credentials)
         proc = ctx.Process(target=_process_main, args=(args, ready, go, child_end), daemon=True)
         proc.start()
         child_end.close()

@@ -176,5 +176,6 @@ def unload(tenant: str, client_timeout_s: float, binary_id: str) -> Operation[No
     return Operation(p.Unload(tenant=tenant, binary_id=binary_id), None, client_timeout_s)
 
 
-def stats(tenant: str, client_timeout_s: float) -> Operation[p.StatsReply]:
-    return Operation(p.Stats(tenant=tenant), None, client_timeout_s)
+def stats(tenant: str, client_timeout_s: float,
+          all_tenants: bool = False) -> Operation[p.StatsReply]:
+    return Operation(p.Stats(tenant=tenant, all_tenants=all_tenants), None, client_timeout_s)

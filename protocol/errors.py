@@ -103,6 +103,14 @@ class Unavailable(WasmCoreError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(WasmCoreError):
+    """The server does not accept this client's key: unknown, removed, or none sent where one
+    is required (the client sees the refused handshake; the server answers it for a key
+    removed while its connection was open)."""
+
+    code = "UNAUTHENTICATED"
+
+
 ERROR_CLASSES: dict[str, type[WasmCoreError]] = {
     cls.code: cls
     for cls in (
@@ -124,6 +132,7 @@ ERROR_CLASSES: dict[str, type[WasmCoreError]] = {
         Unavailable,
         StorageError,
         QuotaExceeded,
+        Unauthenticated,
     )
 }
 

@@ -136,6 +136,8 @@ class Unload(msgspec.Struct, tag="unload", kw_only=True):
 class Stats(msgspec.Struct, tag="stats", kw_only=True):
     id: int = 0
     tenant: Tenant = DEFAULT_TENANT
+    # Every tenant's binaries, not only the caller's: for admins only (FORBIDDEN otherwise).
+    all_tenants: bool = False
 
 
 class ExecutePack(msgspec.Struct, tag="xpack", kw_only=True):
@@ -362,6 +364,8 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     batch: int = 0  # > 0: that many inputs in the payload frames, one result each
     input_shm: ShmRef | None = None
     output_shm_into: str = ""
+    # False: the reply's worker_pid is 0 (the requester is not an admin: no pids for it).
+    report_pid: bool = True
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):

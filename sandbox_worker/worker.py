@@ -328,7 +328,7 @@ class Worker:
     def _run_on(self, job: p.RunJob, payload: bytes | shm.SegmentReader) -> None:
         limits = self._limits_for(job)
         self._flush_before([ref.sha256 for ref in job.modules])
-        pid = self.pid
+        pid = self.pid if job.report_pid else 0
         data = payload
         steps: list[p.StepResult] = []
         fuel_total = 0
@@ -449,7 +449,8 @@ class Worker:
                 fuel_total += result.metering.fuel_consumed
             self._record_time(ref.sha256, started)
         header = p.BatchExecuted(id=job.request_id, items=items, binary_id=ref.binary_id,
-                                 version=ref.version, worker_pid=self.pid)
+                                 version=ref.version,
+                                 worker_pid=self.pid if job.report_pid else 0)
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
         self._send([p.encode(done), p.encode(header), *outputs])
 

@@ -103,6 +103,10 @@ class Binaries:
     def for_tenant(self, tenant: str) -> list[p.BinaryInfo]:
         return self.registry.for_tenant(tenant)
 
+    def all_tenants(self) -> list[p.BinaryInfo]:
+        """Every tenant's binaries (an admin's stats)."""
+        return self.registry.all()
+
     def module_ref(self, binary: p.BinaryInfo) -> p.ModuleRef:
         """The exact version a job runs, and where a worker finds it."""
         ref = self._refs.get(binary.binary_id)

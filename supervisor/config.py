@@ -45,6 +45,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queued_bytes: int = 1024 * MiB
     # The most binaries one chain may name (BAD_REQUEST above it).
     max_chain_steps: int = 32
+    # CURVE authentication of clients: "auto" (on tcp endpoints), "on" (ipc too), "off". With
+    # it a tenant is proven by its key (`wasm-core tenant add`); docs/operations.md, section 7.
+    curve: str = "auto"
+    # Serve tcp without authentication: anyone who reaches the port may claim any tenant.
+    # Only on a network you trust; logged as a warning at start.
+    allow_unauthenticated_tcp: bool = False
 
 
 class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -222,6 +228,8 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
          "must list absolute directories"),
         ("server.max_queued_bytes", config.server.max_queued_bytes >= 0, "must be >= 0"),
         ("server.max_chain_steps", config.server.max_chain_steps >= 1, "must be at least 1"),
+        ("server.curve", config.server.curve in ("auto", "on", "off"),
+         'must be "auto", "on" or "off"'),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
         ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),

@@ -41,3 +41,5 @@ class PendingJob:
     tenant: str = "default"  # whose queue it waits in, whose share and caps it counts against
     size_bytes: int = 0  # what the supervisor holds for it until it ends (header and payload)
     charged_ms: float = 0.0  # run time charged to its tenant when it was sent (for fairness)
+    # The requester is an admin: errors the supervisor answers it with may name worker pids.
+    shows_pids: bool = True

@@ -1,7 +1,8 @@
 """What a client asks for, turned into work: execute, execute_batch and chain become run jobs
 for the scheduler; load, unload and list go to the binaries.
 
-Every request names its tenant; a binary is found only among that tenant's own. The limits a
+Every request names its tenant (the server has set it to the tenant the client's key proves,
+when it has one); a binary is found only among that tenant's own. The limits a
 job runs under are decided here (`run_limits`): the server's configured limits, lowered by the
 request's (or what it asked within its tenant's ceilings), lowered by the binary's configured
 ones. The worker's sandbox applies them.
@@ -24,6 +25,7 @@ from wasmcore.protocol.errors import (
     WasmCoreError,
 )
 from wasmcore.protocol.limits import Limits, MiB
+from wasmcore.supervisor.auth import redacted
 from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.config import Config
 from wasmcore.supervisor.jobs import PendingJob
@@ -79,18 +81,19 @@ class Requests:
         self._reply_error = reply_error
         self._next_token = next_token
 
-    def handle(self, envelope: list[bytes], request: Any, payload: Any) -> None:
-        """One decoded request (its payload frame, or for a batch the list of input frames).
-        Raises WasmCoreError for the caller to answer."""
+    def handle(self, envelope: list[bytes], request: Any, payload: Any, admin: bool) -> None:
+        """One decoded request (its payload frame, or for a batch the list of input frames)
+        from an admin or not: only admins are told worker pids. Raises WasmCoreError for the
+        caller to answer."""
         match request:
             case p.Execute():
-                self._execute(envelope, request, payload)
+                self._execute(envelope, request, payload, admin)
             case p.ExecuteBatch():
-                self._batch(envelope, request, payload)
+                self._batch(envelope, request, payload, admin)
             case p.Chain():
-                self._chain(envelope, request, payload)
+                self._chain(envelope, request, payload, admin)
             case p.Load():
-                self._load(envelope, request, payload)
+                self._load(envelope, request, payload, admin)
             case p.ListBinaries():
                 self._reply(envelope, p.Listed(id=request.id,
                                                binaries=self._binaries.for_tenant(request.tenant)))
@@ -121,18 +124,20 @@ class Requests:
             {"allowed": per.entries, "exports": binary.exports},
         )
 
-    def _run_job(self, req: p.Execute | p.ExecuteBatch, **fields: Any) -> tuple[p.RunJob,
-                                                                                p.BinaryInfo]:
+    def _run_job(self, req: p.Execute | p.ExecuteBatch, admin: bool,
+                 **fields: Any) -> tuple[p.RunJob, p.BinaryInfo]:
         binary = self._binaries.owned(req.tenant, req.binary_id)
         entry = self._entry_for(binary, req.entry)
         limits = run_limits(self.config, req.tenant, binary.name, req)
         job = p.RunJob(token=self._next_token(), request_id=req.id,
                        modules=[self._binaries.module_ref(binary)],
                        timeout_ms=limits.timeout_ms, fuel=limits.fuel,
-                       memory_bytes=limits.memory_bytes, env=req.env, entry=entry, **fields)
+                       memory_bytes=limits.memory_bytes, env=req.env, entry=entry,
+                       report_pid=admin, **fields)
         return job, binary
 
-    def _execute(self, envelope: list[bytes], req: p.Execute, payload: Any) -> None:
+    def _execute(self, envelope: list[bytes], req: p.Execute, payload: Any,
+                 admin: bool) -> None:
         input_shm = req.input_shm
         if input_shm is not None:
             if self._shm_dir is None:
@@ -146,18 +151,20 @@ class Requests:
         if req.output_shm_into and not shm.NAME.match(req.output_shm_into):
             raise BadRequest(f"not a segment name: {req.output_shm_into!r}")
         job, binary = self._run_job(
-            req, input_shm=input_shm, output_shm_into=req.output_shm_into if self._shm_dir else "")
+            req, admin, input_shm=input_shm,
+            output_shm_into=req.output_shm_into if self._shm_dir else "")
         # Its output may overwrite its own input: running it twice could read garbage.
         retryable = not (input_shm is not None and req.output_shm_into == input_shm.name)
         self._queue(envelope, req, job, payload, job.timeout_ms / 1000, [binary.binary_id],
-                    retryable=retryable)
+                    admin, retryable=retryable)
 
-    def _batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any]) -> None:
-        job, binary = self._run_job(req, batch=req.count)
+    def _batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any],
+               admin: bool) -> None:
+        job, binary = self._run_job(req, admin, batch=req.count)
         self._queue(envelope, req, job, None, job.timeout_ms * req.count / 1000,
-                    [binary.binary_id], extra=inputs)
+                    [binary.binary_id], admin, extra=inputs)
 
-    def _chain(self, envelope: list[bytes], req: p.Chain, payload: Any) -> None:
+    def _chain(self, envelope: list[bytes], req: p.Chain, payload: Any, admin: bool) -> None:
         if not req.binary_ids:
             raise BadRequest("chain needs at least one binary id")
         limit = self.config.server.max_chain_steps
@@ -177,21 +184,23 @@ class Requests:
             memory_bytes=min(limit.memory_bytes for limit in limits),
             env=req.env,
             chain=True,
+            report_pid=admin,
         )
         # timeout_ms is the whole chain's budget: the worker gives each step what is left.
         self._queue(envelope, req, job, payload, job.timeout_ms / 1000,
-                    [b.binary_id for b in binaries])
+                    [b.binary_id for b in binaries], admin)
 
     def _queue(self, envelope: list[bytes], req: Any, job: p.RunJob, payload: Any,
-               budget_s: float, binary_ids: list[str], extra: list[Any] | None = None,
-               retryable: bool = True) -> None:
+               budget_s: float, binary_ids: list[str], admin: bool,
+               extra: list[Any] | None = None, retryable: bool = True) -> None:
         """Hand a RunJob answering `req` to the scheduler; `budget_s` is what its deadline
         allows."""
         header = p.encode(job)
         size = len(header) + (len(payload) if payload is not None else 0)
         pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
                              header=header, payload=payload, budget_s=budget_s,
-                             binary_ids=binary_ids, retryable=retryable, tenant=req.tenant)
+                             binary_ids=binary_ids, retryable=retryable, tenant=req.tenant,
+                             shows_pids=admin)
         if extra:
             pending.extra = extra
             size += sum(len(frame) for frame in extra)
@@ -202,12 +211,13 @@ class Requests:
 
     # ------------------------------------------------------------------ loads
 
-    def _load(self, envelope: list[bytes], req: p.Load, payload: Any) -> None:
+    def _load(self, envelope: list[bytes], req: p.Load, payload: Any, admin: bool) -> None:
         def done(loaded: p.Loaded) -> None:
             loaded.id = req.id
             self._reply(envelope, loaded)
 
         def failed(error: WasmCoreError) -> None:
-            self._reply_error(envelope, req.id, error)
+            # A compile's worker lost or killed names its pid: only for admins.
+            self._reply_error(envelope, req.id, error if admin else redacted(error))
 
         self._binaries.load(req.tenant, req.path, req.name, payload, done, failed)

@@ -40,6 +40,7 @@ from wasmcore.protocol import messages as p
 from wasmcore.protocol.engine import engine_fingerprint
 from wasmcore.protocol.errors import (
     BadRequest,
+    Forbidden,
     InternalError,
     PayloadTooLarge,
     ShuttingDown,
@@ -49,10 +50,21 @@ from wasmcore.protocol.errors import (
 )
 from wasmcore.protocol.limits import MiB
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
+from wasmcore.supervisor.auth import (
+    ANONYMOUS,
+    AuthSetupError,
+    FrontAuth,
+    Identity,
+    plan,
+    redacted,
+    revoked,
+    without_path,
+)
 from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.compile_lane import CompileLane
 from wasmcore.supervisor.config import Config, parse_config, resolved
 from wasmcore.supervisor.jobs import PendingJob
+from wasmcore.supervisor.keystore import KeyStore
 from wasmcore.supervisor.module_files import PathPolicy
 from wasmcore.supervisor.offloop import OffLoop
 from wasmcore.supervisor.packing import client_messages, worker_messages
@@ -80,9 +92,11 @@ _SWEEP_S = 1.0
 # Replaced module versions are checked for deletion this often while any wait.
 _COLLECT_S = 0.1
 # Settings that only take effect on restart: a reloaded config keeps the running values.
-_RESTART_ONLY = ("endpoint", "data_dir", "artifact_dir", "shm_dir")
+_RESTART_ONLY = ("endpoint", "data_dir", "artifact_dir", "shm_dir", "curve",
+                 "allow_unauthenticated_tcp")
 
-__all__ = ["EXIT_FORCED", "EXIT_POOL_FAILED", "EndpointInUse", "Supervisor", "internal_endpoints"]
+__all__ = ["EXIT_FORCED", "EXIT_POOL_FAILED", "AuthSetupError", "EndpointInUse", "Supervisor",
+           "internal_endpoints"]
 
 
 class EndpointInUse(RuntimeError):
@@ -141,6 +155,9 @@ class Supervisor:
         self._outstanding: dict[int, None] = {}
         # Every peer of the endpoint is this service's user (decided at bind).
         self._private_endpoint = False
+        # CURVE on the front socket (decided at bind); without it, who every peer is.
+        self.auth: FrontAuth | None = None
+        self._peer = ANONYMOUS
         self.offloop = OffLoop()
 
         self.ctx = zmq.Context()
@@ -187,6 +204,7 @@ class Supervisor:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_endpoint(path)
             self._private_endpoint = _only_owner_enters(path.parent)
+        self._authenticate_front()
         self.binaries.set_paths(self._path_policy(self.config))
         log.info("loads by path: the server reads and watches %s",
                  self.binaries.paths.describe())
@@ -208,6 +226,28 @@ class Supervisor:
         self.poller.register(self._signal_r.fileno(), zmq.POLLIN)
         self.poller.register(self.watch_events, zmq.POLLIN)
         self.poller.register(self.offloop.fileno(), zmq.POLLIN)
+
+    def _authenticate_front(self) -> None:
+        """CURVE with the tenants' keys, or who every peer is without it (auth.py)."""
+        decided = plan(self.config.server, self.endpoint, self._private_endpoint)
+        self._peer = decided.peer
+        if decided.warning:
+            log.warning("%s", decided.warning)
+        if not decided.curve:
+            return
+        keys = KeyStore(self.config.server.data_dir)
+        auth = FrontAuth(self.ctx, keys)
+        if not keys.count:
+            raise AuthSetupError(
+                f"{self.endpoint} needs CURVE keys (server.curve = "
+                f"\"{self.config.server.curve}\") and {keys.tenants_file} accepts none: add a "
+                "tenant with `wasm-core tenant add NAME` (its client uses the credentials file "
+                "that prints), or, on a network you trust, set "
+                "server.allow_unauthenticated_tcp = true")
+        auth.start(self.front)
+        self.auth = auth
+        log.info("CURVE on %s: %d tenant keys accepted; server public key %s", self.endpoint,
+                 keys.count, auth.server_public_key)
 
     def _lock_endpoint(self, path: Path) -> None:
         """ZeroMQ's ipc bind silently steals a live server's socket file; refuse instead."""
@@ -299,6 +339,8 @@ class Supervisor:
         # is judged: a busy loop must not see a healthy worker as silent.
         self._drain_back()
         self._expire_deadlines(now)
+        if self.auth is not None:
+            self.auth.tick(now)
         ticked = self.pool.tick(now)
         for handle in ticked.killed:
             self.scheduler.stop_worker(handle.worker_id)
@@ -323,7 +365,11 @@ class Supervisor:
     # ------------------------------------------------------------------ clients
 
     def _drain_front(self) -> None:
+        if self.auth is not None:
+            self._drain_front_authenticated(self.auth)
+            return
         recv = self.front.recv_multipart
+        peer = self._peer
         for _ in range(_DRAIN_BATCH):
             # A dry recv's Again costs ~2.7 us once per drain; asking ZMQ_EVENTS before every
             # message costs ~1.7 us each (it makes libzmq check its command mailbox with a
@@ -334,9 +380,29 @@ class Supervisor:
                 frames = recv(NOBLOCK)
             except zmq.Again:
                 return
-            self._on_client_message(frames)
+            self._on_client_message(frames, peer)
 
-    def _on_client_message(self, frames: list[bytes]) -> None:
+    def _drain_front_authenticated(self, auth: FrontAuth) -> None:
+        """As `_drain_front`, each message with the identity its connection's key proves.
+        The key (User-Id) rides on every frame: only the first is received as a Frame
+        (recv(copy=False)) to read it, the rest as bytes; measured no slower than receiving
+        the message as bytes (docs/performance.md)."""
+        recv, recv_rest = self.front.recv, self.front.recv_multipart
+        for _ in range(_DRAIN_BATCH):
+            try:
+                first = recv(NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frames = recv_rest(NOBLOCK) if first.more else []
+            frames.insert(0, first.bytes)
+            try:
+                peer = auth.identity(first.get("User-Id"))
+            except zmq.ZMQError:  # no User-Id: cannot happen with ZAP enforced; refuse
+                peer = None
+            self._on_client_message(frames, peer)
+
+    def _on_client_message(self, frames: list[bytes], peer: Identity | None) -> None:
+        """One client message; `peer` is who sent it (None: a key no longer accepted)."""
         # Envelope: the identity, plus an empty delimiter when the peer is a REQ socket.
         split = 1
         if len(frames) > 2 and frames[1] == b"":
@@ -357,14 +423,14 @@ class Supervisor:
         except msgspec.DecodeError as exc:
             pack = _undecoded_pack(header)
             if pack is not None:  # each execute in it is answered on its own
-                self._on_pack(envelope, pack, body)
+                self._on_pack(envelope, pack, body, peer)
                 return
             self._reply_error(envelope, p.peek_request_id(header), _malformed(exc))
             return
         if type(request) is p.ExecutePack:
-            self._on_pack(envelope, request, body)
+            self._on_pack(envelope, request, body, peer)
             return
-        self._on_request(envelope, request, body[1:])
+        self._on_request(envelope, request, body[1:], peer)
 
     def _refuse_unread(self, header: bytes, frames: int) -> tuple[int, WasmCoreError] | None:
         """A request refused for its size alone, before its header is decoded: a header frame
@@ -397,7 +463,7 @@ class Supervisor:
         return None
 
     def _on_pack(self, envelope: list[bytes], pack: p.ExecutePack | p.UndecodedPack,
-                 body: list[bytes]) -> None:
+                 body: list[bytes], peer: Identity | None) -> None:
         if len(body) != 1 or len(pack.executes) != len(pack.payloads) or not pack.executes:
             self._reply_error(envelope, 0, BadRequest(
                 f"an execute pack is one frame with as many payloads as executes (at least "
@@ -416,10 +482,16 @@ class Supervisor:
                 except msgspec.DecodeError as exc:
                     self._reply_error(envelope, p.peek_request_id(request), _malformed(exc))
                     continue
-            self._on_request(envelope, request, [] if payload is None else [payload])
+            self._on_request(envelope, request, [] if payload is None else [payload], peer)
 
-    def _on_request(self, envelope: list[bytes], request: Any, payloads: list[bytes]) -> None:
+    def _on_request(self, envelope: list[bytes], request: Any, payloads: list[bytes],
+                    peer: Identity | None) -> None:
         try:
+            if peer is None:
+                raise revoked()
+            if peer.tenant:
+                # Proven by the connection's key: the request's own field is ignored.
+                request.tenant = peer.tenant
             if isinstance(request, p.ExecuteBatch):
                 if request.count != len(payloads) or request.count < 1:
                     raise BadRequest(f"execute_batch says count={request.count} but carries "
@@ -439,14 +511,14 @@ class Supervisor:
                 self.rates.admit(request.tenant, time.monotonic())  # QUOTA_EXCEEDED past it
             match request:
                 case p.Stats():
-                    self._reply(envelope, self._stats(request))
+                    self._reply(envelope, self._stats(request, peer.admin))
                 case p.Hello():
                     self._reply(envelope, self._welcome(request))
                 case p.ExecuteBatch():
-                    self.requests_handler.handle(envelope, request, payloads)
+                    self.requests_handler.handle(envelope, request, payloads, peer.admin)
                 case _:
                     self.requests_handler.handle(envelope, request,
-                                                 payloads[0] if payloads else None)
+                                                 payloads[0] if payloads else None, peer.admin)
         except WasmCoreError as exc:
             self._reply_error(envelope, request.id, exc)
         except Exception as exc:  # a bug of ours: answer, log, keep serving everyone else
@@ -476,7 +548,13 @@ class Supervisor:
             workers=self.pool.size,
         )
 
-    def _stats(self, request: p.Stats) -> p.StatsReply:
+    def _stats(self, request: p.Stats, admin: bool) -> p.StatsReply:
+        """The service as `request`'s tenant may see it. An admin sees worker pids, the
+        service-wide counters and, asking `all_tenants`, every tenant's binaries; an ordinary
+        tenant its own binaries (without paths), the workers without pids, and the load."""
+        if request.all_tenants and not admin:
+            raise Forbidden("only an admin key sees every tenant's binaries; ask without "
+                            "all_tenants for your own")
         workers = []
         for handle in self.pool.live():
             state = str(handle.state)
@@ -484,7 +562,7 @@ class Supervisor:
                 state = "busy" if self.scheduler.jobs_on(handle.worker_id) else "idle"
             workers.append(p.WorkerInfo(
                 slot=handle.slot,
-                pid=handle.pid,
+                pid=handle.pid if admin else 0,
                 state=state,
                 rss_bytes=handle.rss_bytes or handle.sample_rss(),
                 executions=self.scheduler.executions_on(handle.worker_id),
@@ -493,13 +571,24 @@ class Supervisor:
                 deserialized=handle.deserialized,
             ))
         workers.sort(key=lambda w: (w.slot, w.started_at))
+        if request.all_tenants:
+            binaries = self.binaries.all_tenants()
+        else:
+            binaries = self.binaries.for_tenant(request.tenant)
+        if not admin:
+            return p.StatsReply(
+                id=request.id, workers=workers, binaries=[without_path(b) for b in binaries],
+                queue_depth=self.scheduler.queue_depth, in_flight=self.scheduler.in_flight,
+                uptime_s=time.time() - self.started,
+                compile_queue_depth=self.compile_lane.queue_depth,
+                tenant_usage=self._tenant_usage(request.tenant))
         restarts = dict(self.pool.restarts)
         restarts.update({f"compile_{cause}": count
                          for cause, count in self.compile_lane.restarts.items()})
         return p.StatsReply(
             id=request.id,
             workers=workers,
-            binaries=self.binaries.for_tenant(request.tenant),
+            binaries=binaries,
             queue_depth=self.scheduler.queue_depth,
             in_flight=self.scheduler.in_flight,
             requests=self.requests,
@@ -561,7 +650,8 @@ class Supervisor:
             except Exception as exc:
                 self._completion_failed(job, exc)
         elif job.envelope is not None:
-            self._reply_error(job.envelope, job.request_id, error)
+            self._reply_error(job.envelope, job.request_id,
+                              error if job.shows_pids else redacted(error))
 
     def _completion_failed(self, job: PendingJob, exc: Exception) -> None:
         """A job's own completion raised (a bug of ours): whoever waits is answered all the
@@ -890,6 +980,8 @@ class Supervisor:
         self.compile_lane.close()
         signal.set_wakeup_fd(-1)
         self.watcher.stop()
+        if self.auth is not None:
+            self.auth.close()
         for sock in (self.front, self.back, self.pub, self.watch_events):
             sock.close()
         self.ctx.term()

@@ -54,12 +54,14 @@ def _artifacts(svc: RunningService) -> list[Path]:
 
 @pytest.fixture
 def tcp_service(tmp_path: Path) -> Iterator[RunningService]:
-    """A service on tcp (peers are not known to be the service's user), with one load root."""
+    """A service on tcp (peers are not known to be the service's user), with one load root.
+    Plain tcp (no keys): what is tested here is which files the server reads for anyone."""
     root = tmp_path / "root"
     root.mkdir()
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
     svc = start_service(workers=2, endpoint=_free_tcp_endpoint(), stderr=log, config={
-        "server": {"load_roots": [str(root)], "max_payload_bytes": 1 << 20}})
+        "server": {"load_roots": [str(root)], "max_payload_bytes": 1 << 20,
+                   "allow_unauthenticated_tcp": True}})
     try:
         yield svc
     finally:

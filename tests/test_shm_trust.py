@@ -79,7 +79,9 @@ def _start(workdir: Path, endpoint: str | None, config: dict | None) -> RunningS
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 def test_forged_output_shm_pid_cannot_hurt_the_service(transport: str, workdir: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{_free_port()}" if transport == "tcp" else None
-    svc = _start(workdir, endpoint, {"pool": FAST_POOL})
+    # Plain tcp (no keys): what is tested here is what a forged pid can do to the server.
+    svc = _start(workdir, endpoint, {"pool": FAST_POOL,
+                                     "server": {"allow_unauthenticated_tcp": True}})
     try:
         with svc.client() as c:
             upper = c.load(PLUGINS / "uppercase.wat").binary_id
