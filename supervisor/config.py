@@ -102,8 +102,8 @@ class OsSandboxConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     group: str = ""
     # RLIMIT_NOFILE in each worker.
     max_open_files: int = 1024
-    # RLIMIT_FSIZE in each worker; 0 derives it: 16 x server.max_payload_bytes (a compiled
-    # artifact measured at up to 6x its module), at least limits.output_bytes.
+    # RLIMIT_FSIZE in each worker; 0 derives it: 32 x server.max_payload_bytes (a compiled
+    # artifact measured at up to 27x its module), at least limits.output_bytes.
     max_file_mb: int = 0
 
 

@@ -16,6 +16,7 @@ checked: if one is in the way, the service refuses to start and names it.
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import os
 import pwd
@@ -28,10 +29,12 @@ from wasmcore.protocol.limits import MiB
 from wasmcore.protocol.settings import OsSandboxSettings
 from wasmcore.supervisor.config import Config
 
-# RLIMIT_FSIZE when not configured: the largest file a worker writes is a compiled artifact,
-# measured at up to 6x its module's size (bench/bench_artifact_size.py); 16x leaves room
-# for code that compiles less densely. Output segments are bounded by limits.output_bytes.
-ARTIFACT_SIZE_FACTOR = 16
+# RLIMIT_FSIZE when not configured: the largest file a worker writes is a compiled artifact.
+# bench/bench_artifact_size.py measured 0.7-6x its module's size for ordinary code, up to 14x
+# for call-dense code and 27x for the densest found (empty loops, each given an epoch and a
+# fuel check): 32x never fails a module the service accepts. Output segments are bounded by
+# limits.output_bytes.
+ARTIFACT_SIZE_FACTOR = 32
 
 # Modes of the service's own directories while workers run as the sandbox user.
 _SOCKET_MODE = 0o660  # connect needs write; root (owner) and the group only
@@ -40,6 +43,7 @@ _SHARED_DIR_MODE = 0o2730  # artifacts, segments: create and open by name, no li
 _DATA_DIR_MODE = 0o710
 _BLOB_DIR_MODE = 0o2750  # read by workers when they compile
 _UMASK = 0o027
+_PR_SET_DUMPABLE = 4
 
 
 class ConfinementError(RuntimeError):
@@ -104,13 +108,14 @@ class Confinement:
     sandbox settings follow the config, so a reload applies to the workers started after it.
     The user and its group need a restart (the directories were prepared for them)."""
 
-    def __init__(self, user: WorkerUser | None) -> None:
+    def __init__(self, user: WorkerUser | None, enabled: bool = True) -> None:
         self.user = user
+        self.enabled = enabled
         self._reach: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> Confinement:
-        return cls(resolve_user(config))
+        return cls(resolve_user(config), config.sandbox.enabled)
 
     def settings(self, config: Config) -> OsSandboxSettings:
         sandbox = config.sandbox
@@ -129,9 +134,15 @@ class Confinement:
     def grant(self, *, sockets: list[str], data_dir: str, artifact_dir: str,
               shm_dir: str | None) -> None:
         """Give the sandbox group what workers need, then check that they can get there.
-        A no-op unless workers switch users. Called once the sockets are bound."""
+        Called once the sockets are bound. When workers keep the service's user, only makes
+        the supervisor not dumpable."""
         user = self.user
         if user is None:
+            if self.enabled:
+                # Workers keep this process's user: one that broke out could otherwise open
+                # /proc/<supervisor>/mem, which the kernel allows a process of the same user
+                # unless the target is not dumpable (or Yama restricts ptrace).
+                _not_dumpable()
             return
         os.umask(_UMASK)
         socket_paths = [Path(s[len("ipc://"):]) for s in sockets]
@@ -153,11 +164,16 @@ class Confinement:
             blocked = _first_blocking(Path(path), modes, user)
             if blocked is not None:
                 raise ConfinementError(
-                    f"workers run as {user} but cannot reach {path}: {blocked}. Give that "
-                    f"directory to the group (chgrp {user.group} DIR; chmod g+x DIR), move "
-                    "the path (server.endpoint, server.data_dir, ...), or set "
-                    "`[sandbox] user = \"\"` to keep workers running as root "
-                    "(docs/operations.md, Defence in depth)")
+                    f"workers run as {user} but cannot reach {path}: {blocked}. Put it where "
+                    "they can (server.data_dir, server.endpoint, server.artifact_dir, "
+                    "server.shm_dir: e.g. /var/lib/wasm-core and /run/wasm-core), let the "
+                    f"group search that directory if it is the service's own (chgrp "
+                    f"{user.group} DIR; chmod g+x DIR), or set `[sandbox] user = \"\"` to keep "
+                    "workers running as root (docs/operations.md, Defence in depth)")
+
+
+def _not_dumpable() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def _share(path: Path, gid: int, mode: int) -> None:

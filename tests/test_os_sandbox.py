@@ -230,7 +230,7 @@ def test_workers_report_protections_and_the_kernel_agrees(svc: RunningService):
         limits = _limits(info.pid)
         assert limits["Max core file size"] == ("0", "0")
         assert limits["Max open files"] == ("1024", "1024")
-        assert limits["Max file size"] == (str(16 * 64 * MiB),) * 2
+        assert limits["Max file size"] == (str(32 * 64 * MiB),) * 2
         uids = set(status["Uid"].split())
         if AS_ROOT:
             assert uids == {str(NOBODY.pw_uid)}
@@ -242,6 +242,15 @@ def test_workers_report_protections_and_the_kernel_agrees(svc: RunningService):
             assert not any(p.startswith("uid:") for p in info.protections)
 
 
+def test_wasm_client_stats_shows_each_workers_sandbox(svc: RunningService):
+    done = subprocess.run([sys.executable, "-m", "wasmcore.client.cli", "--endpoint",
+                           svc.endpoint, "stats"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if "no_new_privs" in line]
+    assert "OS SANDBOX" in done.stdout and len(rows) == 2
+    assert all("seccomp" in row for row in rows)
+
+
 def test_a_sandboxed_service_still_compiles_executes_and_shares_memory(svc: RunningService):
     with svc.client() as client:
         upper = client.load(PLUGINS / "uppercase.wat").binary_id
@@ -251,6 +260,25 @@ def test_a_sandboxed_service_still_compiles_executes_and_shares_memory(svc: Runn
         large = b"q" * (2 * MiB)  # past the shared-memory threshold both ways
         assert client.execute(upper, large).output == b"Q" * (2 * MiB)
         assert client.execute(upper, large).output == b"Q" * (2 * MiB)  # a lent segment
+
+
+def test_tcp_front_endpoint_keeps_workers_on_ipc():
+    """Workers need no inet socket even when clients come over tcp: their links are ipc."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    svc = start_service(workers=1, endpoint=f"tcp://127.0.0.1:{port}")
+    try:
+        with svc.client() as client:
+            (info,) = client.stats().workers
+            upper = client.load(PLUGINS / "uppercase.wat").binary_id
+            assert client.execute(upper, "tcp").output == b"TCP"
+        assert "seccomp" in info.protections
+        assert _settings_of(info.pid).back_endpoint.startswith("ipc://")
+    finally:
+        svc.cleanup()
 
 
 def test_forbidden_calls_fail_inside_a_worker(svc: RunningService):
@@ -401,3 +429,15 @@ def test_reachability_is_judged_like_the_kernel():
         assert "lacks 'wx'" in _first_blocking(closed / "inner", "wx", user)
     finally:
         shutil.rmtree(closed)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_supervisor_is_not_dumpable_when_workers_share_its_user(enabled: bool):
+    """Else a worker that broke out could open /proc/<supervisor>/mem (same user)."""
+    script = ("import ctypes; from wasmcore.supervisor.confinement import Confinement; "
+              f"Confinement(None, enabled={enabled}).grant(sockets=[], data_dir='/tmp', "
+              "artifact_dir='/tmp', shm_dir=None); "
+              "print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")  # PR_GET_DUMPABLE
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == ("0" if enabled else "1"), done.stderr
