@@ -121,6 +121,10 @@ def start_service(
     `preexec_fn` runs in the supervisor's process before it starts (rlimits, say)."""
     owns = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
+    if os.geteuid() == 0:
+        # Run as root, the service's workers switch to an unprivileged user that must pass
+        # through this directory to their sockets, artifacts and blobs: search, no listing.
+        os.chmod(workdir, 0o711)
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or {}).items()}
     server = sections.setdefault("server", {})
     server.setdefault("endpoint", endpoint or f"ipc://{workdir}/s.sock")

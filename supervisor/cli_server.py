@@ -12,6 +12,7 @@ import msgspec
 import zmq
 
 from wasmcore.supervisor.config import ConfigError, load_config, resolved, runtime_dir, validate
+from wasmcore.supervisor.confinement import ConfinementError
 from wasmcore.supervisor.server import EndpointInUse, Supervisor
 
 
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         supervisor = Supervisor(config, runtime_dir(), config_path=args.config)
         return supervisor.serve()
-    except EndpointInUse as exc:
+    except (EndpointInUse, ConfinementError) as exc:
         print(f"wasm-core: {exc}", file=sys.stderr)
         return 2
     except (OSError, zmq.ZMQError) as exc:

@@ -49,6 +49,7 @@ from wasmcore.protocol.limits import MiB
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.config import Config, parse_config, resolved
+from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.module_files import PathPolicy
 from wasmcore.supervisor.offloop import OffLoop
@@ -152,8 +153,9 @@ class Supervisor:
         pool = config.pool
         self.scheduler = Scheduler(config.server.max_queue, pool.prefetch,
                                    pool.deadline_grace_ms / 1000)
+        self.confinement = Confinement.from_config(config)
         self.pool = WorkerPool(config, self.back_endpoint, self.pub_endpoint, self.shm_dir,
-                               self.poller, self._tell)
+                               self.poller, self._tell, self.confinement)
         tokens = itertools.count(1)
         self.binaries = Binaries(
             Registry(Path(config.server.data_dir)), artifact_dir, self.fingerprint,
@@ -227,6 +229,9 @@ class Supervisor:
 
     def serve(self) -> int:
         self.bind()
+        self.confinement.grant(sockets=[self.back_endpoint, self.pub_endpoint],
+                               data_dir=self.config.server.data_dir,
+                               artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir)
         self.install_signals()
         self.pool.start(time.monotonic())
         self._watch_files(self.binaries.watched_paths())
@@ -473,6 +478,7 @@ class Supervisor:
                 started_at=handle.started_at,
                 compiled=handle.compiled,
                 deserialized=handle.deserialized,
+                protections=handle.protections,
             ))
         workers.sort(key=lambda w: (w.slot, w.started_at))
         return p.StatsReply(
@@ -602,7 +608,7 @@ class Supervisor:
                 self.pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
             case p.Ready():
                 handle = self.pool.ready(event.worker_id, event.fingerprint, self.fingerprint,
-                                         now)
+                                         now, event.protections)
                 if handle is None:
                     return
                 if self.draining is not None:
