@@ -127,7 +127,10 @@ def start_service(
         os.chmod(workdir, 0o711)
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or {}).items()}
     server = sections.setdefault("server", {})
-    server.setdefault("endpoint", endpoint or f"ipc://{workdir}/s.sock")
+    # The socket in a directory of its own that the server creates private (0700; shared
+    # with the workers' group only when they switch users): every peer is then the
+    # service's user, so the server may read the paths they name (docs/operations.md 6.1).
+    server.setdefault("endpoint", endpoint or f"ipc://{workdir}/sock/s.sock")
     server.setdefault("data_dir", str(workdir / "data"))
     server.setdefault("artifact_dir", str(workdir / "art"))
     shm_root = Path("/dev/shm")

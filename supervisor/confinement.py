@@ -9,9 +9,12 @@ segments), and the blob store (it compiles from it). All of it through a group, 
 group: the supervisor gives that group access to the service's own directories, setgid, so
 what is created in them later belongs to the group too; it runs with umask 027 from then on
 (files readable by their group, nobody else); clients make their segments group-readable and
--writable in a setgid directory (protocol/shm.py). Directories that are not the service's own
-(those above these, or the directory of an `ipc://` endpoint given in the config) are only
-checked: if one is in the way, the service refuses to start and names it.
+-writable in a setgid directory (protocol/shm.py); the blob store writes blobs 0640 in
+02750 directories of the group (supervisor/registry.py, `blob_group`). The directory of the
+sockets is shared when it is the runtime dir or private to the service's user (nobody else
+may enter it); other directories (those above these, or an operator's endpoint directory
+that others may enter) are only checked: if one is in the way, the service refuses to start
+and names it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ _SOCKET_MODE = 0o660  # connect needs write; root (owner) and the group only
 _RUNTIME_DIR_MODE = 0o710  # search only: workers open their sockets by name, list nothing
 _SHARED_DIR_MODE = 0o2730  # artifacts, segments: create and open by name, no listing
 _DATA_DIR_MODE = 0o710
-_BLOB_DIR_MODE = 0o2750  # read by workers when they compile
 _UMASK = 0o027
 _PR_SET_DUMPABLE = 4
 
@@ -117,6 +119,12 @@ class Confinement:
     def from_config(cls, config: Config) -> Confinement:
         return cls(resolve_user(config), config.sandbox.enabled)
 
+    @property
+    def blob_group(self) -> int:
+        """The group the blob store shares its blobs with (workers compile from them), or -1
+        when workers keep the service's user and blobs stay owner-only."""
+        return self.user.gid if self.user else -1
+
     def settings(self, config: Config) -> OsSandboxSettings:
         sandbox = config.sandbox
         user = self.user if sandbox.enabled else None
@@ -147,7 +155,11 @@ class Confinement:
         os.umask(_UMASK)
         socket_paths = [Path(s[len("ipc://"):]) for s in sockets]
         for directory in {path.parent for path in socket_paths}:
-            if directory == runtime_dir():  # ours; an endpoint's directory is the operator's
+            # Ours: the runtime dir, or one only this user may enter (the service's private
+            # socket dir). Any other endpoint's directory is the operator's, only checked.
+            # The group may then enter, but never connect to the client socket beside the
+            # workers' (it is not group-writable): server.py judges that.
+            if directory == runtime_dir() or _private_to_me(directory):
                 _share(directory, user.gid, _RUNTIME_DIR_MODE)
         for path in socket_paths:
             _share(path, user.gid, _SOCKET_MODE)
@@ -155,11 +167,10 @@ class Confinement:
         for directory in filter(None, [artifact_dir, shm_dir]):
             _share(Path(directory), user.gid, _SHARED_DIR_MODE)
             self._reach[directory] = "wx"
-        blobs = Path(data_dir) / "blobs"
+        # The blob store below gives its group read itself (registry.py, `blob_group`).
         _share(Path(data_dir), user.gid, _DATA_DIR_MODE)
         _unshare_files(Path(data_dir))
-        _share_tree(blobs, user.gid)
-        self._reach[str(blobs)] = "x"
+        self._reach[str(Path(data_dir) / "blobs")] = "x"
         for path, modes in self._reach.items():
             blocked = _first_blocking(Path(path), modes, user)
             if blocked is not None:
@@ -190,19 +201,13 @@ def _unshare_files(directory: Path) -> None:
             os.chmod(entry.path, mode & ~0o007)
 
 
-def _share_tree(root: Path, gid: int) -> None:
-    """The blob store: directories setgid to the group, files readable by it. Blobs written
-    later inherit the group from their directory and get group read from the umask."""
-    _share(root, gid, _BLOB_DIR_MODE)
-    for directory, subdirs, files in os.walk(root):
-        for name in subdirs:
-            _share(Path(directory, name), gid, _BLOB_DIR_MODE)
-        for name in files:
-            path = Path(directory, name)
-            if path.is_symlink():
-                continue
-            os.chown(path, -1, gid, follow_symlinks=False)
-            os.chmod(path, stat.S_IMODE(path.stat().st_mode) | stat.S_IRGRP)
+def _private_to_me(directory: Path) -> bool:
+    try:
+        info = directory.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            and info.st_mode & 0o077 == 0)
 
 
 def _allows(info: os.stat_result, user: WorkerUser, modes: str) -> bool:

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,8 @@ class Supervisor:
                                self.poller, self._tell, self.confinement)
         tokens = itertools.count(1)
         self.binaries = Binaries(
-            Registry(Path(config.server.data_dir)), artifact_dir, self.fingerprint,
+            Registry(Path(config.server.data_dir), self.confinement.blob_group), artifact_dir,
+            self.fingerprint,
             config.server.max_payload_bytes, submit=self._submit,
             publish=lambda message: self.pub.send(message, NOBLOCK),
             next_token=tokens.__next__, watch=self._watch_files,
@@ -178,10 +180,6 @@ class Supervisor:
             path = Path(self.endpoint[len("ipc://") :])
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_endpoint(path)
-            self._private_endpoint = _only_owner_enters(path.parent)
-        self.binaries.set_paths(self._path_policy(self.config))
-        log.info("loads by path: the server reads and watches %s",
-                 self.binaries.paths.describe())
         for sock in (self.front, self.back):
             sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -193,6 +191,11 @@ class Supervisor:
         self.front.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.server.max_payload_bytes + MiB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.front.bind(self.endpoint)
+        if self.endpoint.startswith("ipc://"):
+            self._private_endpoint = _only_owner_connects(Path(self.endpoint[len("ipc://"):]))
+        self.binaries.set_paths(self._path_policy(self.config))
+        log.info("loads by path: the server reads and watches %s",
+                 self.binaries.paths.describe())
         self.back.bind(self.back_endpoint)
         self.pub.bind(self.pub_endpoint)
         self.poller.register(self.front, zmq.POLLIN)
@@ -859,14 +862,28 @@ def _undecoded_pack(header: bytes) -> p.UndecodedPack | None:
         return p.undecoded_pack_decoder.decode(header)
     except msgspec.DecodeError:
         return None
-def _only_owner_enters(directory: Path) -> bool:
-    """Only this process's user (and root) can reach a socket in `directory`: it is ours and
-    nobody else may search it. Then every peer on an ipc endpoint there is this user."""
+def _only_owner_connects(socket_path: Path) -> bool:
+    """Only this process's user (and root) can connect to the bound ipc socket at
+    `socket_path`: then every peer on it is this user. Connecting needs search permission on
+    the directory and write permission on the socket file. Judged conservatively:
+
+    - the directory is ours, nobody else may create, rename or remove entries in it (so the
+      file judged below is the one just bound), and others may not enter it at all (an ipc
+      socket in a directory others can enter is treated like tcp);
+    - the socket is ours and neither its group nor others may write it. Its directory's group
+      may enter (when workers run as the sandbox user, supervisor/confinement.py gives that
+      group search on it to reach their own sockets), but not connect to this one. A socket
+      made group-writable (a umask of 002, say) is not private whoever the group is.
+    """
     try:
-        info = directory.stat()
+        directory = socket_path.parent.stat()
+        sock = socket_path.lstat()
     except OSError:
         return False
-    return info.st_uid == os.geteuid() and info.st_mode & 0o077 == 0
+    me = os.geteuid()
+    return (directory.st_uid == me and directory.st_mode & 0o027 == 0
+            and stat.S_ISSOCK(sock.st_mode) and sock.st_uid == me
+            and sock.st_mode & 0o022 == 0)
 
 
 def _queue_only(signum: int, frame: object) -> None:

@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.conftest import PLUGINS
+from tests.conftest import PLUGINS, exchange, raw_dealer
 from wasmcore.client.launcher import RunningService, start_service
+from wasmcore.protocol import messages as p
 from wasmcore.protocol.limits import MiB
 from wasmcore.protocol.settings import WorkerSettings
 from wasmcore.supervisor.config import Config, ConfigError, parse_config
@@ -441,3 +443,111 @@ def test_supervisor_is_not_dumpable_when_workers_share_its_user(enabled: bool):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip() == ("0" if enabled else "1"), done.stderr
+
+
+# A client of the service that is the workers' user: it imports as root (the interpreter may
+# live where nobody cannot read), then becomes nobody and tries the front socket.
+AS_NOBODY_CLIENT = r'''
+import json, os, socket, sys
+import zmq
+from wasmcore.protocol import messages as p
+
+endpoint, path = sys.argv[1], sys.argv[2]
+os.setgroups([])
+os.setgid(int(sys.argv[3]))
+os.setuid(int(sys.argv[4]))
+result = {}
+probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    probe.connect(endpoint[len("ipc://"):])
+    result["connect"] = "allowed"
+except OSError as exc:
+    result["connect"] = type(exc).__name__
+probe.close()
+if result["connect"] == "allowed":
+    dealer = zmq.Context().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    dealer.send(p.encode(p.Load(id=1, tenant="default", path=path)))
+    if dealer.poll(20_000):
+        result["code"] = p.reply_decoder.decode(dealer.recv_multipart()[0]).code
+print(json.dumps(result))
+'''
+
+
+def _as_nobody(endpoint: str, path: Path) -> dict[str, str]:
+    done = subprocess.run([sys.executable, "-c", AS_NOBODY_CLIENT, endpoint, str(path),
+                           str(NOBODY.pw_gid), str(NOBODY.pw_uid)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _path_load_code(endpoint: str, path: Path) -> str:
+    with raw_dealer(endpoint) as sock:
+        reply = exchange(sock, [p.encode(p.Load(id=1, tenant="default", path=str(path)))],
+                         20_000)
+    return reply.code if isinstance(reply, p.ErrorReply) else "LOADED"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="workers switch users only when the service is root")
+def test_the_workers_user_can_reach_its_sockets_but_not_the_client_socket(
+        svc: RunningService, tmp_path: Path):
+    """The front socket's directory lets the sandbox group in (workers' sockets are beside
+    it), so the server trusts its peers only because that group cannot connect to it."""
+    secret = tmp_path / "secret.wat"
+    secret.write_bytes(b"root:SECRET:0:0\n")
+    front = Path(svc.endpoint[len("ipc://"):])
+    directory = front.parent.stat()
+    assert directory.st_gid == NOBODY.pw_gid and directory.st_mode & 0o077 == 0o010
+    assert _as_nobody(svc.endpoint, secret) == {"connect": "PermissionError"}
+    # Its own peers are root: the server reads what they name (here: not a module).
+    assert _path_load_code(svc.endpoint, secret) == "INVALID_MODULE"
+
+
+def test_a_client_socket_others_may_write_is_not_trusted(tmp_path: Path):
+    """A client socket anyone may write (umask 0): whoever can enter its directory can
+    connect, so the server opens no path a peer names, even for root. As root the workers'
+    group (nobody's) may enter it: connected as nobody, a load by path is FORBIDDEN."""
+    secret = tmp_path / "secret.wat"
+    secret.write_bytes(b"root:SECRET:0:0\n")
+    svc = start_service(workers=1, preexec_fn=lambda: os.umask(0))
+    try:
+        front = Path(svc.endpoint[len("ipc://"):])
+        assert stat.S_IMODE(front.stat().st_mode) == 0o777
+        assert _path_load_code(svc.endpoint, secret) == "FORBIDDEN"
+        if AS_ROOT:
+            assert _as_nobody(svc.endpoint, secret) == {"connect": "allowed",
+                                                         "code": "FORBIDDEN"}
+    finally:
+        svc.cleanup()
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="blobs are shared only with workers of another user")
+def test_blobs_are_readable_by_the_workers_group_only_while_it_is_used(tmp_path: Path):
+    workdir = Path(tempfile.mkdtemp(prefix="wcb", dir="/tmp"))
+    blobs = workdir / "data" / "blobs"
+    try:
+        svc = start_service(workers=1, workdir=workdir)
+        try:
+            with svc.client() as client:
+                sha = client.load(PLUGINS / "uppercase.wat").sha256
+                assert client.execute(client.list()[0].binary_id, "ab").output == b"AB"
+        finally:
+            svc.stop()
+        blob = blobs / sha[:2] / sha
+        for path, mode in ((blobs, 0o2750), (blob.parent, 0o2750), (blob, 0o640)):
+            info = path.stat()
+            assert (stat.S_IMODE(info.st_mode), info.st_gid) == (mode, NOBODY.pw_gid), path
+        # The same data without the user switch: the group's access is taken back.
+        svc = start_service(workers=1, workdir=workdir, config={"sandbox": {"user": ""}})
+        try:
+            with svc.client() as client:
+                assert client.execute(client.list()[0].binary_id, "cd").output == b"CD"
+        finally:
+            svc.stop()
+        for path, mode in ((blobs, 0o700), (blob.parent, 0o700), (blob, 0o600)):
+            assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(Path("/dev/shm") / workdir.name, ignore_errors=True)
