@@ -117,6 +117,10 @@ def _print_stats(stats: Any) -> None:
     for w in stats.workers:
         print(f"{w.slot:>4}  {w.pid:>7}  {w.state:9}  {w.rss_bytes / 2**20:>8.1f}  "
               f"{w.executions:>10}  {','.join(w.protections) or 'none'}")
+    for w in stats.compile_workers:
+        print(f"{'c' + str(w.slot):>4}  {w.pid:>7}  {w.state:9}  {w.rss_bytes / 2**20:>8.1f}  "
+              f"{w.executions:>10}  {','.join(w.protections) or 'none'}  "
+              f"(compile lane, {stats.compile_queue_depth} waiting)")
     if stats.restarts_by_cause:
         causes = ", ".join(f"{k}={v}" for k, v in sorted(stats.restarts_by_cause.items()))
         print(f"restarts: {causes}")

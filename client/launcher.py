@@ -49,8 +49,9 @@ def render_toml(sections: dict[str, Any], prefix: str = "") -> str:
 
 def wait_until_serving(endpoint: str | None, process: subprocess.Popen[bytes], workers: int,
                        timeout_s: float = 60.0) -> None:
-    """Until the server at `endpoint` has `workers` workers idle or busy; raises
-    RuntimeError if `process` exits first, TimeoutError after `timeout_s`."""
+    """Until the server at `endpoint` has `workers` workers idle or busy (and a compile
+    worker, if it has a compile lane); raises RuntimeError if `process` exits first,
+    TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     last_error = "no reply"
     while time.monotonic() < deadline:
@@ -60,9 +61,13 @@ def wait_until_serving(endpoint: str | None, process: subprocess.Popen[bytes], w
             with Client(endpoint, timeout_s=1.0) as client:
                 stats = client.stats()
             ready = sum(1 for w in stats.workers if w.state in ("idle", "busy"))
-            if ready >= workers:
+            # A server with a compile lane lists its compile workers from the start.
+            lane = stats.compile_workers
+            lane_ready = not lane or any(w.state in ("idle", "busy") for w in lane)
+            if ready >= workers and lane_ready:
                 return
-            last_error = f"{ready}/{workers} workers ready"
+            last_error = (f"{ready}/{workers} workers ready"
+                          f"{'' if lane_ready else ', no compile worker ready'}")
         except WasmCoreError as exc:
             last_error = str(exc)
         time.sleep(0.05)

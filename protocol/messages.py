@@ -289,6 +289,8 @@ class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     config_error: str | None = None  # why the last config change was refused, if it was
     # What of the registry could not be read at start (skipped rows, a broken file kept).
     registry_problems: list[str] = []
+    compile_workers: list[WorkerInfo] = []  # the compile lane's workers (not in `workers`)
+    compile_queue_depth: int = 0  # loads waiting for a compile worker or their tenant's turn
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):

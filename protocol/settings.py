@@ -16,6 +16,11 @@ EXIT_OK = 0
 EXIT_BOOT_ERROR = 3
 EXIT_PARENT_GONE = 4
 
+# Worker roles: an execution worker runs jobs and maps artifacts; a compile worker (the
+# compile lane) only compiles untrusted modules into artifacts, at a lower CPU priority.
+ROLE_EXECUTE = "execute"
+ROLE_COMPILE = "compile"
+
 
 class SandboxConfig(msgspec.Struct, frozen=True):
     default_limits: Limits = Limits()
@@ -60,3 +65,5 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     shm_dir: str = ""  # empty: shared-memory payloads are off
     shm_threshold_bytes: int = 256 * 1024
     os_sandbox: OsSandboxSettings = OsSandboxSettings()
+    role: str = ROLE_EXECUTE
+    nice: int = 0  # added to the worker's CPU niceness at start (compile workers: lower priority)

@@ -18,10 +18,26 @@ from wasmcore.protocol.limits import WASM_PAGE
 
 from . import _raw
 from .host import HOST_IMPORTS
+from .imports_scan import Buffer, MalformedImports, NotCoreModule, read_imports
 
 WASI_MODULE = "wasi_snapshot_preview1"
 DEFAULT_ENTRY = "process"
 _UNKNOWN_IMPORT = re.compile(r"unknown import: `([^`]+)::([^`]+)`")
+# Every function of WASI preview 1 (the linker's `define_wasi`): what a module may import
+# from WASI_MODULE. tests/test_imports_scan.py checks the linker defines each of them.
+WASI_FUNCTIONS = frozenset({
+    "args_get", "args_sizes_get", "environ_get", "environ_sizes_get", "clock_res_get",
+    "clock_time_get", "fd_advise", "fd_allocate", "fd_close", "fd_datasync", "fd_fdstat_get",
+    "fd_fdstat_set_flags", "fd_fdstat_set_rights", "fd_filestat_get", "fd_filestat_set_size",
+    "fd_filestat_set_times", "fd_pread", "fd_prestat_get", "fd_prestat_dir_name", "fd_pwrite",
+    "fd_read", "fd_readdir", "fd_renumber", "fd_seek", "fd_sync", "fd_tell", "fd_write",
+    "path_create_directory", "path_filestat_get", "path_filestat_set_times", "path_link",
+    "path_open", "path_readlink", "path_remove_directory", "path_rename", "path_symlink",
+    "path_unlink_file", "poll_oneoff", "proc_exit", "proc_raise", "sched_yield", "random_get",
+    "sock_accept", "sock_recv", "sock_send", "sock_shutdown",
+})
+_AVAILABLE = "available: host.log, host.output, wasi_snapshot_preview1.*"
+_MAX_LISTED = 1000  # missing imports named in one refusal
 
 
 class EntryKind(enum.IntEnum):
@@ -93,6 +109,36 @@ _ENTRY_SIGNATURES = {
     ((), ()): EntryKind.VOID,
     ((), ("i32",)): EntryKind.STATUS,
 }
+
+
+def precheck_imports(wasm: Buffer) -> None:
+    """Refuse, before any compile, a binary that is not a core module or imports what the
+    service does not provide. Reads only the module's first sections (imports_scan.py), so
+    it costs microseconds whatever the module's size. Signatures are left to the linker."""
+    try:
+        imports = read_imports(wasm)
+    except NotCoreModule as exc:
+        raise InvalidModule(str(exc), {"reason": str(exc)}) from None
+    except MalformedImports as exc:
+        raise InvalidModule(f"invalid WebAssembly module: {exc}", {"reason": str(exc)}) from None
+    if not imports:
+        return  # none, or the scan gave up: the compile and link decide
+    missing: dict[str, None] = {}  # in order, once each
+    for imp in imports:
+        provided = imp.kind == "func" and (
+            (imp.module, imp.name) in HOST_IMPORTS
+            or (imp.module == WASI_MODULE and imp.name in WASI_FUNCTIONS))
+        if not provided:
+            missing[str(imp)] = None
+            if len(missing) >= _MAX_LISTED:
+                break
+    if missing:
+        raise InvalidModule(
+            f"module imports what the host does not provide: {', '.join(list(missing)[:20])}"
+            f"{f' and {len(missing) - 20} more' if len(missing) > 20 else ''} ({_AVAILABLE}); "
+            "refused before compiling it",
+            {"missing_imports": list(missing)},
+        )
 
 
 def check_imports(module: wasmtime.Module) -> bool:

@@ -44,6 +44,7 @@ from .module import (
     analyze,
     check_imports,
     link,
+    precheck_imports,
 )
 from .outcome import (
     ExecutionResult,
@@ -149,6 +150,7 @@ class Sandbox:
         if cached is not None:
             return cached
         wasm = data if data.startswith(_WASM_MAGIC) else _wat_to_wasm(data)
+        precheck_imports(wasm)  # not a core module, or unlinkable: refused before compiling
         try:
             wasmtime.Module.validate(self._engine, wasm)
             module = wasmtime.Module(self._engine, wasm)
@@ -524,7 +526,7 @@ def _wat_to_wasm(data: bytes) -> bytes:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        # Not text either: let wasmtime's binary validator explain what is wrong.
+        # Not text either: precheck_imports says it is not a WebAssembly module.
         return data
     try:
         return bytes(wasmtime.wat2wasm(text))

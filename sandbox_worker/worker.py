@@ -8,6 +8,7 @@ while a long execution runs; a stopped or wedged process stops heartbeating.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import resource
 import signal
@@ -23,16 +24,26 @@ import zmq
 from wasmcore.protocol import messages as p
 from wasmcore.protocol import shm
 from wasmcore.protocol.engine import engine_fingerprint
-from wasmcore.protocol.errors import BadRequest, InternalError, WasmCoreError
+from wasmcore.protocol.errors import (
+    BadRequest,
+    InternalError,
+    MemoryLimit,
+    Timeout,
+    WasmCoreError,
+)
 from wasmcore.protocol.limits import Limits, MiB
 from wasmcore.protocol.settings import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
     EXIT_PARENT_GONE,
+    ROLE_COMPILE,
+    SandboxConfig,
     WorkerSettings,
 )
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.sandbox_worker import os_sandbox
+from wasmcore.sandbox_worker.imports_scan import WASM_MAGIC
+from wasmcore.sandbox_worker.module import precheck_imports
 from wasmcore.sandbox_worker.outcome import ExecutionResult
 from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox
 
@@ -57,6 +68,16 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(EXIT_PARENT_GONE)
 
 
+def _time_left(limits: Limits, budget_ms: int, spent_s: float) -> Limits:
+    """`limits` with the timeout cut to what is left of a `budget_ms` of which `spent_s` is
+    gone; TIMEOUT if nothing is left."""
+    left_ms = budget_ms - int(spent_s * 1000)
+    if left_ms <= 0:
+        raise Timeout(f"execution exceeded the {budget_ms} ms time limit",
+                      {"timeout_ms": budget_ms})
+    return msgspec.structs.replace(limits, timeout_ms=left_ms)
+
+
 def cap_data_segment(limit_bytes: int) -> int:
     """RLIMIT_DATA backs up the RSS watchdog. Unlike RLIMIT_AS it ignores wasmtime's
     PROT_NONE address-space reservations and counts only memory actually made writable.
@@ -72,21 +93,45 @@ def cap_data_segment(limit_bytes: int) -> int:
     return limit_bytes
 
 
+def for_compiles(config: SandboxConfig) -> SandboxConfig:
+    """A compile worker's sandbox: it never instantiates anything, so no instance pool (whose
+    address-space reservations would count against its memory cap), nothing kept after a
+    compile, and an epoch tick once a second rather than every 10 ms for nobody. Its
+    artifacts are byte for byte an executing worker's (tests/test_compile_lane.py)."""
+    return msgspec.structs.replace(config, pool_slots=0, cache_size=1, epoch_tick_ms=1000.0)
+
+
+def precheck_blob(path: str) -> None:
+    """Refuse a binary blob that is not a core module or cannot be linked, from its first
+    pages (an mmap), before the whole file is read and hashed for the compile."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size < len(WASM_MAGIC):
+            return  # the compile explains
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            if mapped[: len(WASM_MAGIC)] == WASM_MAGIC:  # WAT is checked after wat2wasm
+                precheck_imports(mapped)
+
+
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         # Compiled modules are held by the sandbox's cache alone (LRU, sandbox.cache_size), so
         # a worker's memory is bounded however many distinct binaries it runs.
-        self.sandbox = Sandbox(settings.sandbox)
+        self.compiles_only = settings.role == ROLE_COMPILE
+        sandbox = settings.sandbox
+        self.sandbox = Sandbox(for_compiles(sandbox) if self.compiles_only else sandbox)
         self.ctx = zmq.Context()
         self.back = self.ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
         self.back.setsockopt(zmq.LINGER, 1000)
         self.back.copy_threshold = COPY_THRESHOLD  # zero-copy only pays off for large frames
         self.back.connect(settings.back_endpoint)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(settings.pub_endpoint)
+        # Reload broadcasts say which artifacts to map: a compile worker maps none.
+        self.sub: zmq.Socket[bytes] | None = None
+        if not self.compiles_only:
+            self.sub = self.ctx.socket(zmq.SUB)
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.sub.connect(settings.pub_endpoint)
         self.pid = os.getpid()  # asked once: getpid is a real syscall, costly on a VM
         self._limits_cache: dict[tuple[int, int, int], Limits] = {}
         self.compiled = 0
@@ -115,13 +160,14 @@ class Worker:
         self._heartbeat.start()
         poller = zmq.Poller()
         poller.register(self.back, zmq.POLLIN)
-        poller.register(self.sub, zmq.POLLIN)
+        if self.sub is not None:
+            poller.register(self.sub, zmq.POLLIN)
         try:
             while self.running:
                 events = dict(poller.poll(1000))
                 if os.getppid() != self.settings.parent_pid:
                     return EXIT_PARENT_GONE
-                if self.sub in events:
+                if self.sub is not None and self.sub in events:
                     self._drain_broadcasts()
                 if self.back in events:
                     self._drain_jobs()
@@ -203,6 +249,7 @@ class Worker:
                 self.running = False
 
     def _drain_broadcasts(self) -> None:
+        assert self.sub is not None
         while True:
             try:
                 raw = self.sub.recv(NOBLOCK)
@@ -292,9 +339,12 @@ class Worker:
         sink = (shm.SegmentWriter(self.settings.shm_dir, job.output_shm_into,
                                   self.settings.shm_threshold_bytes)
                 if job.output_shm_into and self.settings.shm_dir and not job.chain else None)
+        chain_started = time.perf_counter()
         for index, ref in enumerate(job.modules):
             started = time.perf_counter()
             try:
+                if job.chain:  # timeout_ms is the whole chain's: each step gets what is left
+                    limits = _time_left(limits, job.timeout_ms, started - chain_started)
                 module = self._module(ref)
                 result = self.sandbox.execute(
                     module, data, env=job.env, entry=job.entry, limits=limits,
@@ -307,8 +357,12 @@ class Worker:
                 details = dict(exc.details)
                 message = exc.message
                 if job.chain:
+                    if exc.code == Timeout.code:
+                        details["timeout_ms"] = job.timeout_ms
+                        message = (f"the chain ran past its {job.timeout_ms} ms time limit "
+                                   "(all steps together)")
                     details.update(step=index, binary_id=ref.binary_id, steps_done=len(steps))
-                    message = f"chain step {index} ({ref.binary_id}) failed: {exc.message}"
+                    message = f"chain step {index} ({ref.binary_id}) failed: {message}"
                 self._reply_error(job, exc.code, message, details)
                 return
             except shm.SegmentError as exc:  # the input segment let us down (not our files)
@@ -415,6 +469,7 @@ class Worker:
     def _compile(self, job: p.CompileJob) -> None:
         ref = job.module
         try:
+            precheck_blob(ref.blob_path)
             module = self.sandbox.compile(Path(ref.blob_path).read_bytes())
             self.compiled += 1
             Path(ref.artifact_path).parent.mkdir(parents=True, exist_ok=True)
@@ -422,9 +477,21 @@ class Worker:
         except WasmCoreError as exc:
             self._reply_error(job, exc.code, exc.message, dict(exc.details))
             return
+        except MemoryError:
+            # The compiler's allocations hit this process's RLIMIT_DATA.
+            cap = self.settings.rlimit_data_bytes // MiB
+            setting = "compile.memory_mb" if self.compiles_only else "pool.rlimit_data_mb"
+            self._reply_error(job, MemoryLimit.code,
+                              f"compiling this module needs more memory than this worker may "
+                              f"use (its data limit is {cap} MiB, set by {setting}); make the "
+                              "module smaller or ask the operator to raise it",
+                              {"rlimit_data_bytes": cap * MiB})
+            return
         except Exception as exc:
             self._reply_error(job, InternalError.code, f"compile failed: {exc!r}", {})
             return
+        if self.compiles_only:
+            self.sandbox.forget(ref.sha256)  # the artifact is the product; free the memory
         done = p.JobDone(token=job.token, kind=module.kind, exports=list(module.exports))
         self._send([p.encode(done)])
         self._flush()
@@ -455,7 +522,8 @@ class Worker:
             self._heartbeat.join(timeout=2)
         self.sandbox.close()
         self.back.close()
-        self.sub.close()
+        if self.sub is not None:
+            self.sub.close()
         self.ctx.term()
 
 
@@ -470,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wasm-core worker: bad settings: {exc}", file=sys.stderr)
         return EXIT_BOOT_ERROR
     die_with_parent(settings.parent_pid)
+    if settings.nice:
+        # Before any thread exists (the compiler's too): they all inherit it. Absolute: the
+        # supervisor set it already at spawn, if it was quick enough.
+        os.setpriority(os.PRIO_PROCESS, 0, settings.nice)
     # The supervisor owns shutdown; a terminal's Ctrl-C must not kill workers mid-request.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_OK))

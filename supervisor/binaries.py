@@ -4,8 +4,9 @@ The path of a load or a hot reload, in order:
 1. `load` (a client's request: the bytes it sent, or a file the server may read) or
    `file_changed` (the watcher saw a loaded file change) reads, hashes and stores the blob in
    an I/O thread, never on the loop; an unchanged module costs nothing more.
-2. `_stage` submits a compile job: a worker validates and compiles the untrusted bytes
-   (never the supervisor) and writes the serialized artifact to the shared artifact dir. A
+2. `_stage` submits a compile job to the compile lane: a compile worker checks the
+   imports, then validates and compiles the untrusted bytes (never the supervisor nor an
+   executing worker) and writes the serialized artifact to the shared artifact dir. A
    module whose twin is already compiled skips this.
 3. `_commit` makes it the binary's next version in the registry (durable) and broadcasts it
    on the PUB socket: every worker maps the artifact before a job needs it. The broadcast is
@@ -46,14 +47,13 @@ from wasmcore.supervisor.registry import Registry
 
 log = logging.getLogger("wasmcore.supervisor")
 
-# Runs a job on a worker (the scheduler); `bounded` False: never refused for a full queue.
-Submit = Callable[[PendingJob, bool], None]
+# Runs a compile job for a tenant in the compile lane; `bounded` False: never refused for a
+# full queue.
+Submit = Callable[[str, PendingJob, bool], None]
 # Called once when a staged version is committed (the binary) or refused (the error).
 Staged = Callable[[p.BinaryInfo | None, WasmCoreError | None], None]
 # Runs blocking work off the loop, then its continuation on the loop (offloop.OffLoop.run).
 Offload = Callable[[Callable[[], Any], Callable[[Any, BaseException | None], None]], None]
-
-_COMPILE_BUDGET_S = 60.0
 
 
 class Binaries:
@@ -314,7 +314,7 @@ class Binaries:
 
     def _stage(self, tenant: str, name: str, path: str | None, blob: _Stored, binary_id: str,
                staged: Staged, bounded: bool = True, server_read: bool = False) -> None:
-        """Have a worker validate and compile the stored blob once, then commit and
+        """Have the compile lane validate and compile the stored blob once, then commit and
         broadcast. Untrusted bytes never reach the compiler inside the supervisor. Takes
         over the caller's hold on the blob; `staged` is called exactly once."""
         staged = _once(staged)
@@ -348,9 +348,11 @@ class Binaries:
             staged(None, error)
 
         try:
-            self._submit(PendingJob(token=token, envelope=None, request_id=0, header=header,
-                                    payload=None, budget_s=_COMPILE_BUDGET_S, on_done=compiled,
-                                    on_error=lost), bounded)
+            # budget_s: the lane sets it (compile.timeout_ms).
+            self._submit(tenant, PendingJob(token=token, envelope=None, request_id=0,
+                                            header=header, payload=None, budget_s=0.0,
+                                            on_done=compiled, on_error=lost, tenant=tenant,
+                                            size_bytes=len(header)), bounded)
         except WasmCoreError as exc:  # BUSY
             self._let_go(sha256)
             staged(None, exc)

@@ -40,6 +40,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (loads by path without bytes, hot reload). Other paths are only names for sent bytes,
     # unless every peer is the service's own user (a private ipc socket dir; operations.md).
     load_roots: list[str] = []
+    # Payload bytes held for requests not yet answered (queued or on a worker), all tenants
+    # together; each tenant also has its own bound ([tenants.<name>] max_queued_bytes).
+    max_queued_bytes: int = 1024 * MiB
+    # The most binaries one chain may name (BAD_REQUEST above it).
+    max_chain_steps: int = 32
 
 
 class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -86,6 +91,17 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         )
 
 
+class CompileConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The compile lane: worker processes that only compile, apart from the executing pool."""
+
+    workers: int = 1  # compile worker processes
+    timeout_ms: int = 60_000  # a compile past this gets TIMEOUT; its worker is replaced
+    # Memory cap of a compile worker (the RSS kill; RLIMIT_DATA at twice it is the backstop):
+    # a 30 MB module needs about 1 GiB. Past the pool's soft RSS limit it is recycled.
+    memory_mb: int = 2048
+    per_tenant: int = 1  # compiles of one tenant in the lane at a time; the rest wait
+
+
 class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Settings for the binaries of one name (any tenant), under [binaries.<name>]."""
 
@@ -116,12 +132,39 @@ class OsSandboxConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_file_mb: int = 0
 
 
+class TenantConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One tenant's share and caps, under [tenants.<name>]; [tenants.default] applies to every
+    tenant not named. A key left out of a table takes the built-in default below."""
+
+    # Share of the workers' time while tenants compete: a tenant of weight 2 gets twice the
+    # run time of one of weight 1.
+    weight: int = 1
+    # Jobs of this tenant on workers plus in the queue; past it, BUSY.
+    max_pending: int = 1024
+    # Payload bytes held for this tenant's unanswered requests; past it, BUSY.
+    max_queued_bytes: int = 256 * MiB
+
+
+def _default_tenants() -> dict[str, TenantConfig]:
+    return {"default": TenantConfig()}
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     binaries: dict[str, BinaryConfig] = {}
     sandbox: OsSandboxConfig = msgspec.field(default_factory=OsSandboxConfig)
+    tenants: dict[str, TenantConfig] = msgspec.field(default_factory=_default_tenants)
+    compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
+
+    def tenant(self, name: str) -> TenantConfig:
+        """The settings that apply to tenant `name`: its own table, else [tenants.default],
+        else the built-in defaults."""
+        return self.tenants.get(name) or self.tenants.get("default") or _BUILT_IN_TENANT
+
+
+_BUILT_IN_TENANT = TenantConfig()
 
 
 class ConfigError(ValueError):
@@ -171,6 +214,8 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("server.max_header_bytes", config.server.max_header_bytes >= 4096, "must be >= 4096"),
         ("server.load_roots", all(os.path.isabs(r) for r in config.server.load_roots),
          "must list absolute directories"),
+        ("server.max_queued_bytes", config.server.max_queued_bytes >= 0, "must be >= 0"),
+        ("server.max_chain_steps", config.server.max_chain_steps >= 1, "must be at least 1"),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
         ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),
@@ -181,7 +226,18 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
          'must be "errno" or "kill"'),
         ("sandbox.max_open_files", config.sandbox.max_open_files >= 64, "must be at least 64"),
         ("sandbox.max_file_mb", config.sandbox.max_file_mb >= 0, "must be >= 0"),
+        ("compile.workers", config.compile.workers >= 1, "must be at least 1"),
+        ("compile.timeout_ms", config.compile.timeout_ms > 0, "must be > 0"),
+        ("compile.memory_mb", config.compile.memory_mb >= 128,
+         "must be at least 128 (a compile worker needs about 40 MiB to start)"),
+        ("compile.per_tenant", config.compile.per_tenant >= 1, "must be at least 1"),
     ]
+    for name, tenant in config.tenants.items():
+        checks += [
+            (f"tenants.{name}.weight", tenant.weight >= 1, "must be at least 1"),
+            (f"tenants.{name}.max_pending", tenant.max_pending >= 0, "must be >= 0"),
+            (f"tenants.{name}.max_queued_bytes", tenant.max_queued_bytes >= 0, "must be >= 0"),
+        ]
     endpoint = config.server.endpoint
     checks.append(
         (

@@ -38,3 +38,6 @@ class PendingJob:
     retryable: bool = True
     # Called instead when `on_done` raised, so whoever waits for the job is still answered.
     on_error: Callable[[WasmCoreError], None] | None = None
+    tenant: str = "default"  # whose queue it waits in, whose share and caps it counts against
+    size_bytes: int = 0  # what the supervisor holds for it until it ends (header and payload)
+    charged_ms: float = 0.0  # run time charged to its tenant when it was sent (for fairness)

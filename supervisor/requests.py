@@ -127,6 +127,12 @@ class Requests:
     def _chain(self, envelope: list[bytes], req: p.Chain, payload: Any) -> None:
         if not req.binary_ids:
             raise BadRequest("chain needs at least one binary id")
+        limit = self.config.server.max_chain_steps
+        if len(req.binary_ids) > limit:
+            raise BadRequest(
+                f"a chain has at most {limit} steps (server.max_chain_steps); this one has "
+                f"{len(req.binary_ids)}: split it into several chains",
+                {"steps": len(req.binary_ids), "limit": limit})
         binaries = [self._binaries.owned(req.tenant, binary_id) for binary_id in req.binary_ids]
         limits = [run_limits(self.config, b.name, req) for b in binaries]
         job = p.RunJob(
@@ -139,7 +145,8 @@ class Requests:
             env=req.env,
             chain=True,
         )
-        self._queue(envelope, req, job, payload, job.timeout_ms * len(binaries) / 1000,
+        # timeout_ms is the whole chain's budget: the worker gives each step what is left.
+        self._queue(envelope, req, job, payload, job.timeout_ms / 1000,
                     [b.binary_id for b in binaries])
 
     def _queue(self, envelope: list[bytes], req: Any, job: p.RunJob, payload: Any,
@@ -147,13 +154,17 @@ class Requests:
                retryable: bool = True) -> None:
         """Hand a RunJob answering `req` to the scheduler; `budget_s` is what its deadline
         allows."""
+        header = p.encode(job)
+        size = len(header) + (len(payload) if payload is not None else 0)
         pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
-                             header=p.encode(job), payload=payload, budget_s=budget_s,
-                             binary_ids=binary_ids, retryable=retryable)
+                             header=header, payload=payload, budget_s=budget_s,
+                             binary_ids=binary_ids, retryable=retryable, tenant=req.tenant)
         if extra:
             pending.extra = extra
+            size += sum(len(frame) for frame in extra)
         else:
             pending.packable = p.fits_in_pack(payload)
+        pending.size_bytes = size
         self._submit(pending)
 
     # ------------------------------------------------------------------ loads

@@ -6,27 +6,54 @@ takes `now`). It knows workers only by id, as lanes of jobs; the pool owns the p
 decisions accumulate in two lists the server takes each loop turn: jobs to send to workers
 (`take_assignments`) and jobs that ended with the supervisor's own error (`take_failures`).
 
+Jobs that wait, wait in their tenant's own FIFO; whose turn it is next is weighted fair
+queuing by run time (start-time fair queuing, the virtual-time cousin of deficit round robin):
+each tenant has a virtual time, the run time it has been given divided by its weight; the
+tenant with the least goes next. A job is charged its expected run time when it is sent and
+settled to what it really took when it ends, so a tenant whose jobs run long gets fewer of them
+and one flooding tenant cannot make another wait behind its queue. A tenant that starts queuing
+starts at the current virtual time: idling earns no credit. Within a tenant nothing overtakes.
+
 A worker takes one job at a time, but under load it may hold a short FIFO of jobs (prefetch)
 so that one wake-up serves several. Only jobs of binaries known to be quick are ever queued
 behind each other: a slow or hostile plugin never has someone else's request parked behind
 it. Jobs behind the head have not started, so a worker's loss requeues them (once) instead of
 failing them.
+
+What a tenant may hold is bounded (its `max_pending` jobs queued or running, its
+`max_queued_bytes`), and so is what all of them hold together (`max_queue` waiting jobs,
+`max_queued_bytes`): past a bound a request is refused at once with BUSY, or
+PAYLOAD_TOO_LARGE when it could never fit.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import heapq
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from wasmcore.protocol.errors import Busy, WasmCoreError
+from wasmcore.protocol.errors import Busy, PayloadTooLarge, WasmCoreError
+from wasmcore.supervisor.config import TenantConfig
 from wasmcore.supervisor.jobs import PendingJob
+
+# A tenant's settings by name (Config.tenant): its weight and caps.
+TenantPolicy = Callable[[str], TenantConfig]
 
 # A busy worker is given more jobs only while the expected run time of those it already
 # holds stays under this: one wake-up serves many quick jobs, and nobody's request waits
 # long behind a slow or unknown one.
 PREFETCH_BUDGET_MS = 2.0
+
+# What a job of a binary with no measured run time is charged to its tenant when it is sent,
+# until its real run time is known.
+_UNKNOWN_COST_MS = 1.0
+# Tenants with nothing pending are remembered (their record reused) while there are at most
+# this many tenants in all.
+IDLE_TENANTS_KEPT = 1024
 
 
 class LaneState(enum.Enum):
@@ -50,23 +77,63 @@ class Lane:
     accepting: bool = True  # False once the worker is stopped (retiring)
 
 
+@dataclass(eq=False, slots=True)
+class TenantQueue:
+    """A tenant as the scheduler sees it (kept while it has jobs, and a while after): its
+    FIFO, what it holds, and how much run time it has been given, which decides whose turn
+    it is."""
+
+    name: str
+    config: TenantConfig
+    jobs: collections.deque[PendingJob] = field(default_factory=collections.deque)
+    pending: int = 0  # its jobs queued or on a worker
+    held_bytes: int = 0  # their size_bytes
+    vtime: float = 0.0  # run time given, in ms divided by its weight (its virtual time)
+    turn: int = 0  # which of its entries in the turn heap is the live one
+
+
+def _any_tenant(name: str) -> TenantConfig:
+    return TenantConfig()
+
+
 class Scheduler:
-    def __init__(self, max_queue: int, prefetch: int, deadline_grace_s: float) -> None:
+    def __init__(self, max_queue: int, prefetch: int, deadline_grace_s: float,
+                 max_queued_bytes: int = 1 << 62,
+                 tenant_policy: TenantPolicy = _any_tenant) -> None:
         self.max_queue = max_queue
         self.prefetch = prefetch
         self.deadline_grace_s = deadline_grace_s
+        self.max_queued_bytes = max_queued_bytes
+        self._policy = tenant_policy
         self._lanes: dict[str, Lane] = {}
         # Ready workers with nothing to do, most recently idle last (popped first).
         self._idle: list[str] = []
-        self._queue: collections.deque[PendingJob] = collections.deque()
+        self._tenants: dict[str, TenantQueue] = {}
+        # Tenants with queued jobs, least virtual time first: (vtime, entry number, tenant).
+        # An entry is live while its number is the tenant's `turn`; a tenant whose vtime
+        # moved since its entry was made is put back in place when its entry comes up.
+        self._turns: list[tuple[float, int, TenantQueue]] = []
+        self._entries = itertools.count(1)
+        # The virtual time of the job sent last: where a tenant that starts queuing starts.
+        self._vclock = 0.0
+        self._queued = 0  # jobs in all tenants' FIFOs
+        self._held_bytes = 0  # size_bytes of every job queued or on a worker
         self._exec_ms: dict[str, float] = {}  # per binary: moving average of run time
         self._assignments: list[tuple[str, PendingJob]] = []
         self._failures: list[tuple[PendingJob, WasmCoreError]] = []
 
-    def configure(self, max_queue: int, prefetch: int, deadline_grace_s: float) -> None:
+    def configure(self, max_queue: int, prefetch: int, deadline_grace_s: float,
+                  max_queued_bytes: int | None = None,
+                  tenant_policy: TenantPolicy | None = None) -> None:
         self.max_queue = max_queue
         self.prefetch = prefetch
         self.deadline_grace_s = deadline_grace_s
+        if max_queued_bytes is not None:
+            self.max_queued_bytes = max_queued_bytes
+        if tenant_policy is not None:
+            self._policy = tenant_policy
+            for tenant in self._tenants.values():
+                tenant.config = tenant_policy(tenant.name)
 
     # ------------------------------------------------------------------ decisions
 
@@ -111,13 +178,17 @@ class Scheduler:
             return
         head, *waiting = lane.jobs
         lane.jobs.clear()
-        self._failures.append((head, head_error))
+        tenant = self._tenants[head.tenant]
+        self._settle(tenant, head, (now - head.started) * 1000)
+        self._end(tenant, head, head_error)
         for job in reversed(waiting):
+            tenant = self._tenants[job.tenant]
+            self._settle(tenant, job, 0.0)  # never started: its tenant gets its charge back
             if not requeue or job.requeued or not job.retryable:
-                self._failures.append((job, waiting_error))
+                self._end(tenant, job, waiting_error)
             else:
                 job.requeued = True
-                self._queue.appendleft(job)
+                self._enqueue(tenant, job, front=True)
         self._dispatch_queue(now)
 
     def jobs_on(self, worker_id: str) -> int:
@@ -134,21 +205,34 @@ class Scheduler:
     # ------------------------------------------------------------------ jobs
 
     def submit(self, job: PendingJob, now: float, bounded: bool = True) -> None:
-        """Run `job` on a worker now, or queue it; Busy when the queue is full (`bounded`
-        off: never refused, for work that must not be lost, such as a hot reload)."""
-        if not self._queue:  # else it waits its turn: nobody overtakes a queued job
+        """Run `job` on a worker now, or queue it in its tenant's FIFO. Refused (Busy, or
+        PayloadTooLarge when it could never fit) past a bound of its tenant or of the server;
+        `bounded` off: never refused, for work that must not be lost, such as a hot reload."""
+        tenant = self._tenants.get(job.tenant)
+        if tenant is None:
+            tenant = TenantQueue(job.tenant, self._policy(job.tenant))  # kept by _hold
+        if bounded:
+            self._admit(tenant, job)
+        if not self._queued:  # else it waits its turn: nobody overtakes a queued job
             estimate = self._estimate_ms(job)
             lane = self._pick_lane(estimate)
             if lane is not None:
-                self._assign(lane, job, now, estimate)
+                self._hold(tenant, job)
+                tenant.vtime = max(tenant.vtime, self._vclock)
+                self._assign(lane, tenant, job, now, estimate)
                 return
-        if bounded and len(self._queue) >= self.max_queue:
+        if bounded and self._queued >= self.max_queue:
             raise Busy(
-                f"all workers are busy and {len(self._queue)} requests are queued; "
+                f"all workers are busy and {self._queued} requests are queued; "
                 "retry shortly",
-                {"queue_depth": len(self._queue)},
+                {"queue_depth": self._queued},
             )
-        self._queue.append(job)
+        self._hold(tenant, job)
+        if not tenant.jobs:  # its tenant's turn may come before those already queued
+            self._enqueue(tenant, job)
+            self._dispatch_queue(now)
+        else:  # behind its tenant's own: whose turn it is and what can run did not change
+            self._enqueue(tenant, job)
 
     def on_reply(self, worker_id: str, token: int,
                  now: float) -> tuple[PendingJob, LaneState] | None:
@@ -171,6 +255,9 @@ class Scheduler:
             previous = self._exec_ms.get(binary_id)
             self._exec_ms[binary_id] = (elapsed_ms if previous is None
                                         else 0.8 * previous + 0.2 * elapsed_ms)
+        tenant = self._tenants[job.tenant]
+        self._settle(tenant, job, elapsed_ms)
+        self._release(tenant, job)
         if lane.jobs:
             self._start_clock(lane.jobs[0], now)
             self._dispatch_queue(now)  # the room this reply freed goes to the queue first
@@ -191,14 +278,32 @@ class Scheduler:
 
     def cancel_queued(self, error: WasmCoreError) -> int:
         """Fail every job that has not reached a worker; how many there were."""
-        count = len(self._queue)
-        while self._queue:
-            self._failures.append((self._queue.popleft(), error))
+        count = self._queued
+        for tenant in list(self._tenants.values()):
+            while tenant.jobs:
+                self._end(tenant, tenant.jobs.popleft(), error)
+        self._queued = 0
+        self._turns.clear()
         return count
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """(jobs queued or running, bytes they hold) of one tenant."""
+        queue = self._tenants.get(tenant)
+        return (queue.pending, queue.held_bytes) if queue is not None else (0, 0)
+
+    @property
+    def tenants_tracked(self) -> int:
+        """Tenants the scheduler keeps a record of (those with jobs, and some idle ones)."""
+        return len(self._tenants)
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._queued
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes held for every job queued or on a worker."""
+        return self._held_bytes
 
     @property
     def in_flight(self) -> int:
@@ -234,30 +339,139 @@ class Scheduler:
             return math.inf
         return sum(self._exec_ms.get(b, math.inf) for b in job.binary_ids)
 
-    def _assign(self, lane: Lane, job: PendingJob, now: float, estimate_ms: float) -> None:
+    def _assign(self, lane: Lane, tenant: TenantQueue, job: PendingJob, now: float,
+                estimate_ms: float) -> None:
         self._assignments.append((lane.worker_id, job))
         lane.jobs.append(job)
         job.estimate_ms = estimate_ms
         lane.queued_ms += estimate_ms
         if len(lane.jobs) == 1:
             self._start_clock(job, now)
+        # Charged now what it is expected to cost, settled to what it took when it ends: its
+        # tenant's next job waits its turn meanwhile. A job of unknown cost is charged little
+        # (it goes only to an idle worker, so few are ever in flight): charging all it may
+        # take would move the virtual clock, and with it every newcomer, far ahead of what
+        # was really run once it settles.
+        cost = _UNKNOWN_COST_MS if math.isinf(estimate_ms) else estimate_ms
+        job.charged_ms = min(cost, job.budget_s * 1000)
+        if tenant.vtime > self._vclock:
+            self._vclock = tenant.vtime
+        tenant.vtime += job.charged_ms / tenant.config.weight
 
     def _start_clock(self, job: PendingJob, now: float) -> None:
         job.started = now
         job.deadline = now + job.budget_s + self.deadline_grace_s
 
     def _become_idle(self, lane: Lane, now: float) -> None:
-        if self._queue:
-            job = self._queue.popleft()
-            self._assign(lane, job, now, self._estimate_ms(job))
+        tenant = self._next_tenant()
+        if tenant is not None:
+            job = self._take(tenant)
+            self._assign(lane, tenant, job, now, self._estimate_ms(job))
             self._dispatch_queue(now)
         else:
             self._idle.append(lane.worker_id)
 
     def _dispatch_queue(self, now: float) -> None:
-        while self._queue:
-            estimate = self._estimate_ms(self._queue[0])
+        """Send queued jobs, in fair order, while workers can take them. It stops at the
+        first job no worker can take (a slow one waits for an idle worker): a stream of
+        quick jobs from others cannot keep every worker busy past it."""
+        while (tenant := self._next_tenant()) is not None:
+            estimate = self._estimate_ms(tenant.jobs[0])
             lane = self._pick_lane(estimate)
             if lane is None:
                 return
-            self._assign(lane, self._queue.popleft(), now, estimate)
+            self._assign(lane, tenant, self._take(tenant), now, estimate)
+
+    # ------------------------------------------------------------------ tenants
+
+    def _admit(self, tenant: TenantQueue, job: PendingJob) -> None:
+        """Raise if `job` would take its tenant or the server past a bound; changes nothing."""
+        size = job.size_bytes
+        config = tenant.config
+        if (tenant.pending < config.max_pending
+                and tenant.held_bytes + size <= config.max_queued_bytes
+                and self._held_bytes + size <= self.max_queued_bytes):
+            return
+        bounds = ((config.max_queued_bytes, tenant.held_bytes, "tenant_queued_bytes",
+                   "this tenant's [tenants] max_queued_bytes"),
+                  (self.max_queued_bytes, self._held_bytes, "queued_bytes",
+                   "server.max_queued_bytes"))
+        for limit, _, _, setting in bounds:
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"this request holds {size} bytes while it waits; {setting} allows "
+                    f"{limit}: send less per request", {"size": size, "limit": limit})
+        if tenant.pending >= config.max_pending:
+            raise Busy(
+                f"this tenant already has {tenant.pending} requests queued or running, its "
+                f"limit (max_pending); wait for replies before sending more",
+                {"tenant_pending": tenant.pending, "limit": config.max_pending})
+        for limit, used, key, setting in bounds:
+            if used + size > limit:
+                raise Busy(
+                    f"requests waiting for a worker hold {used} bytes and this one {size} "
+                    f"more, past {setting} ({limit}); retry shortly",
+                    {key: used, "size": size, "limit": limit})
+
+    def _hold(self, tenant: TenantQueue, job: PendingJob) -> None:
+        """`job` now counts against its tenant and the server until `_release`."""
+        if tenant.pending == 0 and not tenant.jobs:
+            self._tenants[tenant.name] = tenant
+        tenant.pending += 1
+        tenant.held_bytes += job.size_bytes
+        self._held_bytes += job.size_bytes
+
+    def _release(self, tenant: TenantQueue, job: PendingJob) -> None:
+        tenant.pending -= 1
+        tenant.held_bytes -= job.size_bytes
+        self._held_bytes -= job.size_bytes
+        # An idle tenant is kept for its next request (most send again soon), up to a
+        # bound: names are the clients' to choose.
+        if (tenant.pending == 0 and not tenant.jobs
+                and len(self._tenants) > IDLE_TENANTS_KEPT):
+            del self._tenants[tenant.name]
+
+    def _end(self, tenant: TenantQueue, job: PendingJob, error: WasmCoreError) -> None:
+        self._failures.append((job, error))
+        self._release(tenant, job)
+
+    def _settle(self, tenant: TenantQueue, job: PendingJob, elapsed_ms: float) -> None:
+        """Correct what `job`'s tenant was charged to what it really took."""
+        delta = (elapsed_ms - job.charged_ms) / tenant.config.weight
+        job.charged_ms = 0.0
+        tenant.vtime += delta
+        if delta < 0 and tenant.jobs:
+            self._push_turn(tenant)  # earlier than its entry says: a new one, the old is dead
+
+    def _enqueue(self, tenant: TenantQueue, job: PendingJob, front: bool = False) -> None:
+        if not tenant.jobs:
+            tenant.vtime = max(tenant.vtime, self._vclock)  # no credit for having been idle
+            self._push_turn(tenant)
+        if front:
+            tenant.jobs.appendleft(job)
+        else:
+            tenant.jobs.append(job)
+        self._queued += 1
+
+    def _take(self, tenant: TenantQueue) -> PendingJob:
+        """Its next job leaves the queue (its entry is corrected when it next comes up)."""
+        self._queued -= 1
+        return tenant.jobs.popleft()
+
+    def _push_turn(self, tenant: TenantQueue) -> None:
+        tenant.turn = next(self._entries)
+        heapq.heappush(self._turns, (tenant.vtime, tenant.turn, tenant))
+
+    def _next_tenant(self) -> TenantQueue | None:
+        """The tenant with queued jobs and the least virtual time, or None."""
+        turns = self._turns
+        while turns:
+            key, entry, tenant = turns[0]
+            if entry != tenant.turn or not tenant.jobs:
+                heapq.heappop(turns)  # dead: replaced, or its tenant has nothing queued
+            elif key != tenant.vtime:  # charged or settled since: back in its real place
+                tenant.turn = next(self._entries)
+                heapq.heapreplace(turns, (tenant.vtime, tenant.turn, tenant))
+            else:
+                return tenant
+        return None

@@ -9,7 +9,9 @@ turn it decodes what arrived, calls the components, and sends what they decided:
 - `Requests` turns client requests into jobs (requests.py), `Binaries` loads, compiles,
   commits and broadcasts module versions (binaries.py);
 - `Scheduler` decides which worker runs which job and ends late or lost jobs (scheduler.py);
-- `WorkerPool` owns the processes: spawn, heartbeats, RSS watchdog, reap (worker_pool.py).
+- `WorkerPool` owns the processes: spawn, heartbeats, RSS watchdog, reap (worker_pool.py);
+- `CompileLane` compiles on worker processes of its own, with a pool and a scheduler of its
+  own, so executions never wait behind a compile (compile_lane.py).
 
 Shutdown is a state of this loop (`Draining`), not a separate object: new requests are
 refused, in-flight ones finish within the grace period, then the workers stop.
@@ -49,6 +51,7 @@ from wasmcore.protocol.errors import (
 from wasmcore.protocol.limits import MiB
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.supervisor.binaries import Binaries
+from wasmcore.supervisor.compile_lane import CompileLane
 from wasmcore.supervisor.config import Config, parse_config, resolved
 from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.jobs import PendingJob
@@ -153,15 +156,18 @@ class Supervisor:
 
         pool = config.pool
         self.scheduler = Scheduler(config.server.max_queue, pool.prefetch,
-                                   pool.deadline_grace_ms / 1000)
+                                   pool.deadline_grace_ms / 1000,
+                                   config.server.max_queued_bytes, config.tenant)
         self.confinement = Confinement.from_config(config)
         self.pool = WorkerPool(config, self.back_endpoint, self.pub_endpoint, self.shm_dir,
-                               self.poller, self._tell, self.confinement)
+                               self.poller, self._tell, confinement=self.confinement)
+        self.compile_lane = CompileLane(config, self.back_endpoint, self.pub_endpoint,
+                                        self.poller, self._tell, confinement=self.confinement)
         tokens = itertools.count(1)
         self.binaries = Binaries(
             Registry(Path(config.server.data_dir), self.confinement.blob_group), artifact_dir,
             self.fingerprint,
-            config.server.max_payload_bytes, submit=self._submit,
+            config.server.max_payload_bytes, submit=self.compile_lane.submit,
             publish=lambda message: self.pub.send(message, NOBLOCK),
             next_token=tokens.__next__, watch=self._watch_files,
             offload=self.offloop.run, oldest_job=lambda: next(iter(self._outstanding), None))
@@ -237,6 +243,7 @@ class Supervisor:
                                artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir)
         self.install_signals()
         self.pool.start(time.monotonic())
+        self.compile_lane.start(time.monotonic())
         self._watch_files(self.binaries.watched_paths())
         log.info("wasm-core serving on %s with %d workers, %d binaries",
                  self.endpoint, self.pool.size, len(self.binaries.registry))
@@ -260,6 +267,8 @@ class Supervisor:
                         handle = self.pool.by_pidfd(target)
                         if handle is not None:
                             self._worker_exited(handle)
+                        elif (handle := self.compile_lane.by_pidfd(target)) is not None:
+                            self._compile_worker_exited(handle)
                 now = time.monotonic()
                 self._excuse_stall(now, timeout_ms / 1000)
                 if now >= self._next_tick or self.draining:
@@ -273,7 +282,8 @@ class Supervisor:
     def _poll_timeout_ms(self) -> int:
         # Deadlines need ~10 ms resolution while anything runs; idle, heartbeats and the
         # watchdog are fine at 100 ms and the process stays quiet.
-        busy = self.pool.starting or self.draining or self.scheduler.in_flight
+        busy = (self.pool.starting or self.draining or self.scheduler.in_flight
+                or self.compile_lane.active)
         return 10 if busy else 100
 
     def _excuse_stall(self, now: float, poll_timeout_s: float) -> None:
@@ -303,6 +313,8 @@ class Supervisor:
         if self.binaries.has_superseded and now >= self._next_collect:
             self._next_collect = now + _COLLECT_S
             self.binaries.collect()
+        for handle in self.compile_lane.tick(now):
+            self._compile_worker_exited(handle)
         if self.shm_dir and now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_S
             removed = shm.sweep(self.shm_dir)
@@ -484,6 +496,9 @@ class Supervisor:
                 protections=handle.protections,
             ))
         workers.sort(key=lambda w: (w.slot, w.started_at))
+        restarts = dict(self.pool.restarts)
+        restarts.update({f"compile_{cause}": count
+                         for cause, count in self.compile_lane.restarts.items()})
         return p.StatsReply(
             id=request.id,
             workers=workers,
@@ -492,10 +507,12 @@ class Supervisor:
             in_flight=self.scheduler.in_flight,
             requests=self.requests,
             errors_by_code=dict(self.errors_by_code),
-            restarts_by_cause=dict(self.pool.restarts),
+            restarts_by_cause=restarts,
             uptime_s=time.time() - self.started,
             config_error=self.config_error,
             registry_problems=self.binaries.problems(),
+            compile_workers=self.compile_lane.stats(),
+            compile_queue_depth=self.compile_lane.queue_depth,
         )
 
     # ------------------------------------------------------------------ jobs
@@ -608,7 +625,12 @@ class Supervisor:
             case p.Heartbeat():
                 # From the worker's heartbeat thread, whose socket has an identity of its own:
                 # the worker is named in the message.
-                self.pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
+                pool = self.compile_lane if self.compile_lane.owns(event.worker_id) else self.pool
+                pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
+            case p.Ready() if self.compile_lane.owns(event.worker_id):
+                self.compile_lane.ready(event.worker_id, event.fingerprint, self.fingerprint,
+                                        now, accept=self.draining is None,
+                                        protections=event.protections)
             case p.Ready():
                 handle = self.pool.ready(event.worker_id, event.fingerprint, self.fingerprint,
                                          now, event.protections)
@@ -621,6 +643,13 @@ class Supervisor:
 
     def _on_job_done(self, worker_id: str, event: p.JobDone, rest: list[Any]) -> None:
         now = time.monotonic()
+        if self.compile_lane.owns(worker_id):
+            compiled = self.compile_lane.on_reply(worker_id, event.token, now)
+            if compiled is None:
+                log.info("dropping late compile reply %d from %s", event.token, worker_id)
+            else:
+                self._finish(compiled, event, rest)
+            return
         self.pool.seen(worker_id, now)
         outcome = self.scheduler.on_reply(worker_id, event.token, now)
         if outcome is None:
@@ -653,9 +682,19 @@ class Supervisor:
                                       requeue=self.draining is None)
         self._check_pool(now)
 
+    def _compile_worker_exited(self, handle: WorkerHandle) -> None:
+        now = time.monotonic()
+        gone = self.compile_lane.reap(handle, now)
+        if gone is None:
+            return
+        self._drain_back()  # a reply it sent before dying still counts
+        self.compile_lane.release(gone, now, requeue=self.draining is None)
+        self._check_pool(now)
+
     def _check_pool(self, now: float) -> None:
-        if self.pool.stop_reason is not None and self.exit_code is None:
-            self._stop_now(EXIT_POOL_FAILED, ShuttingDown(self.pool.stop_reason))
+        stop_reason = self.pool.stop_reason or self.compile_lane.stop_reason
+        if stop_reason is not None and self.exit_code is None:
+            self._stop_now(EXIT_POOL_FAILED, ShuttingDown(stop_reason))
 
     # ------------------------------------------------------------------ sending
 
@@ -664,7 +703,10 @@ class Supervisor:
         per burst rather than once per message, the largest cost per request (measured)."""
         for job, error in self.scheduler.take_failures():
             self._fail(job, error)
+        for job, error in self.compile_lane.take_failures():
+            self._fail(job, error)
         self._back_out.extend(self.scheduler.take_assignments())
+        self._back_out.extend(self.compile_lane.take_assignments())
         if self._back_out:
             outgoing, self._back_out = self._back_out, []
             by_worker: dict[str, list[PendingJob]] = {}
@@ -754,13 +796,15 @@ class Supervisor:
         self._config_text = text
         self.config_error = None
         self.scheduler.configure(new.server.max_queue, new.pool.prefetch,
-                                 new.pool.deadline_grace_ms / 1000)
+                                 new.pool.deadline_grace_ms / 1000,
+                                 new.server.max_queued_bytes, new.tenant)
         self.requests_handler.config = new
         self.binaries.max_payload_bytes = new.server.max_payload_bytes
         if new.server.load_roots != server.load_roots:
             self.binaries.set_paths(self._path_policy(new))
         for handle in self.pool.reconfigure(new, now):
             self._retire(handle, RestartCause.RECYCLE, now, replace=False)
+        self.compile_lane.reconfigure(new, now)
         log.info("%s: config reloaded (workers %d -> %d)", why, old_size, self.pool.size)
 
     # ------------------------------------------------------------------ signals and shutdown
@@ -783,6 +827,8 @@ class Supervisor:
             elif signum == signal.SIGCHLD:
                 for handle in self.pool.live():
                     self._worker_exited(handle)
+                for handle in self.compile_lane.live():
+                    self._compile_worker_exited(handle)
 
     def _begin_drain(self, why: str) -> None:
         log.info("%s: draining (finishing %d in-flight requests, answering %d queued)",
@@ -791,22 +837,26 @@ class Supervisor:
         self.pool.stop_replacing()
         self.scheduler.cancel_queued(ShuttingDown(
             "the service is shutting down; this request was not started"))
+        self.compile_lane.begin_drain(ShuttingDown(
+            "the service is shutting down; this load was not compiled"))
 
     def _drain_step(self, now: float) -> None:
         assert self.draining is not None
         busy = self.scheduler.busy_workers()
-        if busy and now < self.draining.deadline:
+        if (busy or self.compile_lane.busy_workers()) and now < self.draining.deadline:
             return
         late = ShuttingDown("the shutdown grace period ended before this finished")
         for worker_id in busy:
             self.scheduler.release_worker(worker_id, late, late, now, requeue=False)
+        self.compile_lane.stop(late, now)
         for handle in self.pool.live():
             if handle.state is not WorkerState.RETIRING:
                 self._retire(handle, RestartCause.RECYCLE, now, replace=False)
-        if not any(True for _ in self.pool.live()):
+        if not any(True for _ in self.pool.live()) and not any(self.compile_lane.live()):
             self.exit_code = 0
         elif now > self.draining.deadline + 3:
             self.pool.kill_all()
+            self.compile_lane.kill_all()
             self.exit_code = 0
 
     def _stop_now(self, code: int, error: WasmCoreError) -> None:
@@ -818,6 +868,7 @@ class Supervisor:
         for handle in self.pool.live():
             self.scheduler.release_worker(handle.worker_id, error, error, now, requeue=False)
             self.pool.kill(handle, RestartCause.RECYCLE)
+        self.compile_lane.stop_now(error, now)
         self.exit_code = code
 
     def close(self) -> None:
@@ -825,6 +876,7 @@ class Supervisor:
         self.pool.close()
         self.offloop.close()  # loads whose read or write just ended are answered too
         self._flush()
+        self.compile_lane.close()
         signal.set_wakeup_fd(-1)
         self.watcher.stop()
         for sock in (self.front, self.back, self.pub, self.watch_events):

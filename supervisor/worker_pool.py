@@ -22,7 +22,13 @@ import zmq
 from wasmcore.protocol import messages as p
 from wasmcore.protocol.errors import MemoryLimit, WasmCoreError, WorkerLost
 from wasmcore.protocol.limits import MiB
-from wasmcore.protocol.settings import EXIT_BOOT_ERROR, SandboxConfig, WorkerSettings
+from wasmcore.protocol.settings import (
+    EXIT_BOOT_ERROR,
+    ROLE_COMPILE,
+    ROLE_EXECUTE,
+    SandboxConfig,
+    WorkerSettings,
+)
 from wasmcore.supervisor.config import Config
 from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.restart_policy import RestartPolicy
@@ -55,8 +61,14 @@ class TickResult:
 class WorkerPool:
     def __init__(self, config: Config, back_endpoint: str, pub_endpoint: str,
                  shm_dir: str | None, poller: zmq.Poller, tell: Tell,
+                 role: str = ROLE_EXECUTE, nice: int = 0,
                  confinement: Confinement | None = None) -> None:
+        """`role` and `nice` go to every worker it starts; worker ids start with a letter of
+        their role (`worker_id_prefix`), so the pools of two roles never share one. The
+        confinement decides each worker's OS sandbox (both roles run untrusted modules)."""
         self._config = config
+        self._role = role
+        self._nice = nice
         self._confinement = confinement or Confinement(None)
         self._back_endpoint = back_endpoint
         self._pub_endpoint = pub_endpoint
@@ -303,9 +315,12 @@ class WorkerPool:
             shm_dir=self._shm_dir or "",
             shm_threshold_bytes=self._config.server.shm_threshold_bytes,
             os_sandbox=self._confinement.settings(self._config),
+            role=self._role,
+            nice=self._nice,
         )
         try:
-            handle = spawn_worker(slot, self._generation, settings, pool.python or None)
+            handle = spawn_worker(slot, self._generation, settings, pool.python or None,
+                                  prefix=worker_id_prefix(self._role))
         except OSError as exc:
             log.error("cannot start worker for slot %d: %s", slot, exc)
             self._start_failed(RestartCause.START_FAILURE, f"cannot start a worker: {exc}",
@@ -355,6 +370,10 @@ class WorkerPool:
             return
         if slot is not None:
             self._spawn_at[slot] = now + self.policy.delay_s()
+
+
+def worker_id_prefix(role: str) -> str:
+    return "c" if role == ROLE_COMPILE else "w"
 
 
 def describe_exit(code: int) -> str:

@@ -100,8 +100,9 @@ def spawn_worker(
     generation: int,
     settings: WorkerSettings,
     python: str | None = None,
+    prefix: str = "w",
 ) -> WorkerHandle:
-    worker_id = f"w{slot}g{generation}p{os.getpid()}"
+    worker_id = f"{prefix}{slot}g{generation}p{os.getpid()}"
     settings = msgspec.structs.replace(settings, worker_id=worker_id, parent_pid=os.getpid())
     argv = [python or sys.executable, "-m", WORKER_MODULE]
     argv.append(msgspec.json.encode(settings).decode())
@@ -112,6 +113,13 @@ def spawn_worker(
         # Own process group: a terminal's Ctrl-C reaches the supervisor only, which drains.
         process_group=0,
     )
+    if settings.nice:
+        # Now, while it is still one thread starting Python: its imports and every thread it
+        # starts run at this priority too (the worker sets it again itself, for certain).
+        try:
+            os.setpriority(os.PRIO_PROCESS, process.pid, settings.nice)
+        except OSError:
+            pass  # already gone: the loop sees it through its pidfd
     try:
         pidfd = os.pidfd_open(process.pid)
     except ProcessLookupError:

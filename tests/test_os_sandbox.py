@@ -249,8 +249,24 @@ def test_wasm_client_stats_shows_each_workers_sandbox(svc: RunningService):
                            svc.endpoint, "stats"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if "no_new_privs" in line]
-    assert "OS SANDBOX" in done.stdout and len(rows) == 2
+    executing = [row for row in rows if "compile lane" not in row]
+    assert "OS SANDBOX" in done.stdout and len(executing) == 2
+    assert len(rows) == 3  # and the compile lane's one worker
     assert all("seccomp" in row for row in rows)
+
+
+def test_compile_workers_are_sandboxed_too(svc: RunningService):
+    """The compile lane's workers parse and compile untrusted modules: the same sandbox."""
+    with svc.client() as client:
+        (info,) = client.stats().compile_workers
+    assert {"no_new_privs", "seccomp", "nondumpable", "rlimits"} <= set(info.protections)
+    status = _status(info.pid)
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    if AS_ROOT:
+        assert set(status["Uid"].split()) == {str(NOBODY.pw_uid)}
+        assert f"uid:{NOBODY.pw_uid}" in info.protections
+    else:
+        assert set(status["Uid"].split()) == {str(os.getuid())}
 
 
 def test_a_sandboxed_service_still_compiles_executes_and_shares_memory(svc: RunningService):

@@ -12,7 +12,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from wasmcore.supervisor.config import Config, ConfigError, load_config, parse_config
+from wasmcore.supervisor.config import (
+    Config,
+    ConfigError,
+    TenantConfig,
+    load_config,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +30,20 @@ def test_shipped_config_lists_every_default():
     for table in ("server", "pool", "limits", "sandbox"):
         for key in msgspec.to_builtins(getattr(Config(), table)):
             assert re.search(rf"^{key} = ", text, re.M), f"{table}.{key} missing"
+    tenant_keys = text.split("[tenants.default]", 1)[1]
+    for key in msgspec.to_builtins(TenantConfig()):
+        assert re.search(rf"^{key} = ", tenant_keys, re.M), f"tenants.default.{key} missing"
+
+
+def test_tenant_settings_fall_back_to_default_then_built_in():
+    config = parse_config("[tenants.default]\nmax_pending = 7\n[tenants.acme]\nweight = 3\n")
+    assert config.tenant("acme") == TenantConfig(weight=3)  # its own table, keys built in
+    assert config.tenant("anyone") == TenantConfig(max_pending=7)
+    assert parse_config("[tenants.acme]\nweight = 2\n").tenant("anyone") == TenantConfig()
+    with pytest.raises(ConfigError, match=r"tenants.acme.weight.*line 2"):
+        parse_config("[tenants.acme]\nweight = 0\n")
+    with pytest.raises(ConfigError, match=r"server.max_chain_steps"):
+        parse_config("[server]\nmax_chain_steps = 0\n")
 
 
 def test_config_errors_name_key_and_line():

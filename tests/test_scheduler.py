@@ -10,9 +10,22 @@ import itertools
 
 import pytest
 
-from wasmcore.protocol.errors import Busy, ShuttingDown, Timeout, WasmCoreError, WorkerLost
+from wasmcore.protocol.errors import (
+    Busy,
+    PayloadTooLarge,
+    ShuttingDown,
+    Timeout,
+    WasmCoreError,
+    WorkerLost,
+)
+from wasmcore.supervisor.config import TenantConfig
 from wasmcore.supervisor.jobs import PendingJob
-from wasmcore.supervisor.scheduler import PREFETCH_BUDGET_MS, LaneState, Scheduler
+from wasmcore.supervisor.scheduler import (
+    IDLE_TENANTS_KEPT,
+    PREFETCH_BUDGET_MS,
+    LaneState,
+    Scheduler,
+)
 
 QUICK = "quick-binary"  # taught to run in QUICK_MS before the jobs under test
 QUICK_MS = 0.01
@@ -26,16 +39,26 @@ WAITING_ERROR = WorkerLost("waiting job lost")
 _tokens = itertools.count(1)
 
 
-def make_job(binary: str = QUICK, budget_s: float = BUDGET_S,
-             retryable: bool = True) -> PendingJob:
+def make_job(binary: str = QUICK, budget_s: float = BUDGET_S, retryable: bool = True,
+             tenant: str = "default", size_bytes: int = 0) -> PendingJob:
     """A run job of one binary, with a fresh token."""
     token = next(_tokens)
     return PendingJob(token=token, envelope=None, request_id=token, header=b"", payload=None,
-                      budget_s=budget_s, binary_ids=[binary], retryable=retryable)
+                      budget_s=budget_s, binary_ids=[binary], retryable=retryable,
+                      tenant=tenant, size_bytes=size_bytes)
 
 
-def make_scheduler(max_queue: int = 100, prefetch: int = 8) -> Scheduler:
-    return Scheduler(max_queue=max_queue, prefetch=prefetch, deadline_grace_s=GRACE_S)
+def make_scheduler(max_queue: int = 100, prefetch: int = 8, max_queued_bytes: int = 1 << 40,
+                   tenants: dict[str, TenantConfig] | None = None) -> Scheduler:
+    """A scheduler whose tenants get `tenants[name]`, else `tenants["default"]`, else the
+    built-in TenantConfig()."""
+    table = tenants or {}
+
+    def policy(name: str) -> TenantConfig:
+        return table.get(name) or table.get("default") or TenantConfig()
+
+    return Scheduler(max_queue=max_queue, prefetch=prefetch, deadline_grace_s=GRACE_S,
+                     max_queued_bytes=max_queued_bytes, tenant_policy=policy)
 
 
 def teach(sched: Scheduler, worker_id: str, binary: str, run_ms: float, now: float) -> float:
@@ -543,3 +566,267 @@ def test_new_worker_takes_queued_work_at_once() -> None:
     sched.add_worker("w2", recycle_after=1_000, now=2.0)
     assert assigned(sched) == {job.token: "w2" for job in waiting[:4]}
     assert sched.queue_depth == 2
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+def run_one_at_a_time(sched: Scheduler, worker_id: str, sent: list[PendingJob], replies: int,
+                      run_ms: float, now: float) -> tuple[list[PendingJob], float]:
+    """Answer `replies` jobs on `worker_id` one after another, each `run_ms` after the last;
+    every job the scheduler sends meanwhile is appended to `sent`. Returns the jobs in the
+    order they ended, and the time after the last reply."""
+    ended: list[PendingJob] = []
+    sent += [job for _, job in sched.take_assignments()]
+    for _ in range(replies):
+        head = next(job for job in sent if job not in ended)
+        now += run_ms / 1000
+        outcome = sched.on_reply(worker_id, head.token, now)
+        assert outcome is not None and outcome[0] is head
+        ended.append(head)
+        sent += [job for _, job in sched.take_assignments()]
+    return ended, now
+
+
+def test_weights_shape_service_between_two_flooding_tenants() -> None:
+    """Tenants A (weight 3) and B (weight 1) both keep far more jobs queued than the worker
+    can run: of every four jobs run, three are A's and one is B's."""
+    sched = make_scheduler(max_queue=1_000, prefetch=1, tenants={
+        "a": TenantConfig(weight=3), "b": TenantConfig(weight=1)})
+    sched.add_worker("w1", recycle_after=10_000, now=0.0)
+    now = teach(sched, "w1", "slow-a", 5.0, 0.0)
+    now = teach(sched, "w1", "slow-b", 5.0, now)
+    for _ in range(100):
+        sched.submit(make_job("slow-a", tenant="a"), now)
+        sched.submit(make_job("slow-b", tenant="b"), now)
+    sent: list[PendingJob] = []
+    ended, _ = run_one_at_a_time(sched, "w1", sent, 80, 5.0, now)
+    tenants = [job.tenant for job in ended]
+    assert abs(tenants.count("a") - 60) <= 2, tenants
+    for start in range(0, 80, 8):  # no long run of one tenant anywhere
+        window = tenants[start:start + 8]
+        assert window.count("b") >= 1 and window.count("a") >= 5, tenants
+
+
+def test_equal_weights_share_by_run_time_not_by_count() -> None:
+    """Fair share is of the workers' time: a tenant whose jobs take four times longer gets
+    about a quarter as many of them run while both flood."""
+    sched = make_scheduler(max_queue=1_000, prefetch=1)
+    sched.add_worker("w1", recycle_after=10_000, now=0.0)
+    now = teach(sched, "w1", "long", 20.0, 0.0)
+    now = teach(sched, "w1", "short", 5.0, now)
+    for _ in range(100):
+        sched.submit(make_job("long", tenant="a"), now)
+        sched.submit(make_job("short", tenant="b"), now)
+    sent: list[PendingJob] = []
+    ended: list[PendingJob] = []
+    for _ in range(50):  # each reply after the job's own run time
+        sent += [job for _, job in sched.take_assignments()]
+        head = next(job for job in sent if job not in ended)
+        now += (20.0 if head.tenant == "a" else 5.0) / 1000
+        assert sched.on_reply("w1", head.token, now) is not None
+        ended.append(head)
+    a_ms = 20.0 * sum(1 for job in ended if job.tenant == "a")
+    b_ms = 5.0 * sum(1 for job in ended if job.tenant == "b")
+    assert 0.7 < a_ms / b_ms < 1.4, (a_ms, b_ms)
+
+
+def test_a_single_request_goes_before_a_flooding_tenants_queue() -> None:
+    """Tenant A has 50 jobs queued; B's one request is the next to run, not the 51st."""
+    sched = make_scheduler(max_queue=1_000, prefetch=1)
+    sched.add_worker("w1", recycle_after=10_000, now=0.0)
+    now = teach(sched, "w1", "slow", 5.0, 0.0)
+    for _ in range(50):
+        sched.submit(make_job("slow", tenant="a"), now)
+    sent = [job for _, job in sched.take_assignments()]
+    ended, now = run_one_at_a_time(sched, "w1", sent, 3, 5.0, now)
+    lone = make_job(UNKNOWN, tenant="b")
+    sched.submit(lone, now)
+    assert sched.take_assignments() == []  # the worker is busy: it waits, at the front
+    head = next(job for job in sent if job not in ended)
+    assert sched.on_reply("w1", head.token, now + 0.005) is not None
+    assert sched.take_assignments() == [("w1", lone)]
+    assert sched.queue_depth == 50 - 4  # four of a's were sent, one is answered
+
+
+def test_each_tenant_is_served_in_fifo_order() -> None:
+    """Whatever the interleaving between tenants, each tenant's jobs run in the order they
+    were submitted."""
+    sched = make_scheduler(max_queue=1_000, prefetch=1, tenants={
+        "a": TenantConfig(weight=2), "b": TenantConfig(weight=1), "c": TenantConfig(weight=5)})
+    sched.add_worker("w1", recycle_after=10_000, now=0.0)
+    now = teach(sched, "w1", "slow", 5.0, 0.0)
+    submitted: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    for i in range(90):
+        tenant = "abc"[(i * 7) % 3]
+        job = make_job("slow", tenant=tenant)
+        submitted[tenant].append(job.token)
+        sched.submit(job, now)
+    sent: list[PendingJob] = []
+    ended, _ = run_one_at_a_time(sched, "w1", sent, 90, 5.0, now)
+    for tenant, tokens in submitted.items():
+        assert [job.token for job in ended if job.tenant == tenant] == tokens
+
+
+def test_tenant_pending_cap_counts_running_and_queued_jobs() -> None:
+    """`max_pending` bounds a tenant's jobs on workers plus in the queue; past it that tenant
+    gets BUSY with its count and limit, while other tenants are still taken."""
+    sched = make_scheduler(tenants={"a": TenantConfig(max_pending=3)})
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    sched.add_worker("w2", recycle_after=1_000, now=0.0)
+    for _ in range(3):  # two run, one waits
+        sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
+    assert sched.in_flight == 2 and sched.queue_depth == 1
+    with pytest.raises(Busy) as refused:
+        sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
+    assert refused.value.details == {"tenant_pending": 3, "limit": 3}
+    sched.submit(make_job(UNKNOWN, tenant="b"), 1.0)
+    assert sched.queue_depth == 2
+
+    worker_id, running = sched.take_assignments()[0]
+    assert sched.on_reply(worker_id, running.token, 1.5) is not None  # one of a's ends
+    sched.submit(make_job(UNKNOWN, tenant="a"), 1.6)  # room again
+
+
+def test_tenant_queued_bytes_bound() -> None:
+    """A tenant's held bytes (queued or on a worker) are bounded: BUSY with the use and the
+    limit; another tenant's request of the same size is still taken."""
+    sched = make_scheduler(tenants={"default": TenantConfig(max_queued_bytes=1000)})
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    sched.submit(make_job(UNKNOWN, tenant="a", size_bytes=600), 1.0)  # runs
+    sched.submit(make_job(UNKNOWN, tenant="a", size_bytes=300), 1.0)  # waits
+    with pytest.raises(Busy) as refused:
+        sched.submit(make_job(UNKNOWN, tenant="a", size_bytes=200), 1.0)
+    assert refused.value.details == {"tenant_queued_bytes": 900, "size": 200, "limit": 1000}
+    sched.submit(make_job(UNKNOWN, tenant="b", size_bytes=600), 1.0)
+    assert sched.queue_depth == 2
+    assert sched.queued_bytes == 1500
+
+
+def test_server_queued_bytes_bound() -> None:
+    """All tenants together hold at most `max_queued_bytes`; past it, BUSY with the use."""
+    sched = make_scheduler(max_queued_bytes=1000)
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    sched.submit(make_job(UNKNOWN, tenant="a", size_bytes=500), 1.0)
+    sched.submit(make_job(UNKNOWN, tenant="b", size_bytes=400), 1.0)
+    with pytest.raises(Busy) as refused:
+        sched.submit(make_job(UNKNOWN, tenant="c", size_bytes=200), 1.0)
+    assert refused.value.details == {"queued_bytes": 900, "size": 200, "limit": 1000}
+
+
+def test_request_over_a_bytes_bound_alone_is_too_large() -> None:
+    """A request that could never fit a bytes bound, even with nothing else held, gets
+    PAYLOAD_TOO_LARGE (retrying cannot help), not BUSY."""
+    sched = make_scheduler(max_queued_bytes=5000, tenants={
+        "default": TenantConfig(max_queued_bytes=1000),
+        "big": TenantConfig(max_queued_bytes=10_000)})
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    with pytest.raises(PayloadTooLarge) as tenant_refused:
+        sched.submit(make_job(UNKNOWN, size_bytes=1001), 1.0)
+    assert tenant_refused.value.details == {"size": 1001, "limit": 1000}
+    with pytest.raises(PayloadTooLarge) as server_refused:
+        sched.submit(make_job(UNKNOWN, tenant="big", size_bytes=6000), 1.0)
+    assert server_refused.value.details == {"size": 6000, "limit": 5000}
+    assert sched.in_flight == 0 and sched.queued_bytes == 0
+
+
+def test_bytes_and_counts_are_given_back_when_jobs_end() -> None:
+    """Replies, failures of a lost worker and cancellations all return what a job held."""
+    sched = make_scheduler(tenants={"default": TenantConfig(max_pending=10)})
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    jobs = [make_job(UNKNOWN, tenant="a", size_bytes=100) for _ in range(4)]
+    for job in jobs:
+        sched.submit(job, 1.0)
+    assert sched.tenant_usage("a") == (4, 400)
+    assert sched.on_reply("w1", jobs[0].token, 1.1) is not None  # jobs[1] starts
+    assert sched.tenant_usage("a") == (3, 300)
+    sched.release_worker("w1", HEAD_ERROR, WAITING_ERROR, 1.2)
+    assert sched.tenant_usage("a") == (2, 200)
+    assert sched.cancel_queued(WAITING_ERROR) == 2
+    assert sched.tenant_usage("a") == (0, 0)
+    assert sched.queued_bytes == 0
+
+
+def test_unbounded_submit_ignores_tenant_caps() -> None:
+    """A hot reload's compile (bounded=False) is never refused, whatever its tenant holds."""
+    sched = make_scheduler(max_queued_bytes=10, tenants={
+        "default": TenantConfig(max_pending=1, max_queued_bytes=10)})
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    sched.submit(make_job(UNKNOWN, size_bytes=10), 1.0)
+    sched.submit(make_job(UNKNOWN, size_bytes=50), 1.0, bounded=False)
+    sched.submit(make_job(UNKNOWN, size_bytes=50), 1.0, bounded=False)
+    assert sched.tenant_usage("default") == (3, 110)
+
+
+def test_requeued_jobs_go_back_to_the_front_of_their_own_tenant() -> None:
+    """Jobs waiting on a lost worker return to the head of their tenant's queue, in order,
+    ahead of that tenant's later jobs."""
+    sched = quick_pool(["w1"], prefetch=4)
+    first = [make_job(tenant="a"), make_job(tenant="b"), make_job(tenant="a"),
+             make_job(tenant="b")]
+    for job in first:
+        sched.submit(job, 1.0)
+    later = [make_job(tenant="a"), make_job(tenant="b")]
+    for job in later:
+        sched.submit(job, 1.0)
+    assert sched.jobs_on("w1") == 4 and sched.queue_depth == 2
+    sched.take_assignments()
+    sched.release_worker("w1", HEAD_ERROR, WAITING_ERROR, 2.0)
+    sched.add_worker("w2", recycle_after=1_000, now=3.0)
+    sent: list[PendingJob] = []
+    run_one_at_a_time(sched, "w2", sent, 5, QUICK_MS, 3.0)
+    for tenant in "ab":
+        assert [j.token for j in sent if j.tenant == tenant] == [
+            j.token for j in [*first[1:], *later] if j.tenant == tenant]
+
+
+def test_quick_jobs_of_one_tenant_cannot_starve_a_slow_job_of_another() -> None:
+    """A slow job waits for an idle worker; another tenant's stream of quick jobs, prefetched
+    onto the busy worker, stops once its share is used, so the worker drains and the slow
+    job gets it."""
+    sched = quick_pool(["w1"], prefetch=4)
+    sched.submit(make_job(tenant="b"), 1.0)
+    slow = make_job(UNKNOWN, tenant="a")
+    sched.submit(slow, 1.0)
+    sent = [job for _, job in sched.take_assignments()]
+    ended: list[PendingJob] = []
+    now = 1.0
+    for _ in range(200):
+        if slow in sent:
+            break
+        sched.submit(make_job(tenant="b"), now)
+        sent += [job for _, job in sched.take_assignments()]
+        head = next(job for job in sent if job not in ended)
+        now += QUICK_MS / 1000
+        assert sched.on_reply("w1", head.token, now) is not None
+        ended.append(head)
+        sent += [job for _, job in sched.take_assignments()]
+    assert slow in sent, "the slow job never got the worker"
+
+
+def test_configure_applies_new_tenant_caps() -> None:
+    """A config reload's tenant table applies to the next submit."""
+    sched = make_scheduler()
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
+    sched.configure(max_queue=100, prefetch=8, deadline_grace_s=GRACE_S,
+                    max_queued_bytes=1 << 40,
+                    tenant_policy=lambda name: TenantConfig(max_pending=1))
+    with pytest.raises(Busy):
+        sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
+
+
+def test_records_of_idle_tenants_stay_bounded() -> None:
+    """Tenant names are the clients' to choose: thousands of names, one request each, leave
+    at most a bounded number of records behind (and refused ones leave none)."""
+    sched = make_scheduler(tenants={"default": TenantConfig(max_queued_bytes=10)})
+    sched.add_worker("w1", recycle_after=100_000, now=0.0)
+    now = 0.0
+    for i in range(3 * IDLE_TENANTS_KEPT):
+        job = make_job(UNKNOWN, tenant=f"t{i}")
+        sched.submit(job, now)
+        now += 0.001
+        assert sched.on_reply("w1", job.token, now) is not None
+        with pytest.raises(PayloadTooLarge):
+            sched.submit(make_job(UNKNOWN, tenant=f"refused{i}", size_bytes=11), now)
+    assert sched.tenants_tracked <= IDLE_TENANTS_KEPT + 1
