@@ -90,6 +90,13 @@ class StorageError(WasmCoreError):
     code = "STORAGE_ERROR"
 
 
+class QuotaExceeded(WasmCoreError):
+    """A per-tenant quota of the operator's config would be exceeded: details name the
+    quota, its limit and the tenant's current use ({"quota", "limit", "used"})."""
+
+    code = "QUOTA_EXCEEDED"
+
+
 class Unavailable(WasmCoreError):
     """The client got no reply in time (the service is down or unreachable)."""
 
@@ -116,6 +123,7 @@ ERROR_CLASSES: dict[str, type[WasmCoreError]] = {
         PayloadTooLarge,
         Unavailable,
         StorageError,
+        QuotaExceeded,
     )
 }
 

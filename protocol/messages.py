@@ -276,6 +276,26 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     protections: list[str] = []
 
 
+class TenantUsage(msgspec.Struct, kw_only=True):
+    """The calling tenant's use against its quotas ([tenants.<name>]; 0: unlimited)."""
+
+    tenant: str
+    pending: int = 0  # requests queued or running
+    queued_bytes: int = 0  # payload bytes they hold
+    binaries: int = 0
+    stored_bytes: int = 0  # sum of its binaries' module sizes
+    max_pending: int = 0
+    max_queued_bytes: int = 0
+    max_binaries: int = 0
+    max_stored_bytes: int = 0
+    requests_per_s: float = 0.0
+    burst: int = 0
+    max_timeout_ms: int = 0
+    max_fuel: int = 0
+    max_memory_mb: int = 0
+    weight: int = 1
+
+
 class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     id: int
     workers: list[WorkerInfo] = []
@@ -291,6 +311,7 @@ class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     registry_problems: list[str] = []
     compile_workers: list[WorkerInfo] = []  # the compile lane's workers (not in `workers`)
     compile_queue_depth: int = 0  # loads waiting for a compile worker or their tenant's turn
+    tenant_usage: TenantUsage | None = None  # the calling tenant's use against its quotas
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):

@@ -37,10 +37,12 @@ from wasmcore.protocol.errors import (
     InternalError,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     StorageError,
     WasmCoreError,
     error_from_code,
 )
+from wasmcore.supervisor.config import TenantConfig
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.module_files import PathPolicy, read_module, without_content
 from wasmcore.supervisor.registry import Registry
@@ -60,7 +62,8 @@ class Binaries:
     def __init__(self, registry: Registry, artifact_dir: Path, fingerprint: str,
                  max_payload_bytes: int, submit: Submit, publish: Callable[[bytes], None],
                  next_token: Callable[[], int], watch: Callable[[set[str]], None],
-                 offload: Offload, oldest_job: Callable[[], int | None]) -> None:
+                 offload: Offload, oldest_job: Callable[[], int | None],
+                 quotas: Callable[[str], TenantConfig] = lambda tenant: TenantConfig()) -> None:
         self.registry = registry
         self.max_payload_bytes = max_payload_bytes
         self._artifact_dir = artifact_dir
@@ -79,6 +82,11 @@ class Binaries:
         self._reading: dict[str, bool] = {}
         # (first job token that cannot name it, sha256) of replaced and unloaded versions.
         self._superseded: list[tuple[int, str]] = []
+        # A tenant's quotas (max_binaries, max_stored_bytes), from the running config.
+        self._quotas = quotas
+        # Loads being compiled, per tenant: binary id -> module size. They count against the
+        # tenant's quotas already, so loads in parallel cannot pass them together.
+        self._staging: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ lookups
 
@@ -117,14 +125,28 @@ class Binaries:
                 binary.executions += 1
 
     def watched_paths(self) -> set[str]:
-        """The module files the server watches: those it may read (`paths`)."""
-        return {b.path for b in self.registry.all() if b.path and self.paths.may_read(b.path)}
+        """The module files the server watches: those it may read for their binary's tenant
+        (`paths`, with the tenant's own load_roots)."""
+        policies: dict[str, PathPolicy] = {}
+        watched = set()
+        for b in self.registry.all():
+            if b.path:
+                policy = policies.get(b.tenant) or policies.setdefault(
+                    b.tenant, self._policy_for(b.tenant))
+                if policy.may_read(b.path):
+                    watched.add(b.path)
+        return watched
 
     def set_paths(self, policy: PathPolicy) -> None:
         """Which files the server may read and watch (decided by the server at bind, and on
         a config reload)."""
         self.paths = policy
         self._watch(self.watched_paths())
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(binaries, stored bytes) of `tenant`, loads being compiled included."""
+        sizes = self._sizes(tenant)
+        return len(sizes), sum(sizes.values())
 
     def problems(self) -> list[str]:
         """What of the registry could not be read at start."""
@@ -147,7 +169,7 @@ class Binaries:
                              "under the server's load roots")
         elif not name:
             raise BadRequest("a load with bytes needs a name (loading it again updates it)")
-        policy, limit = self.paths, self.max_payload_bytes
+        policy, limit = self._policy_for(tenant), self.max_payload_bytes
         server_read = payload is None
         if server_read:
             assert path is not None
@@ -172,14 +194,26 @@ class Binaries:
                 done(_loaded(existing, changed=False, watched=watched))
                 return
 
+            try:
+                self._check_quotas(tenant, existing, blob.size)
+            except WasmCoreError as exc:
+                self._let_go(blob.sha256)
+                failed(exc)
+                return
+            binary_id = existing.binary_id if existing else self.registry.new_id()
+            staging = self._staging.setdefault(tenant, {})
+            staging[binary_id] = blob.size
+
             def staged(binary: p.BinaryInfo | None, error: WasmCoreError | None) -> None:
+                staging.pop(binary_id, None)
+                if not staging and self._staging.get(tenant) is staging:
+                    del self._staging[tenant]
                 if binary is None:
                     assert error is not None
                     failed(error)
                 else:
                     done(_loaded(binary, changed=True, watched=watched))
 
-            binary_id = existing.binary_id if existing else self.registry.new_id()
             self._stage(tenant, name, path, blob, binary_id, staged, server_read=server_read)
 
         self._offload(work, stored)
@@ -191,10 +225,12 @@ class Binaries:
         if path in self._reading:
             self._reading[path] = True
             return
-        if not self.paths.may_read(path):
+        readers = self._readers(path)
+        if not readers:
             return
+        policy = self._policy_for(readers[0])
         self._reading[path] = False
-        self._offload(functools.partial(self._read_and_store, path, self.paths,
+        self._offload(functools.partial(self._read_and_store, path, policy,
                                         self.max_payload_bytes),
                       functools.partial(self._file_read, path))
 
@@ -244,6 +280,42 @@ class Binaries:
 
     # ------------------------------------------------------------------ internals
 
+    def _policy_for(self, tenant: str) -> PathPolicy:
+        """The files the server may read for `tenant`: `paths` and its own load_roots."""
+        return self.paths.with_roots(self._quotas(tenant).load_roots)
+
+    def _readers(self, path: str) -> list[str]:
+        """Tenants with a binary loaded from `path` that the server may read for them."""
+        tenants = {b.tenant for b in self.registry.all() if b.path == path}
+        return [t for t in sorted(tenants) if self._policy_for(t).may_read(path)]
+
+    def _sizes(self, tenant: str) -> dict[str, int]:
+        sizes = {b.binary_id: b.size for b in self.registry.for_tenant(tenant)}
+        for binary_id, size in self._staging.get(tenant, {}).items():
+            sizes[binary_id] = max(size, sizes.get(binary_id, 0))
+        return sizes
+
+    def _check_quotas(self, tenant: str, existing: p.BinaryInfo | None, size: int) -> None:
+        """QuotaExceeded if storing `size` bytes as a new binary (or as `existing`'s next
+        version) takes `tenant` past max_binaries or max_stored_bytes."""
+        quotas = self._quotas(tenant)
+        if not quotas.max_binaries and not quotas.max_stored_bytes:
+            return
+        sizes = self._sizes(tenant)
+        replaced = existing.binary_id if existing is not None else ""
+        if quotas.max_binaries and replaced not in sizes and len(sizes) >= quotas.max_binaries:
+            raise QuotaExceeded(
+                f"this tenant has {len(sizes)} binaries, its quota (max_binaries); unload one "
+                "before loading another", {"quota": "max_binaries",
+                                           "limit": quotas.max_binaries, "used": len(sizes)})
+        stored = sum(sizes.values()) - sizes.get(replaced, 0)
+        if quotas.max_stored_bytes and stored + size > quotas.max_stored_bytes:
+            raise QuotaExceeded(
+                f"this tenant's binaries take {stored} bytes and this module {size} more, past "
+                f"its quota (max_stored_bytes, {quotas.max_stored_bytes}); unload some first",
+                {"quota": "max_stored_bytes", "limit": quotas.max_stored_bytes,
+                 "used": stored, "size": size})
+
     def _artifact_path(self, sha256: str) -> Path:
         return self._artifact_dir / f"{sha256}-{self._fingerprint}.cwasm"
 
@@ -277,7 +349,10 @@ class Binaries:
                 self._let_go(blob.sha256)
             self.file_changed(path)
             return
-        owners = [b for b in self.registry.all() if b.path == path]
+        # Only binaries whose tenant may read the file: another tenant's binary named by the
+        # same path (its own bytes) never gets a file of someone else's load roots.
+        readers = set(self._readers(path))
+        owners = [b for b in self.registry.all() if b.path == path and b.tenant in readers]
         if blob is None:
             if isinstance(error, NotFound):
                 return  # deleted (or mid-rename): the last version keeps serving

@@ -66,26 +66,33 @@ def lane_pool_config(config: Config) -> Config:
     return msgspec.structs.replace(config, pool=pool)
 
 
-class TenantGate:
-    """Pure: which of a tenant's compiles are in the lane (at most `per_tenant`) and which
-    wait, in order."""
+def _concurrency(config: Config) -> Callable[[str], int]:
+    """A tenant's own compile_concurrency (0: compile.per_tenant applies)."""
+    return lambda tenant: config.tenant(tenant).compile_concurrency
 
-    def __init__(self, per_tenant: int) -> None:
+
+class TenantGate:
+    """Pure: which of a tenant's compiles are in the lane (at most `per_tenant`, or the
+    tenant's own `compile_concurrency` from `override`) and which wait, in order."""
+
+    def __init__(self, per_tenant: int,
+                 override: Callable[[str], int] = lambda tenant: 0) -> None:
         self.per_tenant = per_tenant
+        self._override = override
         self._running: dict[str, set[int]] = {}  # tenant -> tokens of its jobs in the lane
         self._waiting: dict[str, collections.deque[PendingJob]] = {}
 
     def admit(self, tenant: str, job: PendingJob) -> bool:
         """True: `job` enters the lane now; False: it waits behind the tenant's others."""
         running = self._running.setdefault(tenant, set())
-        if len(running) < self.per_tenant and not self._waiting.get(tenant):
+        if len(running) < self._limit(tenant) and not self._waiting.get(tenant):
             running.add(job.token)
             return True
         self._waiting.setdefault(tenant, collections.deque()).append(job)
         return False
 
     def would_wait(self, tenant: str) -> bool:
-        return (len(self._running.get(tenant, ())) >= self.per_tenant
+        return (len(self._running.get(tenant, ())) >= self._limit(tenant)
                 or bool(self._waiting.get(tenant)))
 
     def done(self, tenant: str, job: PendingJob) -> PendingJob | None:
@@ -97,9 +104,12 @@ class TenantGate:
         running.discard(job.token)
         return self._next(tenant)
 
-    def configure(self, per_tenant: int) -> list[PendingJob]:
+    def configure(self, per_tenant: int,
+                  override: Callable[[str], int] | None = None) -> list[PendingJob]:
         """A new limit; the jobs a larger one lets in now."""
         self.per_tenant = per_tenant
+        if override is not None:
+            self._override = override
         admitted: list[PendingJob] = []
         for tenant in list(self._waiting):
             while (job := self._next(tenant)) is not None:
@@ -115,11 +125,14 @@ class TenantGate:
     def waiting(self) -> int:
         return sum(len(queue) for queue in self._waiting.values())
 
+    def _limit(self, tenant: str) -> int:
+        return self._override(tenant) or self.per_tenant
+
     def _next(self, tenant: str) -> PendingJob | None:
         queue = self._waiting.get(tenant)
         running = self._running.get(tenant, set())
         job = None
-        if queue and len(running) < self.per_tenant:
+        if queue and len(running) < self._limit(tenant):
             job = queue.popleft()
             running.add(job.token)
             self._running[tenant] = running
@@ -143,7 +156,7 @@ class CompileLane:
                                 confinement=confinement)
         # No prefetch (a compile is never quick) and no grace: compile.timeout_ms is the limit.
         self._scheduler = Scheduler(config.server.max_queue, 1, 0.0)
-        self._gate = TenantGate(config.compile.per_tenant)
+        self._gate = TenantGate(config.compile.per_tenant, _concurrency(config))
         self._failures: list[tuple[PendingJob, WasmCoreError]] = []
 
     # ------------------------------------------------------------------ views
@@ -324,7 +337,7 @@ class CompileLane:
     def reconfigure(self, config: Config, now: float) -> None:
         self._config = config
         self._scheduler.configure(config.server.max_queue, 1, 0.0)
-        for job in self._gate.configure(config.compile.per_tenant):
+        for job in self._gate.configure(config.compile.per_tenant, _concurrency(config)):
             self._scheduler.submit(job, now, bounded=False)
         for handle in self._pool.reconfigure(lane_pool_config(config), now):
             self._retire(handle, RestartCause.RECYCLE, now, replace=False)

@@ -103,7 +103,8 @@ class CompileConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Settings for the binaries of one name (any tenant), under [binaries.<name>]."""
+    """Settings for one tenant's binaries of one name, under [tenants.<tenant>.binaries.<name>]
+    (or the old [binaries.<name>], which applies to the tenant named `default` only)."""
 
     entries: list[str] = []  # allowed entry functions, tried in order when a call names none
     timeout_ms: int | None = None
@@ -141,8 +142,27 @@ class TenantConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weight: int = 1
     # Jobs of this tenant on workers plus in the queue; past it, BUSY.
     max_pending: int = 1024
-    # Payload bytes held for this tenant's unanswered requests; past it, BUSY.
+    # Payload bytes held for this tenant's unanswered requests; past it, QUOTA_EXCEEDED.
     max_queued_bytes: int = 256 * MiB
+    # Quotas below: 0 is unlimited. Past one, QUOTA_EXCEEDED with its name, limit and use.
+    max_binaries: int = 0  # binaries the tenant has loaded
+    max_stored_bytes: int = 0  # sum of the sizes of its binaries' modules
+    # Requests per second (a token bucket of `burst` tokens; burst 0: one second's worth).
+    requests_per_s: float = 0.0
+    burst: int = 0
+    # Its compiles in the compile lane at a time; 0: compile.per_tenant.
+    compile_concurrency: int = 0
+    # Absolute directories the server may read this tenant's `load --path` files from, on top
+    # of server.load_roots.
+    load_roots: list[str] = []
+    # The most a request may ask for; above it, QUOTA_EXCEEDED. 0: [limits] (a request may
+    # only lower those).
+    max_timeout_ms: int = 0
+    max_fuel: int = 0
+    max_memory_mb: int = 0
+    # Per-binary settings of this tenant's binaries, by name: [tenants.<t>.binaries.<name>].
+    # Never taken from [tenants.default]: one tenant's naming never picks up another's.
+    binaries: dict[str, BinaryConfig] = {}
 
 
 def _default_tenants() -> dict[str, TenantConfig]:
@@ -162,6 +182,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """The settings that apply to tenant `name`: its own table, else [tenants.default],
         else the built-in defaults."""
         return self.tenants.get(name) or self.tenants.get("default") or _BUILT_IN_TENANT
+
+    def binary(self, tenant: str, name: str) -> BinaryConfig | None:
+        """The settings of `tenant`'s binary `name`: from the tenant's own table only; the
+        global [binaries.<name>] applies only to the tenant named `default`."""
+        own = self.tenants.get(tenant)
+        if own is not None and name in own.binaries:
+            return own.binaries[name]
+        return self.binaries.get(name) if tenant == "default" else None
 
 
 _BUILT_IN_TENANT = TenantConfig()
@@ -237,6 +265,17 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
             (f"tenants.{name}.weight", tenant.weight >= 1, "must be at least 1"),
             (f"tenants.{name}.max_pending", tenant.max_pending >= 0, "must be >= 0"),
             (f"tenants.{name}.max_queued_bytes", tenant.max_queued_bytes >= 0, "must be >= 0"),
+            (f"tenants.{name}.max_binaries", tenant.max_binaries >= 0, "must be >= 0"),
+            (f"tenants.{name}.max_stored_bytes", tenant.max_stored_bytes >= 0, "must be >= 0"),
+            (f"tenants.{name}.requests_per_s", tenant.requests_per_s >= 0, "must be >= 0"),
+            (f"tenants.{name}.burst", tenant.burst >= 0, "must be >= 0"),
+            (f"tenants.{name}.compile_concurrency", tenant.compile_concurrency >= 0,
+             "must be >= 0 (0: compile.per_tenant)"),
+            (f"tenants.{name}.load_roots", all(os.path.isabs(r) for r in tenant.load_roots),
+             "must list absolute directories"),
+            (f"tenants.{name}.max_timeout_ms", tenant.max_timeout_ms >= 0, "must be >= 0"),
+            (f"tenants.{name}.max_fuel", tenant.max_fuel >= 0, "must be >= 0"),
+            (f"tenants.{name}.max_memory_mb", tenant.max_memory_mb >= 0, "must be >= 0"),
         ]
     endpoint = config.server.endpoint
     checks.append(

@@ -49,6 +49,10 @@ class PathPolicy:
         self.roots = sorted(forms)
         self.any_path = any_path
 
+    def with_roots(self, roots: Sequence[str]) -> PathPolicy:
+        """This policy with more roots (a tenant's own load_roots)."""
+        return PathPolicy([*self.roots, *roots], self.any_path) if roots else self
+
     def root_of(self, path: str) -> str | None:
         """The root `path` lies under, judged on the text alone (nothing is opened)."""
         for root in self.roots:

@@ -3,7 +3,8 @@ for the scheduler; load, unload and list go to the binaries.
 
 Every request names its tenant; a binary is found only among that tenant's own. The limits a
 job runs under are decided here (`run_limits`): the server's configured limits, lowered by the
-binary's configured ones, lowered by the request's. The worker's sandbox applies them.
+request's (or what it asked within its tenant's ceilings), lowered by the binary's configured
+ones. The worker's sandbox applies them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from wasmcore.protocol import messages as p
 from wasmcore.protocol import shm
-from wasmcore.protocol.errors import BadRequest, Forbidden, PayloadTooLarge, WasmCoreError
+from wasmcore.protocol.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    QuotaExceeded,
+    WasmCoreError,
+)
 from wasmcore.protocol.limits import Limits, MiB
 from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.config import Config
@@ -23,15 +32,39 @@ Reply = Callable[[list[bytes], Any], None]
 ReplyError = Callable[[list[bytes], int, WasmCoreError], None]
 
 
-def run_limits(config: Config, binary_name: str, wanted: p.RunOptions) -> Limits:
-    """Timeout, fuel and memory for one run: each only ever lowered from the configured."""
-    limits = config.limits.to_limits()
-    per = config.binaries.get(binary_name)
+def run_limits(config: Config, tenant: str, binary_name: str, wanted: p.RunOptions) -> Limits:
+    """Timeout, fuel and memory for one run. Where the tenant has a ceiling (max_timeout_ms,
+    max_fuel, max_memory_mb) a request may ask for anything up to it (QUOTA_EXCEEDED above);
+    elsewhere it may only lower [limits]. The binary's own settings lower the result."""
+    quotas = config.tenant(tenant)
+    configured = config.limits.to_limits()
+    limits = msgspec.structs.replace(
+        configured,
+        timeout_ms=_granted("max_timeout_ms", configured.timeout_ms, wanted.timeout_ms,
+                            quotas.max_timeout_ms),
+        fuel=_granted("max_fuel", configured.fuel, wanted.fuel, quotas.max_fuel),
+        memory_bytes=_granted("max_memory_mb", configured.memory_bytes // MiB,
+                              wanted.memory_mb, quotas.max_memory_mb) * MiB)
+    per = config.binary(tenant, binary_name)
     if per is not None:
         limits = limits.lowered(per.timeout_ms, per.fuel,
                                 per.memory_mb * MiB if per.memory_mb else None)
-    return limits.lowered(wanted.timeout_ms, wanted.fuel,
-                          wanted.memory_mb * MiB if wanted.memory_mb else None)
+    return limits
+
+
+def _granted(quota: str, configured: int, asked: int | None, ceiling: int) -> int:
+    """One limit of a run: what was asked (None or <= 0: nothing asked), within `ceiling`
+    when the tenant has one (0: none, then only ever lowered from `configured`)."""
+    if asked is None or asked <= 0:
+        return min(configured, ceiling) if ceiling else configured
+    if not ceiling:
+        return min(configured, asked)
+    if asked > ceiling:
+        raise QuotaExceeded(
+            f"this request asks for {quota.removeprefix('max_')} = {asked}; this tenant may "
+            f"ask for at most {ceiling} ({quota}): ask for less",
+            {"quota": quota, "limit": ceiling, "used": asked})
+    return asked
 
 
 class Requests:
@@ -68,7 +101,7 @@ class Requests:
     # ------------------------------------------------------------------ runs
 
     def _entry_for(self, binary: p.BinaryInfo, requested: str | None) -> str | None:
-        per = self.config.binaries.get(binary.name)
+        per = self.config.binary(binary.tenant, binary.name)
         if per is None or not per.entries:
             return requested
         if requested is not None:
@@ -92,7 +125,7 @@ class Requests:
                                                                                 p.BinaryInfo]:
         binary = self._binaries.owned(req.tenant, req.binary_id)
         entry = self._entry_for(binary, req.entry)
-        limits = run_limits(self.config, binary.name, req)
+        limits = run_limits(self.config, req.tenant, binary.name, req)
         job = p.RunJob(token=self._next_token(), request_id=req.id,
                        modules=[self._binaries.module_ref(binary)],
                        timeout_ms=limits.timeout_ms, fuel=limits.fuel,
@@ -134,7 +167,7 @@ class Requests:
                 f"{len(req.binary_ids)}: split it into several chains",
                 {"steps": len(req.binary_ids), "limit": limit})
         binaries = [self._binaries.owned(req.tenant, binary_id) for binary_id in req.binary_ids]
-        limits = [run_limits(self.config, b.name, req) for b in binaries]
+        limits = [run_limits(self.config, req.tenant, b.name, req) for b in binaries]
         job = p.RunJob(
             token=self._next_token(),
             request_id=req.id,

@@ -22,8 +22,8 @@ failing them.
 
 What a tenant may hold is bounded (its `max_pending` jobs queued or running, its
 `max_queued_bytes`), and so is what all of them hold together (`max_queue` waiting jobs,
-`max_queued_bytes`): past a bound a request is refused at once with BUSY, or
-PAYLOAD_TOO_LARGE when it could never fit.
+`max_queued_bytes`): past a tenant's bound a request is refused at once with QUOTA_EXCEEDED,
+past the server's with BUSY, or PAYLOAD_TOO_LARGE when it could never fit.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from wasmcore.protocol.errors import Busy, PayloadTooLarge, WasmCoreError
+from wasmcore.protocol.errors import Busy, PayloadTooLarge, QuotaExceeded, WasmCoreError
 from wasmcore.supervisor.config import TenantConfig
 from wasmcore.supervisor.jobs import PendingJob
 
@@ -392,26 +392,29 @@ class Scheduler:
                 and tenant.held_bytes + size <= config.max_queued_bytes
                 and self._held_bytes + size <= self.max_queued_bytes):
             return
-        bounds = ((config.max_queued_bytes, tenant.held_bytes, "tenant_queued_bytes",
-                   "this tenant's [tenants] max_queued_bytes"),
-                  (self.max_queued_bytes, self._held_bytes, "queued_bytes",
-                   "server.max_queued_bytes"))
-        for limit, _, _, setting in bounds:
+        bounds = ((config.max_queued_bytes, "this tenant's [tenants] max_queued_bytes"),
+                  (self.max_queued_bytes, "server.max_queued_bytes"))
+        for limit, setting in bounds:
             if size > limit:
                 raise PayloadTooLarge(
                     f"this request holds {size} bytes while it waits; {setting} allows "
                     f"{limit}: send less per request", {"size": size, "limit": limit})
         if tenant.pending >= config.max_pending:
-            raise Busy(
+            raise QuotaExceeded(
                 f"this tenant already has {tenant.pending} requests queued or running, its "
-                f"limit (max_pending); wait for replies before sending more",
-                {"tenant_pending": tenant.pending, "limit": config.max_pending})
-        for limit, used, key, setting in bounds:
-            if used + size > limit:
-                raise Busy(
-                    f"requests waiting for a worker hold {used} bytes and this one {size} "
-                    f"more, past {setting} ({limit}); retry shortly",
-                    {key: used, "size": size, "limit": limit})
+                f"quota (max_pending); wait for replies before sending more",
+                {"quota": "max_pending", "limit": config.max_pending, "used": tenant.pending})
+        if tenant.held_bytes + size > config.max_queued_bytes:
+            raise QuotaExceeded(
+                f"this tenant's requests waiting for a worker hold {tenant.held_bytes} bytes "
+                f"and this one {size} more, past its quota (max_queued_bytes, "
+                f"{config.max_queued_bytes}); wait for replies before sending more",
+                {"quota": "max_queued_bytes", "limit": config.max_queued_bytes,
+                 "used": tenant.held_bytes, "size": size})
+        raise Busy(
+            f"requests waiting for a worker hold {self._held_bytes} bytes and this one {size} "
+            f"more, past server.max_queued_bytes ({self.max_queued_bytes}); retry shortly",
+            {"queued_bytes": self._held_bytes, "size": size, "limit": self.max_queued_bytes})
 
     def _hold(self, tenant: TenantQueue, job: PendingJob) -> None:
         """`job` now counts against its tenant and the server until `_release`."""

@@ -58,6 +58,7 @@ from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.module_files import PathPolicy
 from wasmcore.supervisor.offloop import OffLoop
 from wasmcore.supervisor.packing import client_messages, worker_messages
+from wasmcore.supervisor.rate_limit import RateLimits
 from wasmcore.supervisor.registry import Registry
 from wasmcore.supervisor.requests import Requests
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
@@ -170,10 +171,13 @@ class Supervisor:
             config.server.max_payload_bytes, submit=self.compile_lane.submit,
             publish=lambda message: self.pub.send(message, NOBLOCK),
             next_token=tokens.__next__, watch=self._watch_files,
-            offload=self.offloop.run, oldest_job=lambda: next(iter(self._outstanding), None))
+            offload=self.offloop.run, oldest_job=lambda: next(iter(self._outstanding), None),
+            quotas=lambda tenant: self.config.tenant(tenant))
         for problem in self.binaries.problems():
             log.error("registry: %s", problem)
         self.binaries.sweep()
+        # Tenants' request rates; read from the running config, so a reload applies at once.
+        self.rates = RateLimits(lambda tenant: self.config.tenant(tenant))
         self.requests_handler = Requests(
             config, self.binaries, self.shm_dir,
             submit=lambda job: self._submit(job, True), next_token=tokens.__next__,
@@ -439,6 +443,8 @@ class Supervisor:
                 raise PayloadTooLarge(
                     f"payload is {size} bytes; this server accepts at most {limit} "
                     "(server.max_payload_bytes)", {"size": size, "limit": limit})
+            if type(request) is not p.Stats and type(request) is not p.Hello:
+                self.rates.admit(request.tenant, time.monotonic())  # QUOTA_EXCEEDED past it
             match request:
                 case p.Stats():
                     self._reply(envelope, self._stats(request))
@@ -513,7 +519,20 @@ class Supervisor:
             registry_problems=self.binaries.problems(),
             compile_workers=self.compile_lane.stats(),
             compile_queue_depth=self.compile_lane.queue_depth,
+            tenant_usage=self._tenant_usage(request.tenant),
         )
+
+    def _tenant_usage(self, tenant: str) -> p.TenantUsage:
+        pending, queued_bytes = self.scheduler.tenant_usage(tenant)
+        binaries, stored_bytes = self.binaries.usage(tenant)
+        quotas = self.config.tenant(tenant)
+        return p.TenantUsage(
+            tenant=tenant, pending=pending, queued_bytes=queued_bytes, binaries=binaries,
+            stored_bytes=stored_bytes, max_pending=quotas.max_pending,
+            max_queued_bytes=quotas.max_queued_bytes, max_binaries=quotas.max_binaries,
+            max_stored_bytes=quotas.max_stored_bytes, requests_per_s=quotas.requests_per_s,
+            burst=quotas.burst, max_timeout_ms=quotas.max_timeout_ms, max_fuel=quotas.max_fuel,
+            max_memory_mb=quotas.max_memory_mb, weight=quotas.weight)
 
     # ------------------------------------------------------------------ jobs
 
@@ -792,6 +811,7 @@ class Supervisor:
             new = msgspec.structs.replace(new, server=msgspec.structs.replace(new.server, **keep))
         old_size = self.pool.size
         now = time.monotonic()
+        old = self.config
         self.config = new
         self._config_text = text
         self.config_error = None
@@ -800,8 +820,9 @@ class Supervisor:
                                  new.server.max_queued_bytes, new.tenant)
         self.requests_handler.config = new
         self.binaries.max_payload_bytes = new.server.max_payload_bytes
-        if new.server.load_roots != server.load_roots:
-            self.binaries.set_paths(self._path_policy(new))
+        if (new.server.load_roots != server.load_roots
+                or new.tenants != old.tenants):  # a tenant's load_roots
+            self.binaries.set_paths(self._path_policy(new))  # what is watched may change
         for handle in self.pool.reconfigure(new, now):
             self._retire(handle, RestartCause.RECYCLE, now, replace=False)
         self.compile_lane.reconfigure(new, now)

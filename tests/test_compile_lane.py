@@ -271,3 +271,15 @@ def test_gate_a_larger_limit_lets_waiting_jobs_in_at_once():
     assert gate.done("a", jobs[0]) is None  # still 2 in, over the new limit of 1
     assert gate.done("a", jobs[1]) is None
     assert gate.done("a", jobs[2]) is jobs[3]
+
+
+def test_gate_a_tenants_own_compile_concurrency_overrides_per_tenant():
+    """[tenants.<t>] compile_concurrency (0: compile.per_tenant) bounds that tenant only,
+    and a reload's new value lets waiting jobs in."""
+    own = {"big": 2}
+    gate = TenantGate(per_tenant=1, override=lambda tenant: own.get(tenant, 0))
+    big, small = [_job(i) for i in range(3)], [_job(i) for i in range(10, 12)]
+    assert gate.admit("big", big[0]) and gate.admit("big", big[1])
+    assert not gate.admit("big", big[2])
+    assert gate.admit("small", small[0]) and not gate.admit("small", small[1])
+    assert gate.configure(1, lambda tenant: 3 if tenant == "big" else 0) == [big[2]]

@@ -98,9 +98,9 @@ def test_one_tenants_flood_does_not_starve_another():
         svc.cleanup()
 
 
-def test_tenant_pending_cap_answers_busy_and_spares_the_others():
-    """`[tenants.capped] max_pending = 2`: its third request in flight gets BUSY with the
-    count and the limit; another tenant is served meanwhile."""
+def test_tenant_pending_cap_answers_quota_exceeded_and_spares_the_others():
+    """`[tenants.capped] max_pending = 2`: its third request in flight gets QUOTA_EXCEEDED
+    with the count and the limit; another tenant is served meanwhile."""
     svc = start_service(workers=1, config={
         "server": {"log_level": "warning"},
         "limits": {"fuel": 10**13, "timeout_ms": 30_000},
@@ -115,8 +115,8 @@ def test_tenant_pending_cap_answers_busy_and_spares_the_others():
                     send_execute(sock, request_id, "capped", hog, hog_input(100))
                 refused = receive(sock, 1, 10)
                 assert list(refused) == [3]
-                assert refused[3].code == "BUSY"
-                assert refused[3].details == {"tenant_pending": 2, "limit": 2}
+                assert refused[3].code == "QUOTA_EXCEEDED"
+                assert refused[3].details == {"quota": "max_pending", "limit": 2, "used": 2}
                 assert other.execute(upper, "meanwhile").output == b"MEANWHILE"
                 replies = receive(sock, 2, 60)
                 assert sorted(replies) == [1, 2]
@@ -127,7 +127,8 @@ def test_tenant_pending_cap_answers_busy_and_spares_the_others():
 
 def test_queued_bytes_are_bounded_per_tenant_and_in_all():
     """Payloads waiting for a busy worker are bounded per tenant (2 MiB here) and for the
-    server (3 MiB): past a bound BUSY says how much is held; a request over a bound on its
+    server (3 MiB): past the tenant's QUOTA_EXCEEDED, past the server's BUSY, says how much is
+    held; a request over a bound on its
     own gets PAYLOAD_TOO_LARGE. Every request gets exactly one reply."""
     svc = start_service(workers=1, config={
         "server": {"log_level": "warning", "max_queued_bytes": 3 * MiB, "shm_dir": "off"},
@@ -151,9 +152,10 @@ def test_queued_bytes_are_bounded_per_tenant_and_in_all():
                 send_execute(sock, 7, "b", upper_b, b"y" * (2 * MiB + 1))  # alone > 2 MiB
                 replies = receive(sock, 7, 60)
         tenant_busy, server_busy, too_large = replies[4], replies[6], replies[7]
-        assert tenant_busy.code == "BUSY"
+        assert tenant_busy.code == "QUOTA_EXCEEDED"
+        assert tenant_busy.details["quota"] == "max_queued_bytes"
         assert tenant_busy.details["limit"] == 2 * MiB
-        assert 2 * len(chunk) < tenant_busy.details["tenant_queued_bytes"] < 2 * MiB
+        assert 2 * len(chunk) < tenant_busy.details["used"] < 2 * MiB
         assert server_busy.code == "BUSY"
         assert server_busy.details["limit"] == 3 * MiB
         assert 3 * len(chunk) < server_busy.details["queued_bytes"] < 3 * MiB

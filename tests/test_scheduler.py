@@ -13,6 +13,7 @@ import pytest
 from wasmcore.protocol.errors import (
     Busy,
     PayloadTooLarge,
+    QuotaExceeded,
     ShuttingDown,
     Timeout,
     WasmCoreError,
@@ -670,16 +671,16 @@ def test_each_tenant_is_served_in_fifo_order() -> None:
 
 def test_tenant_pending_cap_counts_running_and_queued_jobs() -> None:
     """`max_pending` bounds a tenant's jobs on workers plus in the queue; past it that tenant
-    gets BUSY with its count and limit, while other tenants are still taken."""
+    gets QUOTA_EXCEEDED with its count and limit, while other tenants are still taken."""
     sched = make_scheduler(tenants={"a": TenantConfig(max_pending=3)})
     sched.add_worker("w1", recycle_after=1_000, now=0.0)
     sched.add_worker("w2", recycle_after=1_000, now=0.0)
     for _ in range(3):  # two run, one waits
         sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
     assert sched.in_flight == 2 and sched.queue_depth == 1
-    with pytest.raises(Busy) as refused:
+    with pytest.raises(QuotaExceeded) as refused:
         sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
-    assert refused.value.details == {"tenant_pending": 3, "limit": 3}
+    assert refused.value.details == {"quota": "max_pending", "limit": 3, "used": 3}
     sched.submit(make_job(UNKNOWN, tenant="b"), 1.0)
     assert sched.queue_depth == 2
 
@@ -689,15 +690,16 @@ def test_tenant_pending_cap_counts_running_and_queued_jobs() -> None:
 
 
 def test_tenant_queued_bytes_bound() -> None:
-    """A tenant's held bytes (queued or on a worker) are bounded: BUSY with the use and the
-    limit; another tenant's request of the same size is still taken."""
+    """A tenant's held bytes (queued or on a worker) are bounded: QUOTA_EXCEEDED with the use
+    and the limit; another tenant's request of the same size is still taken."""
     sched = make_scheduler(tenants={"default": TenantConfig(max_queued_bytes=1000)})
     sched.add_worker("w1", recycle_after=1_000, now=0.0)
     sched.submit(make_job(UNKNOWN, tenant="a", size_bytes=600), 1.0)  # runs
     sched.submit(make_job(UNKNOWN, tenant="a", size_bytes=300), 1.0)  # waits
-    with pytest.raises(Busy) as refused:
+    with pytest.raises(QuotaExceeded) as refused:
         sched.submit(make_job(UNKNOWN, tenant="a", size_bytes=200), 1.0)
-    assert refused.value.details == {"tenant_queued_bytes": 900, "size": 200, "limit": 1000}
+    assert refused.value.details == {"quota": "max_queued_bytes", "limit": 1000, "used": 900,
+                                     "size": 200}
     sched.submit(make_job(UNKNOWN, tenant="b", size_bytes=600), 1.0)
     assert sched.queue_depth == 2
     assert sched.queued_bytes == 1500
@@ -812,7 +814,7 @@ def test_configure_applies_new_tenant_caps() -> None:
     sched.configure(max_queue=100, prefetch=8, deadline_grace_s=GRACE_S,
                     max_queued_bytes=1 << 40,
                     tenant_policy=lambda name: TenantConfig(max_pending=1))
-    with pytest.raises(Busy):
+    with pytest.raises(QuotaExceeded):
         sched.submit(make_job(UNKNOWN, tenant="a"), 1.0)
 
 
