@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,10 @@ def main() -> None:
     if spy is None:
         sys.exit("py-spy is not installed: pip install py-spy (CPU per request still works "
                  "without it; run with py-spy for the profiles)")
-    service = start_service(workers=2, config={"server": {"log_level": "warning"}})
+    # py-spy attaches with ptrace; as a user other than root it cannot attach to the OS
+    # sandbox's non-dumpable processes (docs/operations.md, section 11), so off then.
+    service = start_service(workers=2, config={"server": {"log_level": "warning"},
+                                               "sandbox": {"enabled": os.geteuid() == 0}})
     out = Path(tempfile.mkdtemp(prefix="wcprof"))
     try:
         with service.client() as client:

@@ -119,13 +119,15 @@ def _print_binaries(binaries: Sequence[Any], tenants: bool = False) -> None:
 def _print_stats(stats: Any, tenants: bool = False) -> None:
     print(f"uptime {stats.uptime_s:.0f}s  requests {stats.requests}  queue {stats.queue_depth}"
           f"  in flight {stats.in_flight}")
-    print(f"{'SLOT':>4}  {'PID':>7}  {'STATE':9}  {'RSS MiB':>8}  {'EXECUTIONS':>10}")
+    print(f"{'SLOT':>4}  {'PID':>7}  {'STATE':9}  {'RSS MiB':>8}  {'EXECUTIONS':>10}  "
+          "OS SANDBOX")
     for w in stats.workers:
         print(f"{w.slot:>4}  {w.pid or '-':>7}  {w.state:9}  {w.rss_bytes / 2**20:>8.1f}  "
-              f"{w.executions:>10}")
+              f"{w.executions:>10}  {','.join(w.protections) or 'none'}")
     for w in stats.compile_workers:
         print(f"{'c' + str(w.slot):>4}  {w.pid:>7}  {w.state:9}  {w.rss_bytes / 2**20:>8.1f}  "
-              f"{w.executions:>10}  (compile lane, {stats.compile_queue_depth} waiting)")
+              f"{w.executions:>10}  {','.join(w.protections) or 'none'}  "
+              f"(compile lane, {stats.compile_queue_depth} waiting)")
     if stats.restarts_by_cause:
         causes = ", ".join(f"{k}={v}" for k, v in sorted(stats.restarts_by_cause.items()))
         print(f"restarts: {causes}")

@@ -137,9 +137,16 @@ def start_service(
     `workdir`'s data dir (`<workdir>/data`)."""
     owns = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
+    if os.geteuid() == 0:
+        # Run as root, the service's workers switch to an unprivileged user that must pass
+        # through this directory to their sockets, artifacts and blobs: search, no listing.
+        os.chmod(workdir, 0o711)
     sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (config or {}).items()}
     server = sections.setdefault("server", {})
-    server.setdefault("endpoint", endpoint or f"ipc://{workdir}/s.sock")
+    # The socket in a directory of its own that the server creates private (0700; shared
+    # with the workers' group only when they switch users): every peer is then the
+    # service's user, so the server may read the paths they name (docs/operations.md 6.1).
+    server.setdefault("endpoint", endpoint or f"ipc://{workdir}/sock/s.sock")
     server.setdefault("data_dir", str(workdir / "data"))
     server.setdefault("artifact_dir", str(workdir / "art"))
     shm_root = Path("/dev/shm")

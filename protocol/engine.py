@@ -5,6 +5,7 @@ supervisor (which never runs wasm) agrees with its workers at no cost.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 from importlib import metadata
@@ -13,6 +14,7 @@ from importlib import metadata
 ENGINE_LAYOUT = "epoch+fuel+pool/v1"
 
 
+@functools.cache  # package metadata does not change under a running process
 def engine_fingerprint() -> str:
     """wasmtime version, target and the engine settings that shape compiled code (epoch
     checks, fuel metering, pooling memory layout). Deserializing still validates

@@ -273,6 +273,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     started_at: float
     compiled: int = 0
     deserialized: int = 0
+    # OS sandbox in force in this worker, as it reported at start: e.g. no_new_privs,
+    # nondumpable, rlimits, seccomp, uid:65534, gid:65534. Empty: none.
+    protections: list[str] = []
 
 
 class TenantUsage(msgspec.Struct, kw_only=True):
@@ -414,6 +417,7 @@ class Ready(msgspec.Struct, tag="ready", kw_only=True):
     worker_id: str
     pid: int
     fingerprint: str
+    protections: list[str] = []  # the OS sandbox in force (sandbox_worker/os_sandbox.py)
 
 
 class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):

@@ -37,6 +37,23 @@ class SandboxConfig(msgspec.Struct, frozen=True):
     native_ticker: bool = True
 
 
+class OsSandboxSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The OS sandbox under wasm (sandbox_worker/os_sandbox.py). The defaults are the safe
+    ones: a worker started without these settings still confines itself."""
+
+    enabled: bool = True  # no_new_privs, not dumpable, rlimits; seccomp and the user below
+    seccomp: bool = True  # a worker that cannot install its filter refuses to start
+    seccomp_action: str = "errno"  # "errno": forbidden calls fail with EPERM; "kill": SIGSYS
+    uid: int = -1  # switch to this user and group after connecting (-1: stay)
+    gid: int = -1
+    max_open_files: int = 1024  # RLIMIT_NOFILE
+    max_file_bytes: int = 0  # RLIMIT_FSIZE; 0: not set
+    # Paths the worker must reach once it runs as `uid`: sockets ("w": connect), directories
+    # ("wx": create files in, "x": open known names in, "rx": read). Checked at boot, so a
+    # worker that could not do its job refuses to start and says which path is in the way.
+    reach: dict[str, str] = {}
+
+
 class WorkerSettings(msgspec.Struct, kw_only=True):
     worker_id: str
     back_endpoint: str
@@ -47,5 +64,6 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     rlimit_data_bytes: int = 0
     shm_dir: str = ""  # empty: shared-memory payloads are off
     shm_threshold_bytes: int = 256 * 1024
+    os_sandbox: OsSandboxSettings = OsSandboxSettings()
     role: str = ROLE_EXECUTE
     nice: int = 0  # added to the worker's CPU niceness at start (compile workers: lower priority)

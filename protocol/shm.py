@@ -58,10 +58,10 @@ def _path(directory: str | Path, name: str) -> Path:
 
 
 def write(directory: str | Path, owner_pid: int, data: bytes | memoryview) -> ShmRef:
-    """A new segment holding `data`, readable and writable by this user only."""
+    """A new segment holding `data`, readable and writable by this user only (and by the
+    directory's group when it is setgid: `_create`)."""
     name = new_name(owner_pid)
-    fd = os.open(_path(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                 0o600)
+    fd = _create(_path(directory, name))
     try:
         _write_all(fd, data)
     finally:
@@ -213,6 +213,21 @@ class SegmentReader:
                 raise SegmentError(f"segment {self.ref.name} shrank while being read")
             data += more
         return data
+
+
+def _create(path: str | Path) -> int:
+    """A new segment file, for this user only; or for its group too when the directory is
+    setgid: a service whose workers run as another user shares its directory with them
+    through a group (docs/operations.md, Defence in depth). Exactly that mode: no umask may
+    take away the group's read (input) or write (an output written over a lent segment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.stat(os.path.dirname(path)).st_mode & stat.S_ISGID:
+            os.fchmod(fd, 0o660)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_all(fd: int, data: bytes | memoryview | ctypes.Array[ctypes.c_char]) -> None:

@@ -41,6 +41,7 @@ from wasmcore.protocol.settings import (
     WorkerSettings,
 )
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
+from wasmcore.sandbox_worker import os_sandbox
 from wasmcore.sandbox_worker.imports_scan import WASM_MAGIC
 from wasmcore.sandbox_worker.module import precheck_imports
 from wasmcore.sandbox_worker.outcome import ExecutionResult
@@ -145,13 +146,14 @@ class Worker:
 
     # ------------------------------------------------------------------ main loop
 
-    def run(self) -> int:
+    def run(self, protections: list[str] | None = None) -> int:
         self.back.send(
             p.encode(
                 p.Ready(
                     worker_id=self.settings.worker_id,
                     pid=os.getpid(),
                     fingerprint=engine_fingerprint(),
+                    protections=protections or [],
                 )
             )
         )
@@ -551,9 +553,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"{applied // MiB} MiB, below pool.rlimit_data_mb "
                   f"({settings.rlimit_data_bytes // MiB} MiB); using {applied // MiB} MiB",
                   file=sys.stderr, flush=True)
+        seccomp = os_sandbox.prepare(settings.os_sandbox)  # before any thread starts
         worker = Worker(settings)
+    except os_sandbox.SandboxUnavailable as exc:
+        print(f"wasm-core worker {settings.worker_id}: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
     except Exception as exc:
         print(f"wasm-core worker {settings.worker_id}: cannot start: {exc!r}", file=sys.stderr)
         return EXIT_BOOT_ERROR
-    return worker.run()
+    try:
+        # Package metadata is read now: the interpreter's files may be out of the sandbox
+        # user's reach (a Python under /root), so nothing is imported or read after this.
+        engine_fingerprint()
+        # Sockets exist, no wasm has run yet: the last moment to give up what it never needs.
+        protections = os_sandbox.confine(settings.os_sandbox, seccomp)
+    except os_sandbox.SandboxUnavailable as exc:
+        print(f"wasm-core worker {settings.worker_id}: refusing to start: {exc}", file=sys.stderr)
+        worker.close()
+        return EXIT_BOOT_ERROR
+    if settings.os_sandbox.uid >= 0:
+        die_with_parent(settings.parent_pid)  # a change of user clears the parent-death signal
+    return worker.run(protections)
 

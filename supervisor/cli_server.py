@@ -15,6 +15,7 @@ import zmq
 
 from wasmcore.supervisor.auth import AuthSetupError
 from wasmcore.supervisor.config import ConfigError, load_config, resolved, runtime_dir, validate
+from wasmcore.supervisor.confinement import ConfinementError
 from wasmcore.supervisor.keystore import KeyStore, KeyStoreError
 from wasmcore.supervisor.server import EndpointInUse, Supervisor
 
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         supervisor = Supervisor(config, runtime_dir(), config_path=args.config)
         return supervisor.serve()
-    except (EndpointInUse, AuthSetupError, KeyStoreError) as exc:
+    except (EndpointInUse, AuthSetupError, KeyStoreError, ConfinementError) as exc:
         print(f"wasm-core: {exc}", file=sys.stderr)
         return 2
     except (OSError, zmq.ZMQError) as exc:

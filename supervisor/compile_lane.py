@@ -30,6 +30,7 @@ from wasmcore.protocol import messages as p
 from wasmcore.protocol.errors import Busy, MemoryLimit, Timeout, WasmCoreError, WorkerLost
 from wasmcore.protocol.settings import ROLE_COMPILE
 from wasmcore.supervisor.config import Config
+from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
 from wasmcore.supervisor.worker_pool import (
@@ -145,11 +146,14 @@ class TenantGate:
 class CompileLane:
     def __init__(self, config: Config, back_endpoint: str, pub_endpoint: str,
                  poller: zmq.Poller, tell: Tell,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 confinement: Confinement | None = None) -> None:
         self._config = config
         self._clock = clock
+        # Compilers parse untrusted modules: compile workers get the executing ones' OS sandbox.
         self._pool = WorkerPool(lane_pool_config(config), back_endpoint, pub_endpoint, None,
-                                poller, tell, role=ROLE_COMPILE, nice=COMPILE_NICE)
+                                poller, tell, role=ROLE_COMPILE, nice=COMPILE_NICE,
+                                confinement=confinement)
         # No prefetch (a compile is never quick) and no grace: compile.timeout_ms is the limit.
         self._scheduler = Scheduler(config.server.max_queue, 1, 0.0)
         self._gate = TenantGate(config.compile.per_tenant, _concurrency(config))
@@ -200,7 +204,7 @@ class CompileLane:
                 rss_bytes=handle.rss_bytes or handle.sample_rss(),
                 executions=self._scheduler.executions_on(handle.worker_id),
                 started_at=handle.started_at, compiled=handle.compiled,
-                deserialized=handle.deserialized))
+                deserialized=handle.deserialized, protections=handle.protections))
         workers.sort(key=lambda w: (w.slot, w.started_at))
         return workers
 
@@ -275,8 +279,8 @@ class CompileLane:
         self._pool.start(now)
 
     def ready(self, worker_id: str, fingerprint: str, expected: str, now: float,
-              accept: bool) -> None:
-        handle = self._pool.ready(worker_id, fingerprint, expected, now)
+              accept: bool, protections: list[str] | None = None) -> None:
+        handle = self._pool.ready(worker_id, fingerprint, expected, now, protections)
         if handle is None:
             return
         if accept:

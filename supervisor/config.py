@@ -118,6 +118,27 @@ class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     memory_mb: int | None = None
 
 
+class OsSandboxConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The OS sandbox under wasm, in every worker (docs/operations.md, Defence in depth)."""
+
+    # Off: none of the below (no no_new_privs, rlimits, seccomp or user switch).
+    enabled: bool = True
+    # The seccomp filter; a worker that cannot install it (no libseccomp) refuses to start.
+    seccomp: bool = True
+    # What a forbidden system call gets: "errno" (fails with EPERM) or "kill" (SIGSYS).
+    seccomp_action: str = "errno"
+    # When the service runs as root, workers switch to this user; "" keeps them root.
+    user: str = "nobody"
+    # ...and to this group, which gets access to the directories workers use; "" is the
+    # user's primary group.
+    group: str = ""
+    # RLIMIT_NOFILE in each worker.
+    max_open_files: int = 1024
+    # RLIMIT_FSIZE in each worker; 0 derives it: 32 x server.max_payload_bytes (a compiled
+    # artifact measured at up to 27x its module), at least limits.output_bytes.
+    max_file_mb: int = 0
+
+
 class TenantConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One tenant's share and caps, under [tenants.<name>]; [tenants.default] applies to every
     tenant not named. A key left out of a table takes the built-in default below."""
@@ -159,6 +180,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     binaries: dict[str, BinaryConfig] = {}
+    sandbox: OsSandboxConfig = msgspec.field(default_factory=OsSandboxConfig)
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=_default_tenants)
     compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
 
@@ -236,6 +258,10 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("limits.output_bytes", config.limits.output_bytes > 0, "must be > 0"),
         ("limits.log_bytes", config.limits.log_bytes >= 0, "must be >= 0"),
         ("limits.max_wasm_stack", config.limits.max_wasm_stack >= 64 * 1024, ">= 65536"),
+        ("sandbox.seccomp_action", config.sandbox.seccomp_action in ("errno", "kill"),
+         'must be "errno" or "kill"'),
+        ("sandbox.max_open_files", config.sandbox.max_open_files >= 64, "must be at least 64"),
+        ("sandbox.max_file_mb", config.sandbox.max_file_mb >= 0, "must be >= 0"),
         ("compile.workers", config.compile.workers >= 1, "must be at least 1"),
         ("compile.timeout_ms", config.compile.timeout_ms > 0, "must be > 0"),
         ("compile.memory_mb", config.compile.memory_mb >= 128,

@@ -59,12 +59,21 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BlobStore:
-    """Content-addressed files: <root>/<sha[:2]>/<sha>, mode 0600. Used from the loop and the
-    I/O threads: a count of holders per hash decides, at the moment of deleting, whether a
-    blob may go, so a deletion decided a moment ago never removes a blob taken since."""
+    """Content-addressed files: <root>/<sha[:2]>/<sha>, mode 0600 in directories 0700. Used
+    from the loop and the I/O threads: a count of holders per hash decides, at the moment of
+    deleting, whether a blob may go, so a deletion decided a moment ago never removes a blob
+    taken since.
 
-    def __init__(self, root: Path) -> None:
+    With a `group` (the sandbox group: workers of a root service run as another user and
+    compile from blobs, supervisor/confinement.py), blobs are 0640 in directories 02750 of
+    that group instead: its members read them, nobody else does, and nobody but the owner
+    writes. The store gives everything already on disk its modes at start (`sweep`), so a
+    service that stops sharing takes the group's access back."""
+
+    def __init__(self, root: Path, group: int = -1) -> None:
         self.root = root
+        self.group = group
+        self._dir_mode, self._file_mode = (0o2750, 0o640) if group >= 0 else (0o700, 0o600)
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._holds: collections.Counter[str] = collections.Counter()
@@ -92,11 +101,17 @@ class BlobStore:
             if target.exists():
                 return sha256, target
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.group >= 0:
+                self._set_mode(target.parent, self._dir_mode)
             # Unique per thread: two loads of the same bytes may write at once.
             tmp = target.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
             try:
+                if self.group >= 0:
+                    # Exactly this mode and group, whatever the umask: workers must read it.
+                    os.fchown(fd, -1, self.group)
+                    os.fchmod(fd, self._file_mode)
                 with open(fd, "wb") as handle:
                     handle.write(data)
                     handle.flush()
@@ -131,16 +146,28 @@ class BlobStore:
 
     def sweep(self, also: Callable[[str], Sequence[Path]]) -> int:
         """At start: delete every blob nobody holds (and `also(sha)`), and temp files left by
-        a crash; make the rest owner-only. Returns how many blobs went."""
+        a crash; give the rest, and the directories, the store's modes (owner-only, or the
+        group's read). Returns how many blobs went."""
         removed = 0
+        if self.root.is_dir():
+            for directory in [self.root, *(d for d in self.root.iterdir()
+                                           if d.is_dir() and not d.is_symlink())]:
+                self._set_mode(directory, self._dir_mode)
         for sha, path in self._on_disk():
             if self.discard(sha, also(sha)):
                 removed += 1
             else:
-                path.chmod(0o600)
+                self._set_mode(path, self._file_mode)
         for tmp in self.root.glob("*/.*.tmp"):
             tmp.unlink(missing_ok=True)
         return removed
+
+    def _set_mode(self, path: Path, mode: int) -> None:
+        if path.is_symlink():
+            return  # chmod and chown would act on its target
+        if self.group >= 0:
+            os.chown(path, -1, self.group, follow_symlinks=False)
+        path.chmod(mode)
 
     def count(self) -> int:
         return sum(1 for _ in self._on_disk())
@@ -164,9 +191,9 @@ class Registry:
     """All binaries, in memory for routing and in SQLite for restarts. Rows are the wire's
     BinaryInfo as they are (its `executions` count lives in memory only)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, blob_group: int = -1) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.blobs = BlobStore(data_dir / "blobs")
+        self.blobs = BlobStore(data_dir / "blobs", blob_group)
         # What could not be read at start, for the log and stats; never silently dropped.
         self.problems: list[str] = []
         self._by_id: dict[str, BinaryInfo] = {}

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ from wasmcore.supervisor.auth import (
 from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.compile_lane import CompileLane
 from wasmcore.supervisor.config import Config, parse_config, resolved
+from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.keystore import KeyStore
 from wasmcore.supervisor.module_files import PathPolicy
@@ -174,13 +176,15 @@ class Supervisor:
         self.scheduler = Scheduler(config.server.max_queue, pool.prefetch,
                                    pool.deadline_grace_ms / 1000,
                                    config.server.max_queued_bytes, config.tenant)
+        self.confinement = Confinement.from_config(config)
         self.pool = WorkerPool(config, self.back_endpoint, self.pub_endpoint, self.shm_dir,
-                               self.poller, self._tell)
+                               self.poller, self._tell, confinement=self.confinement)
         self.compile_lane = CompileLane(config, self.back_endpoint, self.pub_endpoint,
-                                        self.poller, self._tell)
+                                        self.poller, self._tell, confinement=self.confinement)
         tokens = itertools.count(1)
         self.binaries = Binaries(
-            Registry(Path(config.server.data_dir)), artifact_dir, self.fingerprint,
+            Registry(Path(config.server.data_dir), self.confinement.blob_group), artifact_dir,
+            self.fingerprint,
             config.server.max_payload_bytes, submit=self.compile_lane.submit,
             publish=lambda message: self.pub.send(message, NOBLOCK),
             next_token=tokens.__next__, watch=self._watch_files,
@@ -203,11 +207,7 @@ class Supervisor:
             path = Path(self.endpoint[len("ipc://") :])
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_endpoint(path)
-            self._private_endpoint = _only_owner_enters(path.parent)
-        self._authenticate_front()
-        self.binaries.set_paths(self._path_policy(self.config))
-        log.info("loads by path: the server reads and watches %s",
-                 self.binaries.paths.describe())
+        self._secure_front()  # before the bind: a listener keeps the options it was bound with
         for sock in (self.front, self.back):
             sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -219,6 +219,12 @@ class Supervisor:
         self.front.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.server.max_payload_bytes + MiB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.front.bind(self.endpoint)
+        if self.endpoint.startswith("ipc://"):
+            self._private_endpoint = _only_owner_connects(Path(self.endpoint[len("ipc://"):]))
+        self._decide_peer()
+        self.binaries.set_paths(self._path_policy(self.config))
+        log.info("loads by path: the server reads and watches %s",
+                 self.binaries.paths.describe())
         self.back.bind(self.back_endpoint)
         self.pub.bind(self.pub_endpoint)
         self.poller.register(self.front, zmq.POLLIN)
@@ -227,13 +233,10 @@ class Supervisor:
         self.poller.register(self.watch_events, zmq.POLLIN)
         self.poller.register(self.offloop.fileno(), zmq.POLLIN)
 
-    def _authenticate_front(self) -> None:
-        """CURVE with the tenants' keys, or who every peer is without it (auth.py)."""
-        decided = plan(self.config.server, self.endpoint, self._private_endpoint)
-        self._peer = decided.peer
-        if decided.warning:
-            log.warning("%s", decided.warning)
-        if not decided.curve:
+    def _secure_front(self) -> None:
+        """CURVE with the tenants' keys, when the config and the endpoint call for it
+        (auth.py). Whether it does never depends on who may connect to an ipc socket."""
+        if not plan(self.config.server, self.endpoint, private_ipc=True).curve:
             return
         keys = KeyStore(self.config.server.data_dir)
         auth = FrontAuth(self.ctx, keys)
@@ -248,6 +251,14 @@ class Supervisor:
         self.auth = auth
         log.info("CURVE on %s: %d tenant keys accepted; server public key %s", self.endpoint,
                  keys.count, auth.server_public_key)
+
+    def _decide_peer(self) -> None:
+        """Who every peer is, once the socket exists (an ipc socket only other users cannot
+        connect to makes every peer the service's own user)."""
+        decided = plan(self.config.server, self.endpoint, self._private_endpoint)
+        self._peer = decided.peer
+        if decided.warning:
+            log.warning("%s", decided.warning)
 
     def _lock_endpoint(self, path: Path) -> None:
         """ZeroMQ's ipc bind silently steals a live server's socket file; refuse instead."""
@@ -277,6 +288,9 @@ class Supervisor:
 
     def serve(self) -> int:
         self.bind()
+        self.confinement.grant(sockets=[self.back_endpoint, self.pub_endpoint],
+                               data_dir=self.config.server.data_dir,
+                               artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir)
         self.install_signals()
         self.pool.start(time.monotonic())
         self.compile_lane.start(time.monotonic())
@@ -569,6 +583,7 @@ class Supervisor:
                 started_at=handle.started_at,
                 compiled=handle.compiled,
                 deserialized=handle.deserialized,
+                protections=handle.protections,
             ))
         workers.sort(key=lambda w: (w.slot, w.started_at))
         if request.all_tenants:
@@ -729,10 +744,11 @@ class Supervisor:
                 pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
             case p.Ready() if self.compile_lane.owns(event.worker_id):
                 self.compile_lane.ready(event.worker_id, event.fingerprint, self.fingerprint,
-                                        now, accept=self.draining is None)
+                                        now, accept=self.draining is None,
+                                        protections=event.protections)
             case p.Ready():
                 handle = self.pool.ready(event.worker_id, event.fingerprint, self.fingerprint,
-                                         now)
+                                         now, event.protections)
                 if handle is None:
                     return
                 if self.draining is not None:
@@ -1017,14 +1033,28 @@ def _undecoded_pack(header: bytes) -> p.UndecodedPack | None:
         return p.undecoded_pack_decoder.decode(header)
     except msgspec.DecodeError:
         return None
-def _only_owner_enters(directory: Path) -> bool:
-    """Only this process's user (and root) can reach a socket in `directory`: it is ours and
-    nobody else may search it. Then every peer on an ipc endpoint there is this user."""
+def _only_owner_connects(socket_path: Path) -> bool:
+    """Only this process's user (and root) can connect to the bound ipc socket at
+    `socket_path`: then every peer on it is this user. Connecting needs search permission on
+    the directory and write permission on the socket file. Judged conservatively:
+
+    - the directory is ours, nobody else may create, rename or remove entries in it (so the
+      file judged below is the one just bound), and others may not enter it at all (an ipc
+      socket in a directory others can enter is treated like tcp);
+    - the socket is ours and neither its group nor others may write it. Its directory's group
+      may enter (when workers run as the sandbox user, supervisor/confinement.py gives that
+      group search on it to reach their own sockets), but not connect to this one. A socket
+      made group-writable (a umask of 002, say) is not private whoever the group is.
+    """
     try:
-        info = directory.stat()
+        directory = socket_path.parent.stat()
+        sock = socket_path.lstat()
     except OSError:
         return False
-    return info.st_uid == os.geteuid() and info.st_mode & 0o077 == 0
+    me = os.geteuid()
+    return (directory.st_uid == me and directory.st_mode & 0o027 == 0
+            and stat.S_ISSOCK(sock.st_mode) and sock.st_uid == me
+            and sock.st_mode & 0o022 == 0)
 
 
 def _queue_only(signum: int, frame: object) -> None:

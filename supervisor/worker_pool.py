@@ -30,6 +30,7 @@ from wasmcore.protocol.settings import (
     WorkerSettings,
 )
 from wasmcore.supervisor.config import Config
+from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.restart_policy import RestartPolicy
 from wasmcore.supervisor.worker_process import RestartCause, WorkerHandle, WorkerState, spawn_worker
 
@@ -60,12 +61,15 @@ class TickResult:
 class WorkerPool:
     def __init__(self, config: Config, back_endpoint: str, pub_endpoint: str,
                  shm_dir: str | None, poller: zmq.Poller, tell: Tell,
-                 role: str = ROLE_EXECUTE, nice: int = 0) -> None:
+                 role: str = ROLE_EXECUTE, nice: int = 0,
+                 confinement: Confinement | None = None) -> None:
         """`role` and `nice` go to every worker it starts; worker ids start with a letter of
-        their role (`worker_id_prefix`), so the pools of two roles never share one."""
+        their role (`worker_id_prefix`), so the pools of two roles never share one. The
+        confinement decides each worker's OS sandbox (both roles run untrusted modules)."""
         self._config = config
         self._role = role
         self._nice = nice
+        self._confinement = confinement or Confinement(None)
         self._back_endpoint = back_endpoint
         self._pub_endpoint = pub_endpoint
         self._shm_dir = shm_dir
@@ -137,12 +141,13 @@ class WorkerPool:
         return removed
 
     def ready(self, worker_id: str, fingerprint: str, expected_fingerprint: str,
-              now: float) -> WorkerHandle | None:
+              now: float, protections: list[str] | None = None) -> WorkerHandle | None:
         """A worker finished booting: the handle, if it was one we were waiting for."""
         handle = self._by_id.get(worker_id)
         if handle is None or handle.state is not WorkerState.STARTING:
             return None
         handle.last_seen = now
+        handle.protections = list(protections or [])
         handle.state = WorkerState.READY
         self.policy.record_start_success()
         if fingerprint != expected_fingerprint:
@@ -309,6 +314,7 @@ class WorkerPool:
             rlimit_data_bytes=pool.rlimit_data_mb * MiB,
             shm_dir=self._shm_dir or "",
             shm_threshold_bytes=self._config.server.shm_threshold_bytes,
+            os_sandbox=self._confinement.settings(self._config),
             role=self._role,
             nice=self._nice,
         )

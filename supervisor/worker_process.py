@@ -56,6 +56,7 @@ class WorkerHandle:
     kill_cause: RestartCause | None = None
     retire_cause: RestartCause | None = None
     replaced: bool = False  # a successor already holds this slot
+    protections: list[str] = field(default_factory=list)  # its OS sandbox, from its Ready
     _ps: psutil.Process | None = None
 
     @property

@@ -99,6 +99,8 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path):
 def test_demo_runs_the_real_service_end_to_end():
     """The quick start's `wasm-core demo`, on a private runtime and data dir."""
     workdir = Path(tempfile.mkdtemp(prefix="wcd", dir="/tmp"))
+    if os.geteuid() == 0:  # its workers switch to nobody, who must pass through (ops. doc 11)
+        workdir.chmod(0o711)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(workdir), "XDG_DATA_HOME": str(workdir / "d")}
     try:
         done = subprocess.run([sys.executable, "-m", "wasmcore.supervisor.cli_server", "demo"],
