@@ -10,8 +10,12 @@ ENDPOINT_ENV = "WASM_CORE_ENDPOINT"
 
 
 def runtime_dir() -> Path:
-    # Decided by the variable alone, never by whether the directory exists yet, so that a
-    # server and its clients always agree on the default endpoint.
+    # Decided by the uid and the variable alone, never by whether the directory exists yet,
+    # so that a server and its clients always agree on the default endpoint. For root, /run:
+    # a root service's workers run as an unprivileged user that must reach the worker
+    # sockets beside the endpoint, which root's own runtime dir (0700) would hide.
+    if os.geteuid() == 0:
+        return Path("/run/wasm-core")
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         return Path(base) / "wasm-core"

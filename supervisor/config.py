@@ -339,6 +339,10 @@ def _find_key_line(dotted_key: str, text: str) -> int | None:
 
 
 def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        # A service run by root: its workers switch to an unprivileged user ([sandbox] user)
+        # that must reach the blobs, which root's home (0700) would hide from them.
+        return Path("/var/lib/wasm-core")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "wasm-core"
 
