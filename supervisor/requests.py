@@ -34,6 +34,9 @@ Reply = Callable[[list[bytes], Any], None]
 ReplyError = Callable[[list[bytes], int, WasmCoreError], None]
 
 
+_LIMITS_KEPT = 4096
+
+
 def run_limits(config: Config, tenant: str, binary_name: str, wanted: p.RunOptions) -> Limits:
     """Timeout, fuel and memory for one run. Where the tenant has a ceiling (max_timeout_ms,
     max_fuel, max_memory_mb) a request may ask for anything up to it (QUOTA_EXCEEDED above);
@@ -73,13 +76,35 @@ class Requests:
     def __init__(self, config: Config, binaries: Binaries, shm_dir: str | None,
                  submit: Callable[[PendingJob], None], next_token: Callable[[], int],
                  reply: Reply, reply_error: ReplyError) -> None:
-        self.config = config
+        self._config = config
+        # run_limits per (tenant, binary name, what was asked): building them costs more than
+        # the rest of routing a quick execute; emptied when the config changes.
+        self._limits: dict[tuple[Any, ...], Limits] = {}
         self._binaries = binaries
         self._shm_dir = shm_dir
         self._submit = submit
         self._reply = reply
         self._reply_error = reply_error
         self._next_token = next_token
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self._limits.clear()
+
+    def _run_limits(self, tenant: str, binary_name: str, wanted: p.RunOptions) -> Limits:
+        key = (tenant, binary_name, wanted.timeout_ms, wanted.fuel, wanted.memory_mb)
+        limits = self._limits.get(key)
+        if limits is None:
+            limits = run_limits(self._config, tenant, binary_name, wanted)  # may raise
+            if len(self._limits) >= _LIMITS_KEPT:
+                self._limits.clear()
+            self._limits[key] = limits
+        return limits
 
     def handle(self, envelope: list[bytes], request: Any, payload: Any, admin: bool) -> None:
         """One decoded request (its payload frame, or for a batch the list of input frames)
@@ -128,7 +153,7 @@ class Requests:
                  **fields: Any) -> tuple[p.RunJob, p.BinaryInfo]:
         binary = self._binaries.owned(req.tenant, req.binary_id)
         entry = self._entry_for(binary, req.entry)
-        limits = run_limits(self.config, req.tenant, binary.name, req)
+        limits = self._run_limits(req.tenant, binary.name, req)
         job = p.RunJob(token=self._next_token(), request_id=req.id,
                        modules=[self._binaries.module_ref(binary)],
                        timeout_ms=limits.timeout_ms, fuel=limits.fuel,
@@ -174,7 +199,7 @@ class Requests:
                 f"{len(req.binary_ids)}: split it into several chains",
                 {"steps": len(req.binary_ids), "limit": limit})
         binaries = [self._binaries.owned(req.tenant, binary_id) for binary_id in req.binary_ids]
-        limits = [run_limits(self.config, req.tenant, b.name, req) for b in binaries]
+        limits = [self._run_limits(req.tenant, b.name, req) for b in binaries]
         job = p.RunJob(
             token=self._next_token(),
             request_id=req.id,
