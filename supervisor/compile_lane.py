@@ -33,6 +33,7 @@ from wasmcore.supervisor.config import Config
 from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
+from wasmcore.supervisor.worker_info import describe_workers
 from wasmcore.supervisor.worker_pool import (
     Exit,
     Tell,
@@ -194,19 +195,7 @@ class CompileLane:
         return self._pool.stop_reason
 
     def stats(self) -> list[p.WorkerInfo]:
-        workers = []
-        for handle in self._pool.live():
-            state = str(handle.state)
-            if handle.state is WorkerState.READY:
-                state = "busy" if self._scheduler.jobs_on(handle.worker_id) else "idle"
-            workers.append(p.WorkerInfo(
-                slot=handle.slot, pid=handle.pid, state=state,
-                rss_bytes=handle.rss_bytes or handle.sample_rss(),
-                executions=self._scheduler.executions_on(handle.worker_id),
-                started_at=handle.started_at, compiled=handle.compiled,
-                deserialized=handle.deserialized, protections=handle.protections))
-        workers.sort(key=lambda w: (w.slot, w.started_at))
-        return workers
+        return describe_workers(self._pool.live(), self._scheduler, show_pids=True)
 
     # ------------------------------------------------------------------ jobs
 

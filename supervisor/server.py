@@ -75,6 +75,7 @@ from wasmcore.supervisor.registry import Registry
 from wasmcore.supervisor.requests import Requests
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
 from wasmcore.supervisor.watcher import FileWatcher
+from wasmcore.supervisor.worker_info import describe_workers
 from wasmcore.supervisor.worker_pool import EXIT_POOL_FAILED, WorkerPool
 from wasmcore.supervisor.worker_process import RestartCause, WorkerHandle, WorkerState
 
@@ -569,23 +570,7 @@ class Supervisor:
         if request.all_tenants and not admin:
             raise Forbidden("only an admin key sees every tenant's binaries; ask without "
                             "all_tenants for your own")
-        workers = []
-        for handle in self.pool.live():
-            state = str(handle.state)
-            if handle.state is WorkerState.READY:
-                state = "busy" if self.scheduler.jobs_on(handle.worker_id) else "idle"
-            workers.append(p.WorkerInfo(
-                slot=handle.slot,
-                pid=handle.pid if admin else 0,
-                state=state,
-                rss_bytes=handle.rss_bytes or handle.sample_rss(),
-                executions=self.scheduler.executions_on(handle.worker_id),
-                started_at=handle.started_at,
-                compiled=handle.compiled,
-                deserialized=handle.deserialized,
-                protections=handle.protections,
-            ))
-        workers.sort(key=lambda w: (w.slot, w.started_at))
+        workers = describe_workers(self.pool.live(), self.scheduler, show_pids=admin)
         if request.all_tenants:
             binaries = self.binaries.all_tenants()
         else:
