@@ -33,9 +33,10 @@ from wasmcore.protocol import errors  # noqa: E402
 PLUGINS = ROOT / "plugins"
 
 
-def flood(endpoint: str, binary_id: str, fuel: int, in_flight: int, stop: Any,
+def flood(endpoint: str, tenant: str, binary_id: str, fuel: int, in_flight: int, stop: Any,
           completed: Any) -> None:
-    """Tenant A: keep `in_flight` executions outstanding until `stop` is set."""
+    """Keep `in_flight` executions of `tenant` outstanding until `stop` is set (their count
+    so far in `completed`)."""
 
     async def run() -> None:
         done = 0
@@ -50,7 +51,7 @@ def flood(endpoint: str, binary_id: str, fuel: int, in_flight: int, stop: Any,
                     pass  # OUT_OF_FUEL is the point; anything else still frees a slot
                 done += 1
 
-        async with AsyncClient(endpoint, tenant="a", timeout_s=600) as client:
+        async with AsyncClient(endpoint, tenant=tenant, timeout_s=600) as client:
             # One coroutine per request in flight, each sending its next as soon as its last
             # is answered: no per-completion pass over every outstanding request.
             senders = [asyncio.create_task(sender(client)) for _ in range(in_flight)]
@@ -121,7 +122,7 @@ def main() -> None:
             idle = b_latencies(b, upper, args.samples)
 
             flooder = multiprocessing.get_context("spawn").Process(
-                target=flood, args=(svc.endpoint, loop_id, fuel, args.in_flight, stop,
+                target=flood, args=(svc.endpoint, "a", loop_id, fuel, args.in_flight, stop,
                                     completed))
             flooder.start()
             deadline = time.monotonic() + 60

@@ -12,7 +12,6 @@ the goal (issue 12): heavy/light within 20% of 3.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import sys
 import time
@@ -22,44 +21,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_fairness import calibrate_fuel  # noqa: E402
+from bench.bench_fairness import calibrate_fuel, flood  # noqa: E402
 from bench.common import machine_info  # noqa: E402
-from wasmcore.client.core import AsyncClient, Client  # noqa: E402
+from wasmcore.client.core import Client  # noqa: E402
 from wasmcore.client.launcher import start_service  # noqa: E402
-from wasmcore.protocol import errors  # noqa: E402
 
 PLUGINS = ROOT / "plugins"
 WEIGHTS = {"light": 1, "heavy": 3}
-
-
-def flood(endpoint: str, tenant: str, binary_id: str, fuel: int, in_flight: int, stop: Any,
-          completed: Any) -> None:
-    """Keep `in_flight` executions of `tenant` outstanding until `stop` is set."""
-
-    async def run() -> None:
-        done = 0
-        running = True
-
-        async def sender(client: AsyncClient) -> None:
-            nonlocal done
-            while running:
-                try:
-                    await client.execute(binary_id, b"", fuel=fuel)
-                except errors.WasmCoreError:
-                    pass  # OUT_OF_FUEL is the point
-                done += 1
-
-        async with AsyncClient(endpoint, tenant=tenant, timeout_s=600) as client:
-            senders = [asyncio.create_task(sender(client)) for _ in range(in_flight)]
-            while not stop.is_set():
-                await asyncio.sleep(0.02)
-                completed.value = done
-            running = False
-            for task in senders:
-                task.cancel()
-            await asyncio.gather(*senders, return_exceptions=True)
-
-    asyncio.run(run())
 
 
 def one_run(args: argparse.Namespace) -> tuple[dict[str, float], float]:
