@@ -18,6 +18,7 @@ from wasmcore.protocol.limits import WASM_PAGE
 
 from . import _raw
 from .host import HOST_IMPORTS
+from .import_hints import binary_hint, toolchain_hint
 from .imports_scan import Buffer, MalformedImports, NotCoreModule, read_imports
 
 WASI_MODULE = "wasi_snapshot_preview1"
@@ -37,7 +38,11 @@ WASI_FUNCTIONS = frozenset({
     "sock_accept", "sock_recv", "sock_send", "sock_shutdown",
 })
 _AVAILABLE = "available: host.log, host.output, wasi_snapshot_preview1.*"
-_MAX_LISTED = 1000  # missing imports named in one refusal
+# A refusal names this many missing imports in its message and its details (and counts
+# them all), each cut to _MAX_NAME_CHARS: real toolchains import hundreds.
+_NAMED_IN_MESSAGE = 5
+_MAX_LISTED = 20
+_MAX_NAME_CHARS = 200
 
 
 class EntryKind(enum.IntEnum):
@@ -118,32 +123,52 @@ def precheck_imports(wasm: Buffer) -> None:
     try:
         imports = read_imports(wasm)
     except NotCoreModule as exc:
-        raise InvalidModule(str(exc), {"reason": str(exc)}) from None
+        hint = binary_hint(wasm)
+        if hint is None:
+            raise InvalidModule(str(exc), {"reason": str(exc)}) from None
+        raise InvalidModule(f"{exc}. {hint.advice}",
+                            {"reason": str(exc), "toolchain": hint.toolchain}) from None
     except MalformedImports as exc:
         raise InvalidModule(f"invalid WebAssembly module: {exc}", {"reason": str(exc)}) from None
     if not imports:
         return  # none, or the scan gave up: the compile and link decide
-    missing: dict[str, None] = {}  # in order, once each
+    missing: dict[tuple[str, str], None] = {}  # in order, once each
     for imp in imports:
         provided = imp.kind == "func" and (
             (imp.module, imp.name) in HOST_IMPORTS
             or (imp.module == WASI_MODULE and imp.name in WASI_FUNCTIONS))
         if not provided:
-            missing[str(imp)] = None
-            if len(missing) >= _MAX_LISTED:
-                break
+            missing[(imp.module, imp.name)] = None
     if missing:
-        raise InvalidModule(
-            f"module imports what the host does not provide: {', '.join(list(missing)[:20])}"
-            f"{f' and {len(missing) - 20} more' if len(missing) > 20 else ''} ({_AVAILABLE}); "
-            "refused before compiling it",
-            {"missing_imports": list(missing)},
-        )
+        raise _unprovided(list(missing), "refused before compiling it")
+
+
+def _unprovided(missing: list[tuple[str, str]], when: str) -> InvalidModule:
+    """The refusal of a module importing what the service does not provide: the first few
+    names and how many in all (real toolchains' lists run to hundreds), and what the
+    toolchain that built it, if recognised, should build instead."""
+    names = [_shortened(f"{module}.{name}") for module, name in missing]
+    shown = ", ".join(names[:_NAMED_IN_MESSAGE])
+    more = len(names) - _NAMED_IN_MESSAGE
+    message = (f"module imports what the host does not provide: {shown}"
+               f"{f' and {more} more, {len(names)} in all' if more > 0 else ''} "
+               f"({_AVAILABLE}); {when}")
+    details: dict[str, object] = {"missing_imports": names[:_MAX_LISTED],
+                                  "missing_count": len(names)}
+    hint = toolchain_hint(missing)
+    if hint is not None:
+        message += f". {hint.advice}"
+        details["toolchain"] = hint.toolchain
+    return InvalidModule(message, details)
+
+
+def _shortened(name: str) -> str:
+    return name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS - 1] + "…"
 
 
 def check_imports(module: wasmtime.Module) -> bool:
     """Refuse imports the host does not provide; returns whether WASI is imported."""
-    missing: list[str] = []
+    missing: dict[tuple[str, str], None] = {}
     needs_wasi = False
     for imp in module.imports:
         key = (imp.module, imp.name or "")
@@ -152,13 +177,9 @@ def check_imports(module: wasmtime.Module) -> bool:
         if imp.module == WASI_MODULE and isinstance(imp.type, wasmtime.FuncType):
             needs_wasi = True  # exact names are checked by the linker (instantiate_pre)
             continue
-        missing.append(f"{imp.module}.{imp.name}")
+        missing[key] = None
     if missing:
-        raise InvalidModule(
-            f"module imports what the host does not provide: {', '.join(missing)} "
-            "(available: host.log, host.output, wasi_snapshot_preview1.*)",
-            {"missing_imports": missing},
-        )
+        raise _unprovided(list(missing), "refused")
     return needs_wasi
 
 
