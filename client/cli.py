@@ -7,6 +7,7 @@ stderr as `CODE: message` and the exit status is non-zero (1 for service errors,
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 import time
 from collections.abc import Sequence
@@ -98,6 +99,18 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _output_fields(output: bytes) -> dict[str, str | None]:
+    """A plugin's output in JSON without loss: `output_base64` always holds the exact bytes;
+    `output` is the same bytes as text when they are valid UTF-8, else null (never a lossy
+    decoding that would pass for the output)."""
+    data = bytes(output)
+    try:
+        text: str | None = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return {"output": text, "output_base64": base64.b64encode(data).decode("ascii")}
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
 
@@ -183,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                                         timeout_ms=args.timeout, memory_mb=args.memory,
                                         fuel=args.fuel, env=_env(args.env), entry=args.entry)
                 if args.json:
-                    _print_json({"output": result.output.decode("utf-8", "replace"),
+                    _print_json({**_output_fields(result.output),
                                  "logs": result.logs, "metering": result.metering,
                                  "binary_id": result.binary_id, "version": result.version,
                                  "worker_pid": result.worker_pid})
@@ -198,8 +211,7 @@ def run(args: argparse.Namespace) -> int:
                 chained = client.chain(ids, _input_bytes(args), timeout_ms=args.timeout,
                                        memory_mb=args.memory, fuel=args.fuel, env=_env(args.env))
                 if args.json:
-                    _print_json({"output": chained.output.decode("utf-8", "replace"),
-                                 "steps": chained.steps})
+                    _print_json({**_output_fields(chained.output), "steps": chained.steps})
                 else:
                     sys.stdout.buffer.write(chained.output)
                     if sys.stdout.isatty() and not chained.output.endswith(b"\n"):

@@ -265,6 +265,8 @@ class Sandbox:
                 raise _with_metering(_too_big(len(input) + len(env_bytes), lim))
         elif module.kind == "wasi":
             encode_env(env)  # validation only: WASI gets the pairs
+        elif len(input) or env:
+            raise _with_metering(_no_arguments(module, name))
         if module.min_memory_bytes > lim.memory_bytes:
             raise _with_metering(
                 MemoryLimit(
@@ -546,6 +548,17 @@ def encode_env(env: dict[str, str]) -> bytes:
             )
         parts.append(f"{key}={value}\0".encode())
     return b"".join(parts)
+
+
+def _no_arguments(module: CompiledModule, entry: str) -> BadRequest:
+    """Input or env sent to a core module's no-argument entry, which has no way to receive
+    either: refused rather than dropped, so a caller never mistakes it for a run on them."""
+    takers = [name for name, (kind, _) in module.entries.items() if kind is EntryKind.ABI]
+    instead = (f"or call an entry that takes them: {', '.join(takers)}" if takers
+               else "this module has no entry that takes them")
+    return BadRequest(
+        f"entry {entry!r} takes no arguments, so it cannot receive input or env: send "
+        f"neither, {instead}", {"entry": entry, "available": takers})
 
 
 def _too_big(n: int, lim: Limits) -> MemoryLimit:

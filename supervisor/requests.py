@@ -168,8 +168,15 @@ class Requests:
             if self._shm_dir is None:
                 raise BadRequest("shared-memory payloads are off on this server; send the "
                                  "input inline")
-            if not shm.NAME.match(input_shm.name) or input_shm.size < 0:
+            if not shm.NAME.match(input_shm.name):
                 raise BadRequest(f"not a segment name: {input_shm.name!r}")
+            if input_shm.size < 0:
+                raise BadRequest(f"input_shm size is {input_shm.size}: the size is the "
+                                 "segment's length in bytes, 0 or more",
+                                 {"segment": input_shm.name, "size": input_shm.size})
+            if payload is not None:
+                raise BadRequest("an execute with input_shm takes no payload frame (an empty "
+                                 "frame counts): the input is the segment")
             if input_shm.size > self.config.server.max_payload_bytes:
                 raise PayloadTooLarge(f"input segment is {input_shm.size} bytes; limit is "
                                       f"{self.config.server.max_payload_bytes}")

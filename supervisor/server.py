@@ -87,6 +87,8 @@ _DRAIN_BATCH = 256  # messages per socket per turn, so neither side starves the 
 # to this size; skipping costs up to ~4 ns a byte, so larger ones are not read at all.
 _PEEK_MAX_BYTES = 4 * MiB
 _MAX_PACKERS = 65_536
+# Requests that carry nothing but their header: a payload frame with one is refused.
+_NO_PAYLOAD = (p.ListBinaries, p.Unload, p.Stats, p.Hello)
 _WATCH_ADDRESS = "inproc://wasm-core-watch"
 # Timers (deadlines, heartbeats, watchdog, respawns) are checked at most this often.
 _TICK_S = 0.002
@@ -508,12 +510,19 @@ class Supervisor:
                 # Proven by the connection's key: the request's own field is ignored.
                 request.tenant = peer.tenant
             if isinstance(request, p.ExecuteBatch):
-                if request.count != len(payloads) or request.count < 1:
+                if request.count < 1:
+                    raise BadRequest(f"execute_batch needs at least 1 input (count is the "
+                                     f"number of input frames after the header); got "
+                                     f"count={request.count}", {"count": request.count})
+                if request.count != len(payloads):
                     raise BadRequest(f"execute_batch says count={request.count} but carries "
                                      f"{len(payloads)} input frames")
             elif len(payloads) > 1:
                 raise BadRequest(f"expected 1 or 2 frames (header, payload), got "
                                  f"{len(payloads) + 1}")
+            elif payloads and type(request) in _NO_PAYLOAD:
+                raise BadRequest(f"a `{type(request).__struct_config__.tag}` request takes no "
+                                 "payload frame (an empty frame counts): send the header alone")
             if self.draining is not None:
                 raise ShuttingDown("the service is shutting down; retry on its replacement")
             size = sum(len(f) for f in payloads)
