@@ -16,6 +16,7 @@ import pytest
 from bench.wasm_gen import big_module
 from tests.conftest import HOSTILE, PLUGINS, exchange, raw_dealer
 from wasmcore.protocol import messages as p
+from wasmcore.sandbox_worker.import_hints import binary_hint, toolchain_hint
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 pack = msgspec.msgpack.encode
@@ -253,3 +254,29 @@ def test_json_execute_output_is_lossless(service):
     chained = json.loads(_cli(service, "--json", "chain", "--binary-ids", binary,
                               "--input-file", "-", stdin=data).stdout)
     assert chained["output"] is None and base64.b64decode(chained["output_base64"]) == data
+
+
+# ---------------------------------------------------------------- the hint table (pure)
+
+
+@pytest.mark.parametrize(
+    ("missing", "toolchain"),
+    [
+        ([("env", "mystery")], None),
+        ([("env", "abort"), ("wbg", "anything")], "wasm-bindgen"),
+        ([("__wbindgen_placeholder__", "__wbindgen_describe")], "wasm-bindgen"),
+        ([("go", "runtime.wasmExit")], "go-js"),  # Go before 1.21
+        ([("env", "invoke_vi")], "emscripten"),
+        ([("env", "emscripten_memcpy_js"), ("env", "napi_create_object")], "napi-rs"),
+        ([("extism:host/user", "kv_get")], "extism"),
+    ],
+)
+def test_the_hint_table(missing, toolchain):
+    hint = toolchain_hint(missing)
+    assert (hint.toolchain if hint else None) == toolchain
+
+
+def test_only_a_component_preamble_gets_a_binary_hint():
+    assert binary_hint((HOSTILE / "foreign_component.wasm").read_bytes()).toolchain == "component"
+    assert binary_hint(b"\0asm\x02\0\0\0") is None
+    assert binary_hint(b"(module)") is None
