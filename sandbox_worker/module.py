@@ -36,7 +36,8 @@ WASI_FUNCTIONS = frozenset({
     "path_unlink_file", "poll_oneoff", "proc_exit", "proc_raise", "sched_yield", "random_get",
     "sock_accept", "sock_recv", "sock_send", "sock_shutdown",
 })
-_AVAILABLE = "available: host.log, host.output, wasi_snapshot_preview1.*"
+_AVAILABLE = ("available: host.log, host.output, host.call, host.call_result, "
+              "wasi_snapshot_preview1.*")
 _MAX_LISTED = 1000  # missing imports named in one refusal
 
 
@@ -156,7 +157,7 @@ def check_imports(module: wasmtime.Module) -> bool:
     if missing:
         raise InvalidModule(
             f"module imports what the host does not provide: {', '.join(missing)} "
-            "(available: host.log, host.output, wasi_snapshot_preview1.*)",
+            f"({_AVAILABLE})",
             {"missing_imports": missing},
         )
     return needs_wasi
