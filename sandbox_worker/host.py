@@ -175,19 +175,38 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
         ptr = u32_at(args).value
         length = u32_at(args + val_size).value
         ctx = state.ctx
-        if not state.has_memory:
-            # Called before the host resolved exports (e.g. from a start function): ask the
-            # caller's instance for its memory.
-            if not ctx or not _raw.caller_export_get(
-                caller, _MEMORY_NAME, len(_MEMORY_NAME), state.memory_extern_addr
-            ):
-                return None
-            if not state.memory_extern.is_memory():
-                return None
-            state.has_memory = True
+        if not state.has_memory and not attach(caller):
+            return None
         if ptr + length > memory_data_size(ctx, state.memory_addr):
             return None
         return memory_data(ctx, state.memory_addr) + ptr, length
+
+    def attach(caller: int) -> bool:
+        """Called before the host resolved exports (e.g. from a start function): ask the
+        caller's instance for its memory."""
+        if not state.ctx or not _raw.caller_export_get(
+            caller, _MEMORY_NAME, len(_MEMORY_NAME), state.memory_extern_addr
+        ):
+            return False
+        if not state.memory_extern.is_memory():
+            return False
+        state.has_memory = True
+        return True
+
+    def read_two(caller: int, args: int) -> tuple[bytes, bytes] | None:
+        """The guest bytes named by two (ptr, len) pairs, with one look at the memory."""
+        if not state.has_memory and not attach(caller):
+            return None
+        ctx, memory = state.ctx, state.memory_addr
+        size = memory_data_size(ctx, memory)
+        ptr1 = u32_at(args).value
+        len1 = u32_at(args + val_size).value
+        ptr2 = u32_at(args + 2 * val_size).value
+        len2 = u32_at(args + 3 * val_size).value
+        if ptr1 + len1 > size or ptr2 + len2 > size:
+            return None
+        base = memory_data(ctx, memory)
+        return string_at(base + ptr1, len1), string_at(base + ptr2, len2)
 
     def read_args(caller: int, args: int) -> bytes | None:
         found = locate(caller, args)
@@ -239,12 +258,11 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
         """host.call(name_ptr, name_len, req_ptr, req_len) -> i64: the response's length,
         or minus the error's length; either is then read with host.call_result."""
         try:
-            name_at = locate(caller, args)
-            request_at = locate(caller, args + 2 * val_size)
-            if name_at is None or request_at is None:
+            found = read_two(caller, args)
+            if found is None:
                 return _trap("host.call: pointer/length outside the plugin's memory")
-            name = string_at(*name_at).decode("utf-8", "replace")
-            request = string_at(*request_at)
+            name = found[0].decode("utf-8", "replace")
+            request = found[1]
             methods = state.methods
             if methods is None:
                 ok, body = False, b'{"error":{"code":"NOT_FOUND","message":"no host methods"}}'

@@ -129,3 +129,44 @@ def test_reconfigure_imports_new_targets_and_drops_removed_ones(tmp_path: Path):
         "UNAVAILABLE")  # this table has no key-value database
     methods.configure(HostMethodTable())
     assert json.loads(methods.call("t", "m", b"1")[1])["error"]["code"] == "NOT_FOUND"
+
+
+HOSTILE_CALLER = b"""
+(module
+  (import "host" "call" (func $call (param i32 i32 i32 i32) (result i64)))
+  (import "host" "call_result" (func $result (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "echo")
+  (func (export "name_out") (result i32)
+    (drop (call $call (i32.const 65530) (i32.const 100) (i32.const 0) (i32.const 0)))
+    (i32.const 0))
+  (func (export "request_out") (result i32)
+    (drop (call $call (i32.const 0) (i32.const 4) (i32.const -16) (i32.const 32)))
+    (i32.const 0))
+  (func (export "result_out") (result i32)
+    (drop (call $call (i32.const 0) (i32.const 4) (i32.const 0) (i32.const 2)))
+    (call $result (i32.const 65535) (i32.const 64)))
+  (func (export "result_short") (result i32)
+    (drop (call $call (i32.const 0) (i32.const 4) (i32.const 16) (i32.const 2)))
+    (call $result (i32.const 100) (i32.const 1)))
+  (data (i32.const 16) "[]")
+)
+"""
+
+
+def test_pointers_outside_memory_trap_and_short_buffers_get_a_prefix(tmp_path: Path):
+    from wasmcore.protocol.errors import PluginError, Trap
+    from wasmcore.sandbox_worker.runtime import Sandbox
+
+    methods = _methods(tmp_path, target="wasmcore.plugins.methods:echo")
+    methods.configure(HostMethodTable(methods=[
+        HostMethodSpec(name="echo", target="wasmcore.plugins.methods:echo", tenants=["*"])]))
+    with Sandbox(methods=methods) as sandbox:
+        module = sandbox.compile(HOSTILE_CALLER)
+        for entry in ("name_out", "request_out", "result_out"):
+            with pytest.raises(Trap, match="outside the plugin's memory"):
+                sandbox.execute(module, b"", entry=entry, tenant="t")
+        # call_result copies what fits and says how much: 1 byte of "[]" here.
+        with pytest.raises(PluginError) as copied:
+            sandbox.execute(module, b"", entry="result_short", tenant="t")
+        assert copied.value.details["plugin_code"] == 1
