@@ -137,7 +137,8 @@ class Supervisor:
             Path(config.server.shm_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
             self.shm_dir = config.server.shm_dir
             shm.sweep(self.shm_dir)
-        kv_dir(config).mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(config.server.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        kv_dir(config).mkdir(exist_ok=True, mode=0o700)  # the tenants' key-value state
         # What workers may call with host.call; sent to each worker when it is ready and again
         # when a reload changes it (`_send_methods`).
         self._methods = method_table(config)
