@@ -124,7 +124,7 @@ def main() -> None:
             methods=[HostMethodSpec(name="echo", target="wasmcore.plugins.methods:echo",
                                     tenants=["*"])],
             kv_path=str(Path(tmp) / "kv.sqlite3"), kv_quotas={"default": [0, 0]})
-        methods = HostMethods(table)
+        methods = HostMethods(table, preempt=True)  # as in a worker
         ok, _ = methods.call("bench", "kv.set", b'{"key":"bench","value":{"n":1}}')
         assert ok
         with Sandbox(methods=methods) as sandbox:

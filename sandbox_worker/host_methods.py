@@ -22,8 +22,9 @@ the next bytecode, which interrupts Python code, `time.sleep` and other calls th
 EINTR. C code that holds the GIL and never returns to Python cannot be interrupted; its
 result is discarded after the fact (the elapsed time is checked too), and if it never
 returns, the supervisor's deadline for the execution ends the worker like any stuck
-execution. Called outside the main thread (an in-process Sandbox in a thread), only the
-check after the call applies.
+execution. Called outside the main thread (an in-process Sandbox in a thread), or built
+without `preempt` (the worker asks for it; an embedder may not want its SIGALRM taken), only
+the check after the call applies.
 """
 
 from __future__ import annotations
@@ -138,7 +139,11 @@ class HostMethods:
     """The methods this worker's plugins may call, from the table the supervisor sends."""
 
     def __init__(self, table: HostMethodTable | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, preempt: bool = False) -> None:
+        """`preempt`: interrupt overrunning calls with SIGALRM (the worker's choice). It takes
+        the process's SIGALRM and ITIMER_REAL for itself, so it is off by default for
+        embedders (pytest-timeout, say, uses them too); then only the check after the call
+        applies."""
         self._log_line = log or _stderr
         self._methods: dict[str, _Method] = {}
         self._imported: dict[str, Callable[..., Any]] = {}  # target -> callable
@@ -147,7 +152,7 @@ class HostMethods:
         self._quotas: dict[str, list[int]] = {}
         self._logged: dict[str, list[float]] = {}  # method -> [window start, lines, dropped]
         self._armed = False
-        self._alarm = threading.current_thread() is threading.main_thread()
+        self._alarm = preempt and threading.current_thread() is threading.main_thread()
         self._main = threading.get_ident()
         if self._alarm:
             signal.signal(signal.SIGALRM, self._on_alarm)

@@ -123,7 +123,8 @@ class Worker:
         self.compiles_only = settings.role == ROLE_COMPILE
         sandbox = settings.sandbox
         # Host methods: their targets are imported now, before the worker confines itself.
-        self.methods = None if self.compiles_only else HostMethods(settings.host_methods)
+        self.methods = (None if self.compiles_only
+                        else HostMethods(settings.host_methods, preempt=True))
         self.sandbox = Sandbox(for_compiles(sandbox) if self.compiles_only else sandbox,
                                methods=self.methods)
         self.ctx = zmq.Context()

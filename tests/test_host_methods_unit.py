@@ -80,19 +80,20 @@ def test_bad_method_config_is_refused(text: str, key: str):
         parse_config(text)
 
 
-def _methods(tmp_path: Path, **spec: object) -> HostMethods:
+def _methods(tmp_path: Path, preempt: bool = False, **spec: object) -> HostMethods:
     lines: list[str] = []
     table = HostMethodTable(
         methods=[HostMethodSpec(name="m", target=str(spec.pop("target")), tenants=["*"],
                                 **spec)],  # type: ignore[arg-type]
         kv_path=str(tmp_path / "kv.sqlite3"), kv_quotas={"default": [0, 0]})
-    methods = HostMethods(table, log=lines.append)
+    methods = HostMethods(table, log=lines.append, preempt=preempt)
     methods.lines = lines  # type: ignore[attr-defined]
     return methods
 
 
 def test_a_slow_method_is_interrupted_in_the_main_thread(tmp_path: Path):
-    methods = _methods(tmp_path, target="wasmcore.plugins.methods:slow", timeout_ms=50)
+    methods = _methods(tmp_path, preempt=True, target="wasmcore.plugins.methods:slow",
+                       timeout_ms=50)
     ok, body = methods.call("t", "m", b'{"ms": 20000}')
     assert not ok and json.loads(body)["error"]["code"] == "TIMEOUT"
     assert methods.call("t", "m", b'{"ms": 1}') == (True, b'{"slept_ms":1}')
