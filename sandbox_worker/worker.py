@@ -474,8 +474,11 @@ class Worker:
         for data in inputs:
             started = time.perf_counter()
             try:
-                result = self.sandbox.execute(module, data, env=job.env, entry=job.entry,
-                                              limits=limits, tenant=job.tenant)
+                if job.fallback_entries:
+                    result = self._execute_with_fallback(module, data, job, limits, started)
+                else:
+                    result = self.sandbox.execute(module, data, env=job.env, entry=job.entry,
+                                                  limits=limits, tenant=job.tenant)
             except WasmCoreError as exc:
                 items.append(p.BatchItem(code=exc.code, message=exc.message,
                                          details=dict(exc.details)))
