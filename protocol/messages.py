@@ -415,6 +415,7 @@ def fits_in_pack(payload: object) -> bool:
     """A payload frame that may ride inside a pack: none at all, or small plain bytes."""
     return payload is None or (type(payload) is bytes and len(payload) <= PACKED_PAYLOAD_MAX_BYTES)
 
+
 class HostMethodSpec(msgspec.Struct, frozen=True, kw_only=True):
     """One operator host method ([host_methods."<name>"]), as a worker needs it."""
 
