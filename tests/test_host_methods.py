@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -268,3 +270,30 @@ def test_entry_fallback_reports_every_attempt_when_all_fail():
                 ("primary", "TRAP"), ("secondary", "PLUGIN_ERROR")]
     finally:
         svc.cleanup()
+
+
+def test_a_method_of_the_operators_own_module_imported_after_a_reload(monkeypatch):
+    """The operator's module (on the service's PYTHONPATH, outside wasm-core) named only by a
+    reload: the workers import it then, already confined (sandbox user, seccomp)."""
+    workdir = Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
+    modules = workdir / "operator"
+    modules.mkdir(mode=0o755)
+    (modules / "operator_methods.py").write_text(
+        "def hello(request, context):\n"
+        "    return {'hello': request, 'tenant': context.tenant}\n")
+    (modules / "operator_methods.py").chmod(0o644)
+    monkeypatch.setenv("PYTHONPATH", str(modules))
+    svc = start_service(workers=1, workdir=workdir, config={"host_methods": {}})
+    try:
+        with svc.client(tenant="alice") as c:
+            caller = c.load(CALLER).binary_id
+            assert call(c, caller, "hello", 1)[1]["error"]["code"] == "NOT_FOUND"
+            text = svc.config_path.read_text()
+            svc.config_path.write_text(text + '\n[host_methods."hello"]\n'
+                                       'target = "operator_methods:hello"\ntenants = "*"\n')
+            wait_for(lambda: call(c, caller, "hello", 1)[0], 20, "the method after the reload")
+            assert call(c, caller, "hello", [1])[1] == {"hello": [1], "tenant": "alice"}
+    finally:
+        svc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(svc.shm_dir, ignore_errors=True)
