@@ -51,9 +51,15 @@ fi
     -o wordfreq.wasm c/wordfreq.c
 echo "clang c/wordfreq.c -> wordfreq.wasm"
 
+# --- C plugin, ABI kind 1 with host methods: the key-value visit counter ----
+"$CLANG" --target=wasm32-unknown-unknown -O2 -nostdlib -mbulk-memory \
+    -Wl,--no-entry -Wl,--export=alloc -Wl,--export=process -Wl,--strip-all \
+    -o visit_counter.wasm c/visit_counter.c
+echo "clang c/visit_counter.c -> visit_counter.wasm"
+
 # --- C plugin, ABI kind 3: WASI preview 1 command (wasi-libc) ---------------
 "$CLANG" --target=wasm32-wasi -O2 -Wl,--strip-all \
     -o wasi_upper.wasm c/wasi_upper.c
 echo "clang c/wasi_upper.c -> wasi_upper.wasm"
 
-chmod 644 wordfreq.wasm wasi_upper.wasm   # wasm-ld marks its output executable
+chmod 644 wordfreq.wasm wasi_upper.wasm visit_counter.wasm   # wasm-ld marks its output executable

@@ -369,6 +369,11 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     output_shm_into: str = ""
     # False: the reply's worker_pid is 0 (the requester is not an admin: no pids for it).
     report_pid: bool = True
+    # Whose execution this is: host methods check it and key-value state is scoped by it.
+    tenant: str = ""
+    # More entries to try, in order, when `entry` fails with a trap or a plugin error (the
+    # binary's `entry_fallback`); empty: only `entry`.
+    fallback_entries: list[str] = []
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):
@@ -410,7 +415,31 @@ def fits_in_pack(payload: object) -> bool:
     """A payload frame that may ride inside a pack: none at all, or small plain bytes."""
     return payload is None or (type(payload) is bytes and len(payload) <= PACKED_PAYLOAD_MAX_BYTES)
 
-WorkerCommand = RunJob | CompileJob | Shutdown | JobPack
+
+class HostMethodSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One operator host method ([host_methods."<name>"]), as a worker needs it."""
+
+    name: str
+    target: str  # "package.module:function", imported by the worker
+    tenants: list[str] = []  # who may call it; ["*"]: every tenant
+    timeout_ms: int = 1000
+    max_request_bytes: int = 65536
+    max_response_bytes: int = 1048576
+
+
+class HostMethodTable(msgspec.Struct, frozen=True, tag="methods", kw_only=True):
+    """What plugins may call through `host.call`: the operator's methods and the built-in
+    key-value state (its SQLite file and each tenant's quota). Sent to an executing worker
+    when it is ready and on every config reload that changes it, on the same socket as its
+    jobs, so every job sent after a reload runs with the new table."""
+
+    methods: list[HostMethodSpec] = []
+    kv_path: str = ""  # the key-value database; empty: kv.* methods answer an error
+    # tenant -> [max_keys, max_bytes] (0: unlimited); "default" for tenants not named
+    kv_quotas: dict[str, list[int]] = {}
+
+
+WorkerCommand = RunJob | CompileJob | Shutdown | JobPack | HostMethodTable
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):

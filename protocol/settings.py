@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgspec
 
 from wasmcore.protocol.limits import Limits
+from wasmcore.protocol.messages import HostMethodTable
 
 WORKER_MODULE = "wasmcore.sandbox_worker"
 
@@ -67,3 +68,5 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     os_sandbox: OsSandboxSettings = OsSandboxSettings()
     role: str = ROLE_EXECUTE
     nice: int = 0  # added to the worker's CPU niceness at start (compile workers: lower priority)
+    # Host methods at start: their targets are imported before the worker confines itself.
+    host_methods: HostMethodTable = HostMethodTable()

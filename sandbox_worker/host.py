@@ -1,4 +1,5 @@
-"""Host functions `host.log` and `host.output`, defined as raw unchecked callbacks.
+"""Host functions `host.log`, `host.output`, `host.call` and `host.call_result`, defined as
+raw unchecked callbacks.
 
 wasmtime-py's `Linker.define_func` routes every call through a generic trampoline that boxes
 each argument in `Val` objects (several microseconds per call). Here the callbacks receive the
@@ -12,13 +13,16 @@ a Sandbox must be used from one thread at a time.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import wasmtime
 
 from wasmcore.protocol.errors import InternalError, OutputLimit, WasmCoreError
 
 from . import _raw
+
+if TYPE_CHECKING:
+    from .host_methods import HostMethods
 
 _MEMORY_NAME = b"memory"
 
@@ -45,6 +49,9 @@ class HostState:
         "log_cap",
         "logs_truncated",
         "failure",
+        "methods",
+        "tenant",
+        "call_result",
     )
 
     def __init__(self) -> None:
@@ -66,6 +73,11 @@ class HostState:
         self.logs_truncated = False
         # An error decided by the host (e.g. output cap) that explains the trap that follows.
         self.failure: WasmCoreError | None = None
+        # What `host.call` reaches, and for whom (set by the Sandbox per execution).
+        self.methods: HostMethods | None = None
+        self.tenant = ""
+        # The last host.call's response or error, until the next call or execution.
+        self.call_result = b""
 
     def reset(self, ctx: int, output_cap: int, log_cap: int,
               sink: OutputSink | None = None) -> None:
@@ -81,6 +93,7 @@ class HostState:
         self.log_cap = log_cap
         self.logs_truncated = False
         self.failure = None
+        self.call_result = b""
 
     def add_log(self, data: bytes) -> None:
         """Append one log line, truncating once the byte budget is spent (never failing)."""
@@ -151,25 +164,49 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
     memory_data_size = _raw.memory_data_size
     val_size = _raw.VAL_RAW_SIZE
 
+    i64_at = ctypes.c_int64.from_address
+    i32_at = ctypes.c_int32.from_address
+    memmove = ctypes.memmove
+
     def locate(caller: int, args: int) -> tuple[int, int] | None:
-        """(host address, length) of the guest bytes [ptr, ptr+len), or None when out of
-        bounds / no memory. Valid only until the guest runs again."""
+        """(host address, length) of the guest bytes [ptr, ptr+len) named by the two i32
+        arguments at `args`, or None when out of bounds / no memory. Valid only until the
+        guest runs again."""
         ptr = u32_at(args).value
         length = u32_at(args + val_size).value
         ctx = state.ctx
-        if not state.has_memory:
-            # Called before the host resolved exports (e.g. from a start function): ask the
-            # caller's instance for its memory.
-            if not ctx or not _raw.caller_export_get(
-                caller, _MEMORY_NAME, len(_MEMORY_NAME), state.memory_extern_addr
-            ):
-                return None
-            if not state.memory_extern.is_memory():
-                return None
-            state.has_memory = True
+        if not state.has_memory and not attach(caller):
+            return None
         if ptr + length > memory_data_size(ctx, state.memory_addr):
             return None
         return memory_data(ctx, state.memory_addr) + ptr, length
+
+    def attach(caller: int) -> bool:
+        """Called before the host resolved exports (e.g. from a start function): ask the
+        caller's instance for its memory."""
+        if not state.ctx or not _raw.caller_export_get(
+            caller, _MEMORY_NAME, len(_MEMORY_NAME), state.memory_extern_addr
+        ):
+            return False
+        if not state.memory_extern.is_memory():
+            return False
+        state.has_memory = True
+        return True
+
+    def read_two(caller: int, args: int) -> tuple[bytes, bytes] | None:
+        """The guest bytes named by two (ptr, len) pairs, with one look at the memory."""
+        if not state.has_memory and not attach(caller):
+            return None
+        ctx, memory = state.ctx, state.memory_addr
+        size = memory_data_size(ctx, memory)
+        ptr1 = u32_at(args).value
+        len1 = u32_at(args + val_size).value
+        ptr2 = u32_at(args + 2 * val_size).value
+        len2 = u32_at(args + 3 * val_size).value
+        if ptr1 + len1 > size or ptr2 + len2 > size:
+            return None
+        base = memory_data(ctx, memory)
+        return string_at(base + ptr1, len1), string_at(base + ptr2, len2)
 
     def read_args(caller: int, args: int) -> bytes | None:
         found = locate(caller, args)
@@ -217,20 +254,68 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
             state.failure = InternalError(f"host.log failed: {exc!r}")
             return _trap("host function failed")
 
+    def call(env: int, caller: int, args: int, nargs: int) -> int:
+        """host.call(name_ptr, name_len, req_ptr, req_len) -> i64: the response's length,
+        or minus the error's length; either is then read with host.call_result."""
+        try:
+            found = read_two(caller, args)
+            if found is None:
+                return _trap("host.call: pointer/length outside the plugin's memory")
+            name = found[0].decode("utf-8", "replace")
+            request = found[1]
+            methods = state.methods
+            if methods is None:
+                ok, body = False, b'{"error":{"code":"NOT_FOUND","message":"no host methods"}}'
+            else:
+                ok, body = methods.call(state.tenant, name, request)
+            state.call_result = body
+            i64_at(args).value = len(body) if ok else -len(body)
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.call failed: {exc!r}")
+            return _trap("host function failed")
+
+    def call_result(env: int, caller: int, args: int, nargs: int) -> int:
+        """host.call_result(dst_ptr, dst_len) -> i32: copies the last call's response (or
+        error) there, at most dst_len bytes; returns how many."""
+        try:
+            found = locate(caller, args)
+            if found is None:
+                return _trap("host.call_result: pointer/length outside the plugin's memory")
+            address, length = found
+            body = state.call_result
+            n = min(length, len(body))
+            if n:
+                memmove(address, body, n)
+            i32_at(args).value = n
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.call_result failed: {exc!r}")
+            return _trap("host function failed")
+
     return {
         "output": _raw.UNCHECKED_CALLBACK(output),
         "log": _raw.UNCHECKED_CALLBACK(log),
+        "call": _raw.UNCHECKED_CALLBACK(call),
+        "call_result": _raw.UNCHECKED_CALLBACK(call_result),
     }
 
 
-HOST_FUNC_TYPE = ([wasmtime.ValType.i32(), wasmtime.ValType.i32()], [])
+_I32 = wasmtime.ValType.i32()
+HOST_FUNC_TYPES: dict[str, tuple[list[wasmtime.ValType], list[wasmtime.ValType]]] = {
+    "output": ([_I32, _I32], []),
+    "log": ([_I32, _I32], []),
+    "call": ([_I32, _I32, _I32, _I32], [wasmtime.ValType.i64()]),
+    "call_result": ([_I32, _I32], [_I32]),
+}
 
 
 def define_host_functions(linker: wasmtime.Linker, callbacks: dict[str, Any]) -> None:
-    """Register the callbacks as `host.<name>` with signature (i32, i32) -> ()."""
-    func_type = wasmtime.FuncType(*HOST_FUNC_TYPE)
+    """Register the callbacks as `host.<name>` with their signatures (HOST_FUNC_TYPES)."""
     for name, callback in callbacks.items():
+        func_type = wasmtime.FuncType(*HOST_FUNC_TYPES[name])
         _raw.define_func_unchecked(linker, b"host", name.encode(), func_type, callback)
 
 
-HOST_IMPORTS = frozenset({("host", "log"), ("host", "output")})
+HOST_IMPORTS = frozenset({("host", "log"), ("host", "output"), ("host", "call"),
+                          ("host", "call_result")})

@@ -37,7 +37,8 @@ WASI_FUNCTIONS = frozenset({
     "path_unlink_file", "poll_oneoff", "proc_exit", "proc_raise", "sched_yield", "random_get",
     "sock_accept", "sock_recv", "sock_send", "sock_shutdown",
 })
-_AVAILABLE = "available: host.log, host.output, wasi_snapshot_preview1.*"
+_AVAILABLE = ("available: host.log, host.output, host.call, host.call_result, "
+              "wasi_snapshot_preview1.*")
 # A refusal names this many missing imports in its message and its details (and counts
 # them all), each cut to _MAX_NAME_CHARS: real toolchains import hundreds.
 _NAMED_IN_MESSAGE = 5

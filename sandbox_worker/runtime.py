@@ -36,6 +36,7 @@ from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
+from .host_methods import HostMethods
 from .module import (
     DEFAULT_ENTRY,
     CompiledModule,
@@ -74,7 +75,10 @@ class _Failed(Exception):
 class Sandbox:
     """Compiles and runs plugins in-process under limits. Not thread-safe: one thread each."""
 
-    def __init__(self, config: SandboxConfig = SandboxConfig()) -> None:  # noqa: B008
+    def __init__(self, config: SandboxConfig = SandboxConfig(),  # noqa: B008
+                 methods: HostMethods | None = None) -> None:
+        """`methods`: what plugins reach with `host.call` (none: every call is answered
+        NOT_FOUND)."""
         self.config = config
         self._default_limits = config.default_limits
         self._engine = wasmtime.Engine(_engine_config(config))
@@ -85,6 +89,7 @@ class Sandbox:
         self._linker = wasmtime.Linker(self._engine)
         self._linker.define_wasi()
         self._state = HostState()
+        self._state.methods = methods
         # The ctypes callback objects must outlive the linker: kept on the Sandbox.
         self._callbacks = make_host_callbacks(self._state)
         define_host_functions(self._linker, self._callbacks)
@@ -229,10 +234,13 @@ class Sandbox:
         entry: str | None = None,
         limits: Limits | None = None,
         output_sink: OutputSink | None = None,
+        tenant: str = "",
     ) -> ExecutionResult:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
-        every error's details carry the metering so far and the logs produced so far."""
+        every error's details carry the metering so far and the logs produced so far.
+        `tenant`: whose execution it is, for host methods (their allow lists, kv.* scope)."""
         self._check_open()
+        self._state.tenant = tenant
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
         if module.kind == "wasi" and type(input) is not bytes:

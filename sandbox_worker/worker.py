@@ -28,7 +28,9 @@ from wasmcore.protocol.errors import (
     BadRequest,
     InternalError,
     MemoryLimit,
+    PluginError,
     Timeout,
+    Trap,
     WasmCoreError,
 )
 from wasmcore.protocol.limits import Limits, MiB
@@ -42,6 +44,7 @@ from wasmcore.protocol.settings import (
 )
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.sandbox_worker import os_sandbox
+from wasmcore.sandbox_worker.host_methods import HostMethods
 from wasmcore.sandbox_worker.imports_scan import WASM_MAGIC
 from wasmcore.sandbox_worker.module import precheck_imports
 from wasmcore.sandbox_worker.outcome import ExecutionResult
@@ -119,7 +122,11 @@ class Worker:
         # a worker's memory is bounded however many distinct binaries it runs.
         self.compiles_only = settings.role == ROLE_COMPILE
         sandbox = settings.sandbox
-        self.sandbox = Sandbox(for_compiles(sandbox) if self.compiles_only else sandbox)
+        # Host methods: their targets are imported now, before the worker confines itself.
+        self.methods = (None if self.compiles_only
+                        else HostMethods(settings.host_methods, preempt=True))
+        self.sandbox = Sandbox(for_compiles(sandbox) if self.compiles_only else sandbox,
+                               methods=self.methods)
         self.ctx = zmq.Context()
         self.back = self.ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
@@ -247,6 +254,9 @@ class Worker:
                 self._compile(command)
             case p.Shutdown():
                 self.running = False
+            case p.HostMethodTable():
+                if self.methods is not None:
+                    self.methods.configure(command)
 
     def _drain_broadcasts(self) -> None:
         assert self.sub is not None
@@ -346,10 +356,14 @@ class Worker:
                 if job.chain:  # timeout_ms is the whole chain's: each step gets what is left
                     limits = _time_left(limits, job.timeout_ms, started - chain_started)
                 module = self._module(ref)
-                result = self.sandbox.execute(
-                    module, data, env=job.env, entry=job.entry, limits=limits,
-                    output_sink=sink if index == len(job.modules) - 1 else None,
-                )
+                if job.fallback_entries:
+                    result = self._execute_with_fallback(module, data, job, limits, started)
+                else:
+                    result = self.sandbox.execute(
+                        module, data, env=job.env, entry=job.entry, limits=limits,
+                        output_sink=sink if index == len(job.modules) - 1 else None,
+                        tenant=job.tenant,
+                    )
             except WasmCoreError as exc:
                 if sink is not None:
                     sink.abort()
@@ -423,6 +437,27 @@ class Worker:
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
         self._send_run_reply(done, p.encode(header), data)
 
+    def _execute_with_fallback(self, module: CompiledModule, data: Any, job: p.RunJob,
+                               limits: Limits, started: float) -> ExecutionResult:
+        """The binary's `entry_fallback`: try `job.entry`, then each fallback entry in turn
+        while the one tried fails with a trap or a plugin error; each in a fresh store, all
+        within the one timeout. Any other failure (a limit) ends the request. The output of a
+        failed attempt is dropped (so none streams into a segment: it is written after)."""
+        entries = [job.entry, *job.fallback_entries]
+        attempts: list[dict[str, Any]] = []
+        for index, entry in enumerate(entries):
+            try:
+                return self.sandbox.execute(
+                    module, data, env=job.env, entry=entry,
+                    limits=_time_left(limits, job.timeout_ms, time.perf_counter() - started),
+                    tenant=job.tenant)
+            except WasmCoreError as exc:
+                attempts.append({"entry": entry, "code": exc.code, "message": exc.message})
+                if index == len(entries) - 1 or exc.code not in (Trap.code, PluginError.code):
+                    exc.details["attempts"] = attempts
+                    raise
+        raise InternalError("no entry to try")  # unreachable: entries is never empty
+
     def _run_batch(self, job: p.RunJob, inputs: list[bytes]) -> None:
         """One module, many inputs, one reply: each input succeeds or fails on its own."""
         limits = self._limits_for(job)
@@ -439,8 +474,11 @@ class Worker:
         for data in inputs:
             started = time.perf_counter()
             try:
-                result = self.sandbox.execute(module, data, env=job.env, entry=job.entry,
-                                              limits=limits)
+                if job.fallback_entries:
+                    result = self._execute_with_fallback(module, data, job, limits, started)
+                else:
+                    result = self.sandbox.execute(module, data, env=job.env, entry=job.entry,
+                                                  limits=limits, tenant=job.tenant)
             except WasmCoreError as exc:
                 items.append(p.BatchItem(code=exc.code, message=exc.message,
                                          details=dict(exc.details)))
@@ -500,6 +538,8 @@ class Worker:
     # ------------------------------------------------------------------ heartbeats
 
     def _heartbeat_loop(self) -> None:
+        # A host method's deadline (SIGALRM) must interrupt the main thread, not this one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         socket = self.ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.IDENTITY, f"{self.settings.worker_id}.hb".encode())
         socket.setsockopt(zmq.LINGER, 0)
@@ -522,6 +562,8 @@ class Worker:
         if self._heartbeat.is_alive():
             self._heartbeat.join(timeout=2)
         self.sandbox.close()
+        if self.methods is not None:
+            self.methods.close()
         self.back.close()
         if self.sub is not None:
             self.sub.close()

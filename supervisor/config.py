@@ -116,6 +116,9 @@ class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout_ms: int | None = None
     fuel: int | None = None
     memory_mb: int | None = None
+    # With `entries`: when the entry tried fails (a trap or a plugin error), try the next one
+    # on the list that the binary exports, instead of answering the failure.
+    entry_fallback: bool = False
 
 
 class OsSandboxConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -169,6 +172,27 @@ class TenantConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Per-binary settings of this tenant's binaries, by name: [tenants.<t>.binaries.<name>].
     # Never taken from [tenants.default]: one tenant's naming never picks up another's.
     binaries: dict[str, BinaryConfig] = {}
+    # The tenant's key-value state (host methods kv.*): keys, and bytes of keys plus values
+    # (JSON). Past one, kv.set answers QUOTA_EXCEEDED to the plugin. 0: unlimited.
+    kv_max_keys: int = 10_000
+    kv_max_bytes: int = 16 * MiB
+
+
+class HostMethodConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One host method plugins may call by name: [host_methods."<name>"]."""
+
+    # The Python callable, "package.module:function", importable by the workers' Python.
+    target: str
+    # Tenants allowed to call it; "*" (or ["*"]): every tenant. Empty: nobody.
+    tenants: list[str] | str = []
+    # A call running longer is interrupted (Python code) or its result discarded; the
+    # plugin gets a TIMEOUT error either way.
+    timeout_ms: int = 1000
+    max_request_bytes: int = 64 * 1024
+    max_response_bytes: int = 1 * MiB
+
+
+_METHOD_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _default_tenants() -> dict[str, TenantConfig]:
@@ -183,6 +207,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sandbox: OsSandboxConfig = msgspec.field(default_factory=OsSandboxConfig)
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=_default_tenants)
     compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
+    # Host methods plugins call with host.call, by name (docs/plugin-abi.md, section 4).
+    host_methods: dict[str, HostMethodConfig] = {}
 
     def tenant(self, name: str) -> TenantConfig:
         """The settings that apply to tenant `name`: its own table, else [tenants.default],
@@ -284,6 +310,21 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
             (f"tenants.{name}.max_timeout_ms", tenant.max_timeout_ms >= 0, "must be >= 0"),
             (f"tenants.{name}.max_fuel", tenant.max_fuel >= 0, "must be >= 0"),
             (f"tenants.{name}.max_memory_mb", tenant.max_memory_mb >= 0, "must be >= 0"),
+            (f"tenants.{name}.kv_max_keys", tenant.kv_max_keys >= 0, "must be >= 0"),
+            (f"tenants.{name}.kv_max_bytes", tenant.kv_max_bytes >= 0, "must be >= 0"),
+        ]
+    for name, method in config.host_methods.items():
+        key = f'host_methods."{name}"'
+        checks += [
+            (key, 0 < len(name) <= 256 and not name.startswith("kv."),
+             "needs a name of 1 to 256 characters, not starting with `kv.` (built in)"),
+            (f"{key}.target", bool(_METHOD_TARGET.match(method.target)),
+             'must be "package.module:function"'),
+            (f"{key}.tenants", method.tenants == "*" or isinstance(method.tenants, list),
+             'must be "*" or a list of tenant names'),
+            (f"{key}.timeout_ms", method.timeout_ms > 0, "must be > 0"),
+            (f"{key}.max_request_bytes", method.max_request_bytes > 0, "must be > 0"),
+            (f"{key}.max_response_bytes", method.max_response_bytes > 0, "must be > 0"),
         ]
     endpoint = config.server.endpoint
     checks.append(

@@ -5,7 +5,8 @@ as root, the unprivileged user they switch to and the access that user needs.
 A worker running as `sandbox.user` must still reach: its two ipc sockets (connect needs write
 permission on the socket file), the artifact directory (it writes compiled modules there and
 maps them), the shared-memory directory (it reads clients' input segments and writes output
-segments), and the blob store (it compiles from it). All of it through a group, the sandbox
+segments), the blob store (it compiles from it) and the key-value state's directory (its
+SQLite database, which workers create and write). All of it through a group, the sandbox
 group: the supervisor gives that group access to the service's own directories, setgid, so
 what is created in them later belongs to the group too; it runs with umask 027 from then on
 (files readable by their group, nobody else); clients make their segments group-readable and
@@ -44,6 +45,7 @@ _SOCKET_MODE = 0o660  # connect needs write; root (owner) and the group only
 _RUNTIME_DIR_MODE = 0o710  # search only: workers open their sockets by name, list nothing
 _SHARED_DIR_MODE = 0o2730  # artifacts, segments: create and open by name, no listing
 _DATA_DIR_MODE = 0o710
+_STATE_DIR_MODE = 0o2770  # the key-value database's directory: workers write in it
 _UMASK = 0o027
 _PR_SET_DUMPABLE = 4
 
@@ -140,7 +142,7 @@ class Confinement:
         )
 
     def grant(self, *, sockets: list[str], data_dir: str, artifact_dir: str,
-              shm_dir: str | None) -> None:
+              shm_dir: str | None, state_dir: str | None = None) -> None:
         """Give the sandbox group what workers need, then check that they can get there.
         Called once the sockets are bound. When workers keep the service's user, only makes
         the supervisor not dumpable."""
@@ -171,6 +173,14 @@ class Confinement:
         _share(Path(data_dir), user.gid, _DATA_DIR_MODE)
         _unshare_files(Path(data_dir))
         self._reach[str(Path(data_dir) / "blobs")] = "x"
+        if state_dir:
+            # The key-value database: workers create it, and SQLite its -wal and -shm files.
+            _share(Path(state_dir), user.gid, _STATE_DIR_MODE)
+            for entry in os.scandir(state_dir):
+                if entry.is_file(follow_symlinks=False):
+                    os.chown(entry.path, -1, user.gid, follow_symlinks=False)
+                    os.chmod(entry.path, 0o660)
+            self._reach[state_dir] = "rwx"
         for path, modes in self._reach.items():
             blocked = _first_blocking(Path(path), modes, user)
             if blocked is not None:

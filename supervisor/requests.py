@@ -149,6 +149,16 @@ class Requests:
             {"allowed": per.entries, "exports": binary.exports},
         )
 
+    def _fallbacks(self, binary: p.BinaryInfo, requested: str | None,
+                   entry: str | None) -> list[str]:
+        """The entries to try after `entry` fails, when the binary's settings ask for it and
+        the request named none: the rest of its list that the binary exports."""
+        per = self.config.binary(binary.tenant, binary.name)
+        if per is None or not per.entry_fallback or requested is not None or entry is None:
+            return []
+        listed = [e for e in per.entries if e in binary.exports]
+        return listed[listed.index(entry) + 1:] if entry in listed else []
+
     def _run_job(self, req: p.Execute | p.ExecuteBatch, admin: bool,
                  **fields: Any) -> tuple[p.RunJob, p.BinaryInfo]:
         binary = self._binaries.owned(req.tenant, req.binary_id)
@@ -158,7 +168,8 @@ class Requests:
                        modules=[self._binaries.module_ref(binary)],
                        timeout_ms=limits.timeout_ms, fuel=limits.fuel,
                        memory_bytes=limits.memory_bytes, env=req.env, entry=entry,
-                       report_pid=admin, **fields)
+                       report_pid=admin, tenant=req.tenant,
+                       fallback_entries=self._fallbacks(binary, req.entry, entry), **fields)
         return job, binary
 
     def _execute(self, envelope: list[bytes], req: p.Execute, payload: Any,
@@ -217,6 +228,7 @@ class Requests:
             env=req.env,
             chain=True,
             report_pid=admin,
+            tenant=req.tenant,
         )
         # timeout_ms is the whole chain's budget: the worker gives each step what is left.
         self._queue(envelope, req, job, payload, job.timeout_ms / 1000,

@@ -65,6 +65,7 @@ from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.compile_lane import CompileLane
 from wasmcore.supervisor.config import Config, parse_config, resolved
 from wasmcore.supervisor.confinement import Confinement
+from wasmcore.supervisor.host_methods import kv_dir, method_table
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.keystore import KeyStore
 from wasmcore.supervisor.module_files import PathPolicy
@@ -138,6 +139,11 @@ class Supervisor:
             Path(config.server.shm_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
             self.shm_dir = config.server.shm_dir
             shm.sweep(self.shm_dir)
+        Path(config.server.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        kv_dir(config).mkdir(exist_ok=True, mode=0o700)  # the tenants' key-value state
+        # What workers may call with host.call; sent to each worker when it is ready and again
+        # when a reload changes it (`_send_methods`).
+        self._methods = method_table(config)
         self.fingerprint = engine_fingerprint()
         self.draining: Draining | None = None
         self.exit_code: int | None = None
@@ -293,7 +299,8 @@ class Supervisor:
         self.bind()
         self.confinement.grant(sockets=[self.back_endpoint, self.pub_endpoint],
                                data_dir=self.config.server.data_dir,
-                               artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir)
+                               artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir,
+                               state_dir=str(kv_dir(self.config)))
         self.install_signals()
         self.pool.start(time.monotonic())
         self.compile_lane.start(time.monotonic())
@@ -748,6 +755,8 @@ class Supervisor:
                 if self.draining is not None:
                     self._retire(handle, RestartCause.RECYCLE, now, replace=False)
                 else:
+                    # Before any job: the config may have changed since it was spawned.
+                    self._tell(handle.worker_id, p.encode(self._methods))
                     self.scheduler.add_worker(handle.worker_id, handle.recycle_after, now)
 
     def _on_job_done(self, worker_id: str, event: p.JobDone, rest: list[Any]) -> None:
@@ -916,7 +925,20 @@ class Supervisor:
         for handle in self.pool.reconfigure(new, now):
             self._retire(handle, RestartCause.RECYCLE, now, replace=False)
         self.compile_lane.reconfigure(new, now)
+        self._send_methods(method_table(new))
         log.info("%s: config reloaded (workers %d -> %d)", why, old_size, self.pool.size)
+
+    def _send_methods(self, table: p.HostMethodTable) -> None:
+        """A changed table goes to every ready worker on its job socket, so every job sent
+        after it runs with it (the PUB socket may drop; this one keeps order)."""
+        if table == self._methods:
+            return
+        self._methods = table
+        message = p.encode(table)
+        for handle in self.pool.live():
+            if handle.state is WorkerState.READY:
+                self._tell(handle.worker_id, message)
+        log.info("host methods: %s", ", ".join(m.name for m in table.methods) or "none")
 
     # ------------------------------------------------------------------ signals and shutdown
 

@@ -31,6 +31,7 @@ from wasmcore.protocol.settings import (
 )
 from wasmcore.supervisor.config import Config
 from wasmcore.supervisor.confinement import Confinement
+from wasmcore.supervisor.host_methods import method_table
 from wasmcore.supervisor.restart_policy import RestartPolicy
 from wasmcore.supervisor.worker_process import RestartCause, WorkerHandle, WorkerState, spawn_worker
 
@@ -317,6 +318,9 @@ class WorkerPool:
             os_sandbox=self._confinement.settings(self._config),
             role=self._role,
             nice=self._nice,
+            # Compile workers run no plugin: they call no host method.
+            host_methods=(method_table(self._config) if self._role == ROLE_EXECUTE
+                          else p.HostMethodTable()),
         )
         try:
             handle = spawn_worker(slot, self._generation, settings, pool.python or None,

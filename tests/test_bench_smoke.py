@@ -97,3 +97,13 @@ def test_profile_service_reports_cpu_and_both_profiles() -> None:
     for name in ("supervisor", "worker 0", "worker 1", "client"):
         assert f"  {name}" in out, out
     assert out.count("own samples:") == 2 and "(no samples)" not in out, out
+
+
+@pytest.mark.timeout(90)
+def test_host_methods_bench_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_host_methods.py", "--calls", "20", "--runs", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=80,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "echo (trivial operator method)" in proc.stdout and "kv.incr" in proc.stdout
