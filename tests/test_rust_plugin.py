@@ -1,4 +1,5 @@
-"""The Rust sample plugin (plugins/rust/textkit, core ABI) through the real service."""
+"""The Rust sample plugins through the real service: plugins/rust/textkit (core ABI) and
+plugins/rust/upper_component (a component; its tests run once the tree runs components)."""
 
 from __future__ import annotations
 
