@@ -2,12 +2,14 @@
 # Rebuild every .wasm under plugins/ (the built files are committed, so tests
 # need no toolchain; run this after editing a .wat or .c file).
 #
-#   ./plugins/build.sh              # WAT + C plugins
-#   ./plugins/build.sh --wat-only   # skip the C plugins (no clang needed)
+#   ./plugins/build.sh              # WAT + C plugins, then the Rust plugins if Rust is present
+#   ./plugins/build.sh --wat-only   # skip the C and Rust plugins (no clang needed)
 #
 # Needs: a Python with wasmtime-py ($PYTHON, default: python3 on PATH) and,
 # for the C plugins, clang + wasm-ld + wasi-libc ($CLANG, default: clang):
 #   apt-get install -y clang lld wasi-libc libclang-rt-14-dev-wasm32
+# The Rust plugins are built by rust/build.sh (see there for the toolchain it picks); without a
+# usable Rust toolchain it says so and they are left as committed.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -35,7 +37,7 @@ print("wrote hostile/invalid.wasm")
 '
 
 if [[ "$WAT_ONLY" == 1 ]]; then
-    echo "build.sh: --wat-only, C plugins not rebuilt"
+    echo "build.sh: --wat-only, C and Rust plugins not rebuilt"
     exit 0
 fi
 
@@ -63,3 +65,6 @@ echo "clang c/visit_counter.c -> visit_counter.wasm"
 echo "clang c/wasi_upper.c -> wasi_upper.wasm"
 
 chmod 644 wordfreq.wasm wasi_upper.wasm visit_counter.wasm   # wasm-ld marks its output executable
+
+# --- Rust plugins, ABI kind 1 (skipped with a message when no Rust toolchain is usable) ---
+rust/build.sh
