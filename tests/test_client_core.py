@@ -217,3 +217,28 @@ def test_sync_and_async_chain_behave_the_same(service):
     assert sync_outcomes[1][0] is errors.NotFound
     assert sync_outcomes[2] == (errors.Timeout, 1)
     assert asyncio.run(run_async()) == sync_outcomes
+
+
+def test_async_reply_waits_expire_each_at_its_own_deadline(tmp_path: Path):
+    """One timer serves every reply wait: a shorter wait sent after a longer one still
+    expires on time, the longer one later, and a reply wait never outlives its request."""
+    async def run() -> list[str]:
+        order: list[str] = []
+        async with AsyncClient(f"ipc://{tmp_path}/nobody.sock") as client:
+
+            async def ask(label: str, wait_s: float) -> None:
+                try:
+                    await client.call(p.Hello(), timeout_s=wait_s)
+                except errors.Unavailable:
+                    order.append(label)
+
+            long = asyncio.ensure_future(ask("long", 1.5))
+            await asyncio.sleep(0.05)
+            short = asyncio.ensure_future(ask("short", 0.2))
+            await asyncio.wait_for(short, 5)
+            assert order == ["short"] and not long.done()
+            await asyncio.wait_for(long, 5)
+            assert client._deadlines == {} and client._pending == {}
+        return order
+
+    assert asyncio.run(run()) == ["short", "long"]
