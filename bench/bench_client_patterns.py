@@ -10,6 +10,7 @@ order) so that they share the machine's load:
              (`loadgen.drive`: bench_service's best row)
   semaphore  one coroutine per request, all gathered, bounded by asyncio.Semaphore(concurrency)
   waves      asyncio.gather over `concurrency` executes, one wave after another
+  execute_many  `AsyncClient.execute_many(binary_id, inputs, concurrency=...)`: lanes inside
   threads    a ThreadPoolExecutor of `--threads` threads, each with its own blocking Client
 
 Printed per pattern: executions/s (wall: depressed and noisy on a shared machine), this
@@ -68,7 +69,13 @@ async def waves(client: AsyncClient, binary_id: str, payload: bytes, requests: i
         await asyncio.gather(*(client.execute(binary_id, payload) for _ in range(size)))
 
 
-ASYNC_PATTERNS = {"lanes": lanes, "semaphore": semaphore, "waves": waves}
+async def execute_many(client: AsyncClient, binary_id: str, payload: bytes, requests: int,
+                       concurrency: int) -> None:
+    await client.execute_many(binary_id, [payload] * requests, concurrency=concurrency)
+
+
+ASYNC_PATTERNS = {"lanes": lanes, "semaphore": semaphore, "waves": waves,
+                  "execute_many": execute_many}
 
 
 class Meter:
@@ -173,7 +180,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=512)
     parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--patterns", default="lanes,semaphore,waves,threads")
+    parser.add_argument("--patterns", default="lanes,semaphore,waves,execute_many,threads")
     parser.add_argument("--baseline-core", help="another client/core.py to A/B against")
     args = parser.parse_args()
     payload = make_input(110)
@@ -181,7 +188,8 @@ def main() -> None:
     baseline = load_baseline(args.baseline_core) if args.baseline_core else None
     if baseline is not None:
         patterns = [q for name in patterns
-                    for q in ([name] if name == "threads" else [name, f"{name} (baseline)"])]
+                    for q in ([name] if name in ("threads", "execute_many")
+                              else [name, f"{name} (baseline)"])]
     service = start_service(workers=2, config=service_config())
     try:
         with service.client() as client:

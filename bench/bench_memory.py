@@ -9,7 +9,8 @@ Starts the real service (one worker by default), then:
      comment: another sha256, another compiled artifact), `--concurrency` loads in flight;
   3. runs the first `--run` of them once each, and reads the worker's RSS again;
   4. the supervisor's RSS with every binary registered; `list` (the tenant's every binary)
-     timed from the client, median / max of `--list-runs`, and the size of its reply;
+     timed from the client, median / max of `--list-runs`, the size of its reply and the
+     supervisor's CPU per `list` (its loop answers it: that long, nothing else is served);
   5. the artifact store (`server.artifact_dir`) and the data dir (module blobs and the
      registry): files and bytes on disk (`st_blocks`: what tmpfs or the disk holds).
 RSS is read with psutil by pid (the figure the watchdog samples).
@@ -105,10 +106,13 @@ def main() -> None:
             worker_after = workers_rss(c)
             supervisor_after = rss(svc.pid)
             list_s = []
+            supervisor = psutil.Process(svc.pid)
+            cpu_before = sum(supervisor.cpu_times()[:2])
             for _ in range(args.list_runs):
                 started = time.perf_counter()
                 listed = c.list()
                 list_s.append(time.perf_counter() - started)
+            list_cpu = (sum(supervisor.cpu_times()[:2]) - cpu_before) / args.list_runs
             assert len(listed) == args.binaries + 1
             list_bytes = len(p.encode(p.Listed(id=1, binaries=listed)))
         artifacts = disk_usage(svc.workdir / "art")
@@ -128,7 +132,8 @@ def main() -> None:
           f"{(supervisor_after - supervisor_at_rest) / args.binaries / 1024:.1f} KiB each)")
     print(f"`list` of {args.binaries + 1:,} binaries: median {statistics.median(list_s) * 1000:.1f}"
           f" ms, max {max(list_s) * 1000:.1f} ms ({args.list_runs} runs); reply "
-          f"{list_bytes / 1024:.0f} KiB")
+          f"{list_bytes / 1024:.0f} KiB; the supervisor's CPU per `list` {list_cpu * 1000:.0f} ms "
+          "(its loop thread answers it)")
     for label, (files, size, blocks) in (("artifact store", artifacts),
                                          ("data dir (blobs, registry)", data)):
         print(f"{label:27} {files:6,} files, {size / MiB:7.1f} MiB "

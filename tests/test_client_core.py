@@ -242,3 +242,20 @@ def test_async_reply_waits_expire_each_at_its_own_deadline(tmp_path: Path):
         return order
 
     assert asyncio.run(run()) == ["short", "long"]
+
+
+def test_execute_many_answers_every_input_in_order(service):
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+    inputs = [f"input {i}" for i in range(300)]
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        async with AsyncClient(service.endpoint) as client:
+            done = await client.execute_many(upper, inputs, concurrency=16)
+            missing = await client.execute_many("no-such-binary", ["a", "b"], concurrency=4)
+            assert client._pending == {} and client._deadlines == {}
+            return done, missing
+
+    done, missing = asyncio.run(run())
+    assert [r.output for r in done] == [i.upper().encode() for i in inputs]
+    assert [type(r) for r in missing] == [errors.NotFound, errors.NotFound]
