@@ -147,11 +147,13 @@ def async_operation(make: Callable[[Any], Any]) -> ops.Operation[Any]:
         async with AsyncClient(NOWHERE, tenant="acme", timeout_s=3.0) as client:
             client._shared = no_shm()
 
-            async def run(op: ops.Operation[Any]) -> Any:
+            def submit(op: ops.Operation[Any]) -> asyncio.Future[Any]:
                 sent.append(op)
-                return _answer(op)
+                answered = asyncio.get_running_loop().create_future()
+                answered.set_result(_answer(op))
+                return answered
 
-            client._run = run  # type: ignore[method-assign]
+            client._submit = submit  # type: ignore[method-assign]
             await make(client)
 
     asyncio.run(main())
@@ -259,3 +261,38 @@ def test_execute_many_answers_every_input_in_order(service):
     done, missing = asyncio.run(run())
     assert [r.output for r in done] == [i.upper().encode() for i in inputs]
     assert [type(r) for r in missing] == [errors.NotFound, errors.NotFound]
+
+
+def test_async_execute_is_a_future_that_every_asyncio_idiom_takes(service):
+    """`execute` returns the future of a queued request: awaited, gathered, wrapped in a task
+    (create_task, TaskGroup), or cancelled; and so does the first one, sent after hello."""
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        loop_plugin = c.load(HOSTILE / "loop.wat").binary_id
+
+    async def run() -> None:
+        async with AsyncClient(service.endpoint) as client:
+            first = asyncio.create_task(client.execute(upper, "first"))  # before hello
+            assert (await first).output == b"FIRST"
+            assert (await client.execute(upper, "a")).output == b"A"
+            gathered = await asyncio.gather(*(client.execute(upper, str(i)) for i in range(50)))
+            assert [r.output for r in gathered] == [str(i).encode() for i in range(50)]
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(client.execute(upper, "t")) for _ in range(5)]
+            assert all(t.result().output == b"T" for t in tasks)
+            with pytest.raises(errors.NotFound):
+                await client.execute("no-such-binary", "x")
+            slow = client.execute(loop_plugin, "x", timeout_ms=300)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            # The cancelled request's reply (a TIMEOUT) is dropped when it comes; the client
+            # goes on serving.
+            assert (await client.execute(upper, "after")).output == b"AFTER"
+            for _ in range(100):
+                if not client._pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert client._pending == {} and client._deadlines == {}
+
+    asyncio.run(run())
