@@ -2,18 +2,19 @@
 
     python bench/bench_large.py [--mib 16] [--rounds 6] [--runs 8]
 
-Rows: `Sandbox.execute` in this process; the service through `Client()` (output copied into
-bytes) and `Client(zero_copy=True)` (output as a view of the mapped segment). Same plugin
-(uppercase), same input, same raised limits.
+Rows: `Sandbox.execute` in a process of its own (its engine's epoch timer would otherwise be
+charged to the other rows' CPU); the service through `Client()` (output copied into bytes) and
+`Client(zero_copy=True)` (output as a view of the mapped segment). Same plugin (uppercase),
+same input, same raised limits.
 
 The machine this runs on is shared and its load changes from second to second, so the rows
 are interleaved: every round runs each row for `--runs` calls, in an order that rotates from
 round to round, and each round's ratio compares rows measured within the same second or so.
 Printed per row: the min / median / max of the per-round medians, the worst round's ratio to
-in-process, this process's CPU per call (`time.process_time`: less sensitive to the other
-processes' load than wall time), for service rows the worker's own wall time (the reply's
-metering) and the segments the client created during the timed calls (0 when it reuses its
-segments, as it should).
+in-process, the calling process's CPU and page faults per call (`time.process_time`,
+`ru_minflt`: less sensitive to the other processes' load than wall time), the worker's own
+wall time (the reply's metering) and, for service rows, the segments the client created
+during the timed calls (0 when it reuses its segments, as it should).
 """
 
 from __future__ import annotations

@@ -275,6 +275,15 @@ def test_async_execute_is_a_future_that_every_asyncio_idiom_takes(service):
             first = asyncio.create_task(client.execute(upper, "first"))  # before hello
             assert (await first).output == b"FIRST"
             assert (await client.execute(upper, "a")).output == b"A"
+            # Queued at once, each a future and none a task; one timer for all their waits
+            # (the loop's timer heap does not grow with the requests in flight).
+            loop = asyncio.get_running_loop()
+            timers = len(loop._scheduled)  # type: ignore[attr-defined]
+            sent = [client.execute(upper, str(i)) for i in range(50)]
+            assert all(asyncio.isfuture(f) for f in sent) and len(client._pending) == 50
+            assert len(loop._scheduled) <= timers + 1  # type: ignore[attr-defined]
+            assert [r.output for r in await asyncio.gather(*sent)] == [
+                str(i).encode() for i in range(50)]
             gathered = await asyncio.gather(*(client.execute(upper, str(i)) for i in range(50)))
             assert [r.output for r in gathered] == [str(i).encode() for i in range(50)]
             async with asyncio.TaskGroup() as group:
