@@ -97,3 +97,24 @@ def test_profile_service_reports_cpu_and_both_profiles() -> None:
     for name in ("supervisor", "worker 0", "worker 1", "client"):
         assert f"  {name}" in out, out
     assert out.count("own samples:") == 2 and "(no samples)" not in out, out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [
+    ["bench/bench_large.py", "--mib", "1", "--rounds", "2", "--runs", "1"],
+    ["-m", "bench.bench_client_patterns", "--requests", "300", "--rounds", "1",
+     "--concurrency", "32", "--threads", "2"],
+    ["bench/bench_memory.py", "--binaries", "20", "--run", "5", "--list-runs", "1"],
+])
+def test_issue16_benchmarks_run(command: list[str]) -> None:
+    proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if "bench/bench_large.py" in command:  # every row, and no segment made after warming up
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("service")]
+        assert len(rows) == 2 and all(line.split()[-1] == "0" for line in rows), proc.stdout
+    elif "bench.bench_client_patterns" in command:
+        for pattern in ("lanes", "semaphore", "waves", "execute_many", "threads"):
+            assert f"\n{pattern} " in proc.stdout, proc.stdout
+    else:
+        assert "artifact store" in proc.stdout and "`list` of 21 binaries" in proc.stdout
