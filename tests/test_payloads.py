@@ -359,3 +359,19 @@ def test_async_client_reuses_its_segments_across_waves(shm_service, segments_cre
 
     asyncio.run(waves())
     assert len(segments_created) <= SharedMemory._KEEP
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_one_segment_carries_inputs_that_grow_and_shrink(shm_service, segments_created,
+                                                         zero_copy):
+    """The client writes inputs through a mapping it keeps per segment and reads outputs from
+    it: a payload larger than the mapping remaps it, a smaller one shrinks the file first."""
+    with Client(shm_service.endpoint, zero_copy=zero_copy) as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        for i, pages in enumerate([4, 64, 8, 2, 128, 16, 128, 3]):
+            data = bytes([97 + i]) * (THRESHOLD * pages + i)
+            assert bytes(c.execute(upper, data).output) == data.upper()
+        small = c.execute(upper, "below the threshold")
+        assert bytes(small.output) == b"BELOW THE THRESHOLD"
+        assert len(segments_created) == 1
+    assert os.listdir(shm_service.shm_dir) == []
