@@ -20,7 +20,7 @@ Min / median / max over the rounds.
 
 `--baseline-core FILE` adds an A/B: every async pattern runs a second time, interleaved, with
 the `AsyncClient` of another version of client/core.py (the rest of the client is this
-checkout's), e.g. `git show main:client/core.py > /tmp/core_main.py`.
+checkout's), e.g. `git show 4cece87:client/core.py > /tmp/core_main.py` (before issue 16).
 """
 
 from __future__ import annotations
