@@ -2,6 +2,7 @@
 profile of the supervisor's and one worker's hot loop.
 
     python -m bench.profile_service [--seconds 5] [--concurrency 512] [--top 15]
+    python -m bench.profile_service --no-profile --batch 64 --concurrency 16  # per execution
 
 Starts the service (2 workers, uppercase, 100-byte inputs), keeps `concurrency` executes in
 flight from one AsyncClient in this process, and meanwhile runs py-spy (`pip install py-spy`;
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -65,18 +67,30 @@ def summarize_profile(path: Path, top: int) -> str:
 
 
 async def drive(endpoint: str, binary_id: str, seconds: float, concurrency: int,
-                processes: dict[str, psutil.Process], profilers: list[subprocess.Popen[bytes]]
+                processes: dict[str, psutil.Process], profilers: list[subprocess.Popen[bytes]],
+                batch: int = 0
                 ) -> tuple[int, float, dict[str, dict[int, float]], dict[str, dict[int, float]]]:
     async with AsyncClient(endpoint) as client:
         payload = b"x" * 100
-        await loadgen.drive(lambda: client.execute(binary_id, payload), 2000, concurrency)
+        if batch:  # one request of `batch` executions: how much of the cost is per request
+            inputs = [payload] * batch
+            requests = max(1, 10_000 // batch)
+
+            def one() -> Any:
+                return client.execute_batch(binary_id, inputs)
+        else:
+            requests = 10_000
+
+            def one() -> Any:
+                return client.execute(binary_id, payload)
+        await loadgen.drive(one, max(1, requests // 5), concurrency)
         before = {name: thread_times(proc) for name, proc in processes.items()}
         started = time.perf_counter()
         done = 0
         while time.perf_counter() - started < seconds or any(
                 p.poll() is None for p in profilers):
-            await loadgen.drive(lambda: client.execute(binary_id, payload), 10_000, concurrency)
-            done += 10_000
+            await loadgen.drive(one, requests, concurrency)
+            done += requests * max(1, batch)
         elapsed = time.perf_counter() - started
         after = {name: thread_times(proc) for name, proc in processes.items()}
     return done, elapsed, before, after
@@ -88,9 +102,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=512)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="drive execute_batch of this many inputs instead of executes "
+                             "(figures stay per execution)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="CPU per request only, without py-spy")
     args = parser.parse_args()
     spy = shutil.which("py-spy")
-    if spy is None:
+    if spy is None and not args.no_profile:
         sys.exit("py-spy is not installed: pip install py-spy (CPU per request still works "
                  "without it; run with py-spy for the profiles)")
     # py-spy attaches with ptrace; as a user other than root it cannot attach to the OS
@@ -104,7 +123,7 @@ def main() -> None:
             workers = [w.pid for w in client.stats().workers]
         processes = {"supervisor": psutil.Process(service.pid), "client": psutil.Process()}
         processes.update({f"worker {i}": psutil.Process(pid) for i, pid in enumerate(workers)})
-        targets = {"supervisor": service.pid, "worker 0": workers[0]}
+        targets = {} if args.no_profile else {"supervisor": service.pid, "worker 0": workers[0]}
         profilers = [
             subprocess.Popen([spy, "record", "--format", "raw", "--rate", str(args.rate),
                               "--duration", str(int(args.seconds)), "--nonblocking",
@@ -115,11 +134,12 @@ def main() -> None:
         ]
         done, elapsed, before, after = asyncio.run(
             drive(service.endpoint, binary_id, args.seconds, args.concurrency, processes,
-                  profilers))
+                  profilers, args.batch))
         for profiler in profilers:
             profiler.wait(timeout=60)
+        shape = f"batches of {args.batch}" if args.batch else "one execution per request"
         print(f"{done:,} executions in {elapsed:.1f} s = {done / elapsed:,.0f}/s "
-              f"({args.concurrency} in flight, 100 B, 2 workers)")
+              f"({args.concurrency} in flight, 100 B, 2 workers, {shape})")
         print("CPU per request (user+system, us), by process and its busiest threads:")
         for name in processes:
             per_thread = sorted(((after[name].get(t, 0.0) - before[name].get(t, 0.0))

@@ -107,3 +107,22 @@ def test_host_methods_bench_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "echo (trivial operator method)" in proc.stdout and "kv.incr" in proc.stdout
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [
+    ["bench/bench_large.py", "--mib", "1", "--rounds", "2", "--runs", "1"],
+    ["-m", "bench.bench_client_patterns", "--requests", "300", "--rounds", "1",
+     "--concurrency", "32", "--threads", "2"],
+    ["bench/bench_memory.py", "--binaries", "20", "--run", "5", "--list-runs", "1"],
+])
+def test_payload_client_and_memory_benchmarks_run(command: list[str]) -> None:
+    proc = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if "bench/bench_large.py" in command:  # every row, and no segment made after warming up
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("service")]
+        assert len(rows) == 2 and all(line.split()[-1] == "0" for line in rows), proc.stdout
+    elif "bench.bench_client_patterns" in command:
+        for pattern in ("lanes", "semaphore", "waves", "execute_many", "threads"):
+            assert f"\n{pattern} " in proc.stdout, proc.stdout
+    else:
+        assert "artifact store" in proc.stdout and "`list` of 21 binaries" in proc.stdout

@@ -147,11 +147,13 @@ def async_operation(make: Callable[[Any], Any]) -> ops.Operation[Any]:
         async with AsyncClient(NOWHERE, tenant="acme", timeout_s=3.0) as client:
             client._shared = no_shm()
 
-            async def run(op: ops.Operation[Any]) -> Any:
+            def submit(op: ops.Operation[Any]) -> asyncio.Future[Any]:
                 sent.append(op)
-                return _answer(op)
+                answered = asyncio.get_running_loop().create_future()
+                answered.set_result(_answer(op))
+                return answered
 
-            client._run = run  # type: ignore[method-assign]
+            client._submit = submit  # type: ignore[method-assign]
             await make(client)
 
     asyncio.run(main())
@@ -217,3 +219,89 @@ def test_sync_and_async_chain_behave_the_same(service):
     assert sync_outcomes[1][0] is errors.NotFound
     assert sync_outcomes[2] == (errors.Timeout, 1)
     assert asyncio.run(run_async()) == sync_outcomes
+
+
+def test_async_reply_waits_expire_each_at_its_own_deadline(tmp_path: Path):
+    """One timer serves every reply wait: a shorter wait sent after a longer one still
+    expires on time, the longer one later, and a reply wait never outlives its request."""
+    async def run() -> list[str]:
+        order: list[str] = []
+        async with AsyncClient(f"ipc://{tmp_path}/nobody.sock") as client:
+
+            async def ask(label: str, wait_s: float) -> None:
+                try:
+                    await client.call(p.Hello(), timeout_s=wait_s)
+                except errors.Unavailable:
+                    order.append(label)
+
+            long = asyncio.ensure_future(ask("long", 1.5))
+            await asyncio.sleep(0.05)
+            short = asyncio.ensure_future(ask("short", 0.2))
+            await asyncio.wait_for(short, 5)
+            assert order == ["short"] and not long.done()
+            await asyncio.wait_for(long, 5)
+            assert client._deadlines == {} and client._pending == {}
+        return order
+
+    assert asyncio.run(run()) == ["short", "long"]
+
+
+def test_execute_many_answers_every_input_in_order(service):
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+    inputs = [f"input {i}" for i in range(300)]
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        async with AsyncClient(service.endpoint) as client:
+            done = await client.execute_many(upper, inputs, concurrency=16)
+            missing = await client.execute_many("no-such-binary", ["a", "b"], concurrency=4)
+            assert client._pending == {} and client._deadlines == {}
+            return done, missing
+
+    done, missing = asyncio.run(run())
+    assert [r.output for r in done] == [i.upper().encode() for i in inputs]
+    assert [type(r) for r in missing] == [errors.NotFound, errors.NotFound]
+
+
+def test_async_execute_is_a_future_that_every_asyncio_idiom_takes(service):
+    """`execute` returns the future of a queued request: awaited, gathered, wrapped in a task
+    (create_task, TaskGroup), or cancelled; and so does the first one, sent after hello."""
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        loop_plugin = c.load(HOSTILE / "loop.wat").binary_id
+
+    async def run() -> None:
+        async with AsyncClient(service.endpoint) as client:
+            first = asyncio.create_task(client.execute(upper, "first"))  # before hello
+            assert (await first).output == b"FIRST"
+            assert (await client.execute(upper, "a")).output == b"A"
+            # Queued at once, each a future and none a task; one timer for all their waits
+            # (the loop's timer heap does not grow with the requests in flight).
+            loop = asyncio.get_running_loop()
+            timers = len(loop._scheduled)  # type: ignore[attr-defined]
+            sent = [client.execute(upper, str(i)) for i in range(50)]
+            assert all(asyncio.isfuture(f) for f in sent) and len(client._pending) == 50
+            assert len(loop._scheduled) <= timers + 1  # type: ignore[attr-defined]
+            assert [r.output for r in await asyncio.gather(*sent)] == [
+                str(i).encode() for i in range(50)]
+            gathered = await asyncio.gather(*(client.execute(upper, str(i)) for i in range(50)))
+            assert [r.output for r in gathered] == [str(i).encode() for i in range(50)]
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(client.execute(upper, "t")) for _ in range(5)]
+            assert all(t.result().output == b"T" for t in tasks)
+            with pytest.raises(errors.NotFound):
+                await client.execute("no-such-binary", "x")
+            slow = client.execute(loop_plugin, "x", timeout_ms=300)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            # The cancelled request's reply (a TIMEOUT) is dropped when it comes; the client
+            # goes on serving.
+            assert (await client.execute(upper, "after")).output == b"AFTER"
+            for _ in range(100):
+                if not client._pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert client._pending == {} and client._deadlines == {}
+
+    asyncio.run(run())

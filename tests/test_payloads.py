@@ -283,3 +283,95 @@ def test_batch_frame_count_must_match(shm_service):
         reply = exchange(sock, [header, b"a", b"b"])
         assert isinstance(reply, p.ErrorReply) and reply.code == "BAD_REQUEST" and reply.id == 9
         assert "count=3" in reply.message  # refused for the count, not for the header
+
+
+@pytest.fixture
+def segments_created(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the segments this process creates from now on."""
+    created: list[str] = []
+    write = shm.write
+
+    def counting_write(directory, owner_pid, data):
+        ref = write(directory, owner_pid, data)
+        created.append(ref.name)
+        return ref
+
+    monkeypatch.setattr(shm, "write", counting_write)
+    return created
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_a_client_reuses_its_segments_over_many_calls(shm_service, segments_created,
+                                                      zero_copy):
+    """Segment reuse as a behaviour: a new segment is a new file whose pages are allocated
+    and zeroed, so a client that stopped reusing them would pay that on every large call."""
+    data = b"r" * (THRESHOLD * 16)
+    with Client(shm_service.endpoint, zero_copy=zero_copy) as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        for _ in range(12):  # each result dropped at once
+            assert bytes(c.execute(upper, data).output) == data.upper()
+        assert len(segments_created) == 1
+        held = None
+        for _ in range(12):  # each result held until the next one replaces it
+            held = c.execute(upper, data)
+        assert held is not None and bytes(held.output) == data.upper()
+        # A held zero-copy view keeps its segment out of use: two take turns.
+        assert len(segments_created) == (2 if zero_copy else 1)
+        del held
+        window: list = []
+        for _ in range(4):  # the last three results kept, and one more in use: four
+            window = [*window[-2:], c.execute(upper, data)]
+        before = len(segments_created)
+        for _ in range(12):
+            window = [*window[-2:], c.execute(upper, data)]
+        assert len(segments_created) == before  # the dropped ones were reused
+        assert len(set(segments_created)) <= 4
+
+
+def test_a_released_view_returns_its_segment_at_once(shm_service, segments_created):
+    """`memoryview.release()` hands a zero-copy output's segment back without waiting for
+    the view to be collected: the next call reuses it."""
+    data = b"v" * (THRESHOLD * 16)
+    with Client(shm_service.endpoint, zero_copy=True) as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        results = []
+        for _ in range(8):
+            result = c.execute(upper, data)
+            assert bytes(result.output[:1]) == b"V"
+            result.output.release()
+            results.append(result)  # the Execution is kept, its view released
+        assert len(segments_created) == 1
+
+
+def test_async_client_reuses_its_segments_across_waves(shm_service, segments_created):
+    import asyncio
+
+    from wasmcore.client.core import AsyncClient
+
+    data = b"w" * (THRESHOLD * 16)
+
+    async def waves() -> None:
+        async with AsyncClient(shm_service.endpoint) as c:
+            upper = (await c.load(PLUGINS / "uppercase.wat")).binary_id
+            for _ in range(6):
+                outs = await asyncio.gather(*(c.execute(upper, data) for _ in range(4)))
+                assert all(o.output == data.upper() for o in outs)
+
+    asyncio.run(waves())
+    assert len(segments_created) <= SharedMemory._KEEP
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_one_segment_carries_inputs_that_grow_and_shrink(shm_service, segments_created,
+                                                         zero_copy):
+    """The client writes inputs through a mapping it keeps per segment and reads outputs from
+    it: a payload larger than the mapping remaps it, a smaller one shrinks the file first."""
+    with Client(shm_service.endpoint, zero_copy=zero_copy) as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        for i, pages in enumerate([4, 64, 8, 2, 128, 16, 128, 3]):
+            data = bytes([97 + i]) * (THRESHOLD * pages + i)
+            assert bytes(c.execute(upper, data).output) == data.upper()
+        small = c.execute(upper, "below the threshold")
+        assert bytes(small.output) == b"BELOW THE THRESHOLD"
+        assert len(segments_created) == 1
+    assert os.listdir(shm_service.shm_dir) == []
