@@ -35,6 +35,7 @@ from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
+from .component import CompiledComponent, ComponentRunner, is_component
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .module import (
     DEFAULT_ENTRY,
@@ -57,6 +58,9 @@ from .ticker import Ticker, start_ticker
 from .wasi import StderrSink, make_wasi_config
 
 __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
+
+# What compile returns: a core module (kinds "core", "wasi") or a component (component.py).
+Compiled = CompiledModule | CompiledComponent
 
 _WASM_MAGIC = b"\0asm"
 _START = "_start"
@@ -91,6 +95,7 @@ class Sandbox:
 
         self._cache = ModuleCache(config.cache_size)
         self._closed = False
+        self._component_runner: ComponentRunner | None = None  # made when first needed
 
         # Preallocated out-parameters and the args/results array for raw calls. Reused by
         # every execution (single-threaded by contract), which avoids ~1 us of ctypes
@@ -141,7 +146,7 @@ class Sandbox:
 
     # ------------------------------------------------------------------ compiling
 
-    def compile(self, wasm_or_wat: bytes) -> CompiledModule:
+    def compile(self, wasm_or_wat: bytes) -> Compiled:
         """Validate, link and cache a module (binary, or WAT text) by the sha256 of its bytes."""
         self._check_open()
         data = bytes(wasm_or_wat)
@@ -150,6 +155,10 @@ class Sandbox:
         if cached is not None:
             return cached
         wasm = data if data.startswith(_WASM_MAGIC) else _wat_to_wasm(data)
+        if is_component(wasm):
+            component = self._components().compile(sha256, wasm)
+            self._cache.put(component)
+            return component
         precheck_imports(wasm)  # not a core module, or unlinkable: refused before compiling
         try:
             wasmtime.Module.validate(self._engine, wasm)
@@ -162,7 +171,7 @@ class Sandbox:
         self._cache.put(compiled)
         return compiled
 
-    def serialize(self, module: CompiledModule, path: str | os.PathLike[str]) -> None:
+    def serialize(self, module: Compiled, path: str | os.PathLike[str]) -> None:
         """Write the compiled code to `path` atomically (temp file in the same dir + rename)."""
         blob = module.module.serialize()
         target = os.fspath(path)
@@ -181,7 +190,7 @@ class Sandbox:
                 pass
             raise
 
-    def load_serialized(self, path: str | os.PathLike[str], sha256: str) -> CompiledModule:
+    def load_serialized(self, path: str | os.PathLike[str], sha256: str) -> Compiled:
         """Load an artifact written by `serialize` (trusted input: it is native code).
 
         Cached under `sha256` (the hash of the original module bytes). `size` is the artifact's
@@ -195,6 +204,14 @@ class Sandbox:
         try:
             module = wasmtime.Module.deserialize_file(self._engine, target)
         except wasmtime.WasmtimeError as exc:
+            # The artifact of a component? (Telling costs a failed header check, ~0.2 ms.)
+            try:
+                component = self._components().load(target, sha256)
+            except InvalidModule:
+                component = None
+            if component is not None:
+                self._cache.put(component)
+                return component
             raise InvalidModule(
                 f"cannot load compiled artifact {target}: {exc}", {"reason": str(exc)}
             ) from None
@@ -202,7 +219,14 @@ class Sandbox:
         self._cache.put(compiled)
         return compiled
 
-    def cached(self, sha256: str) -> CompiledModule | None:
+    def _components(self) -> ComponentRunner:
+        if self._component_runner is None:
+            tick_ms = self._tick_ms
+            self._component_runner = ComponentRunner(
+                self._engine, lambda timeout_ms: deadline_ticks(timeout_ms, tick_ms))
+        return self._component_runner
+
+    def cached(self, sha256: str) -> Compiled | None:
         """The module compiled or loaded under `sha256`, if the cache still holds it."""
         return self._cache.get(sha256)
 
@@ -222,7 +246,7 @@ class Sandbox:
 
     def execute(
         self,
-        module: CompiledModule,
+        module: Compiled,
         input: bytes | InputSource,
         *,
         env: dict[str, str] | None = None,
@@ -235,6 +259,8 @@ class Sandbox:
         self._check_open()
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
+        if isinstance(module, CompiledComponent):
+            return self._run_component(module, input, env or {}, entry, limits)
         if module.kind == "wasi" and type(input) is not bytes:
             input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
@@ -274,6 +300,27 @@ class Sandbox:
                 )
             )
         return self._run(module, kind, index, input, env_bytes, env, lim, output_sink)
+
+    def _run_component(
+        self,
+        component: CompiledComponent,
+        input: bytes | InputSource,
+        env: dict[str, str],
+        entry: str | None,
+        limits: Limits | None,
+    ) -> ExecutionResult:
+        try:
+            encode_env(env)  # the same rules for env entries as every other kind
+            data = input if type(input) is bytes else input.read_all()
+        except BadRequest as exc:
+            raise _with_metering(exc) from None
+        lim = limits if limits is not None else self._default_limits
+        try:
+            return self._components().execute(component, data, env, entry, lim)
+        except BadRequest as exc:
+            if "logs" not in exc.details:
+                _with_metering(exc)
+            raise
 
     def _run(
         self,

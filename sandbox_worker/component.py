@@ -1,0 +1,236 @@
+"""WebAssembly components (WASI preview 2): the plugin world in wit/wasm-core.wit.
+
+A component is its own kind of binary ("component"), told from a core module by its preamble
+(version 0x0d, layer 1). It gets what a core module gets: compiled once (the serialized
+component is the artifact every worker maps), a fresh store and instance per execution, the
+same limits (timeout through the engine's epochs, fuel, memory per linear memory), metering,
+logs, chains with any other kind. What differs is the calling convention: the component
+exports `process(input: list<u8>, env: list<tuple<string, string>>) -> result<list<u8>,
+string>` (or other functions of that type, named as entries) and imports
+`wasm-core:plugin/host.log` and WASI preview 2, under the preview 1 policy: the request's env,
+no arguments, no preopened directories, no network, stdout and stderr into the logs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import wasmtime
+from wasmtime import component as wc
+
+from wasmcore.protocol.errors import (
+    BadRequest,
+    InvalidModule,
+    OutputLimit,
+    PluginError,
+    Trap,
+    WasmCoreError,
+)
+from wasmcore.protocol.limits import Limits, Metering
+
+from . import _raw
+from .host import HostState
+from .outcome import ExecutionResult, from_trap_code, split_trap_message
+from .wasi import StderrSink, make_wasi_config
+
+COMPONENT_VERSION = b"\x0d\x00\x01\x00"  # bytes 4-8 of a component: version 0x0d, layer 1
+HOST_INTERFACE = "wasm-core:plugin/host@0.1.0"
+ENTRY_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, string>"
+DEFAULT_ENTRY = "process"
+# Import namespaces the linker provides: WASI preview 2 (add_wasip2) and our host interface.
+_PROVIDED_PREFIXES = ("wasi:", "wasm-core:plugin/host@")
+_INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
+_OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
+# wasmtime reports a component's traps as errors whose text names the trap.
+_TRAP_TEXTS = (("wasm trap: interrupt", _INTERRUPT), ("all fuel consumed", _OUT_OF_FUEL))
+
+
+def is_component(wasm: bytes | memoryview) -> bool:
+    return bytes(wasm[:4]) == b"\0asm" and bytes(wasm[4:8]) == COMPONENT_VERSION
+
+
+class CompiledComponent:
+    """A compiled component and its entries; the same public face as CompiledModule."""
+
+    __slots__ = ("sha256", "kind", "exports", "size", "module", "entries", "verified")
+
+    def __init__(self, sha256: str, size: int, component: wc.Component,
+                 entries: list[str]) -> None:
+        self.sha256 = sha256
+        self.kind = "component"
+        self.size = size
+        self.module = component  # `module.serialize()` is the artifact, as for core modules
+        self.entries = entries
+        self.exports = list(entries)
+        self.verified = True
+
+    def __repr__(self) -> str:
+        return f"CompiledComponent(sha256={self.sha256[:12]}…, exports={self.exports!r})"
+
+
+def describe(ty: object) -> str:
+    """A component value type as WIT spells it (enough to compare signatures)."""
+    if isinstance(ty, wc.ListType):
+        return f"list<{describe(ty.element)}>"
+    if isinstance(ty, wc.TupleType):
+        return f"tuple<{', '.join(describe(t) for t in ty.elements)}>"
+    if isinstance(ty, wc.ResultType):
+        ok = describe(ty.ok) if ty.ok is not None else "_"
+        err = describe(ty.err) if ty.err is not None else "_"
+        return f"result<{ok}, {err}>"
+    if ty is None:
+        return "_"
+    return type(ty).__name__.lower()
+
+
+def _signature(func_type: wc.FuncType) -> str:
+    params = ", ".join(describe(t) for _, t in func_type.params)
+    result = func_type.result
+    return f"({params})" + (f" -> {describe(result)}" if result is not None else "")
+
+
+class ComponentRunner:
+    """Compiles and runs components on the Sandbox's engine (its epoch ticker, its thread)."""
+
+    def __init__(self, engine: wasmtime.Engine, deadline_ticks: Callable[[int], int]) -> None:
+        self._engine = engine
+        self._deadline_ticks = deadline_ticks  # timeout in ms -> epoch ticks (the Sandbox's)
+        self._state = HostState()
+        self._linker = wc.Linker(engine)
+        self._linker.add_wasip2()
+        with self._linker.root() as root, root.add_instance(HOST_INTERFACE) as host:
+            host.add_func("log", self._log)
+
+    def _log(self, _store: object, message: str) -> None:
+        self._state.add_log(message.encode())
+
+    # ------------------------------------------------------------------ compiling
+
+    def compile(self, sha256: str, wasm: bytes) -> CompiledComponent:
+        try:
+            component = wc.Component(self._engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModule(f"invalid WebAssembly component: {exc}",
+                                {"reason": str(exc)}) from None
+        return self._prepare(sha256, len(wasm), component)
+
+    def load(self, path: str, sha256: str) -> CompiledComponent:
+        try:
+            component = wc.Component.deserialize_file(self._engine, path)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModule(f"cannot load compiled artifact {path}: {exc}",
+                                {"reason": str(exc)}) from None
+        return self._prepare(sha256, os.path.getsize(path), component)
+
+    def _prepare(self, sha256: str, size: int, component: wc.Component) -> CompiledComponent:
+        ty = component.type
+        missing = [name for name in ty.imports(self._engine)
+                   if not name.startswith(_PROVIDED_PREFIXES)]
+        if missing:
+            raise InvalidModule(
+                f"component imports what the host does not provide: {', '.join(missing[:20])} "
+                f"(available: {HOST_INTERFACE}, wasi:* preview 2); refused",
+                {"missing_imports": missing},
+            )
+        entries: list[str] = []
+        for name, extern in ty.exports(self._engine).items():
+            item = extern.ty
+            if isinstance(item, wc.FuncType) and _signature(item) == ENTRY_SIGNATURE:
+                entries.append(name)
+        if not entries:
+            raise InvalidModule(
+                "component exports no entry function: expected `process: func(input: list<u8>, "
+                "env: list<tuple<string, string>>) -> result<list<u8>, string>` (the world "
+                "in wit/wasm-core.wit)"
+            )
+        return CompiledComponent(sha256, size, component, entries)
+
+    # ------------------------------------------------------------------ executing
+
+    def execute(self, cc: CompiledComponent, data: bytes, env: dict[str, str],
+                entry: str | None, lim: Limits) -> ExecutionResult:
+        name = entry if entry is not None else DEFAULT_ENTRY
+        if name not in cc.entries:
+            raise BadRequest(
+                f"component has no entry {name!r}; available: {', '.join(cc.exports)}",
+                {"entry": name, "available": list(cc.exports)},
+            )
+        pairs = [(key.encode(), value.encode()) for key, value in env.items()]
+        state = self._state
+        state.reset(0, lim.output_bytes, lim.log_bytes)
+        stderr = StderrSink(state)
+        failure: WasmCoreError | None = None
+        output = b""
+        fuel_left = 0
+        started = time.perf_counter_ns()
+        store = wasmtime.Store(self._engine)
+        try:
+            store.set_limits(memory_size=lim.memory_bytes)
+            store.set_fuel(lim.fuel)
+            store.set_epoch_deadline(self._deadline_ticks(lim.timeout_ms))
+            store.set_wasi(make_wasi_config(state, env, b"", stderr, stdout_is_output=False))
+            try:
+                instance = self._linker.instantiate(store, cc.module)
+                func = instance.get_func(store, name)
+                if func is None:
+                    raise BadRequest(f"component has no function {name!r}", {"entry": name})
+                ok, payload = _raw.call_bytes_func(func, store, data, pairs)
+            except _raw.ComponentCallFailed as failed:
+                failure = _classify(_raw.take_error(failed.error), lim)
+            except wasmtime.WasmtimeError as exc:
+                failure = _classify(exc, lim)
+            else:
+                if ok:
+                    output = payload
+                    if len(output) > lim.output_bytes:
+                        failure = _output_limit(lim)
+                else:
+                    failure = _plugin_error(payload)
+            fuel_left = store.get_fuel()
+        except WasmCoreError as exc:
+            failure = exc
+        finally:
+            stderr.flush()
+            store.close()
+        metering = Metering(
+            fuel_consumed=max(0, lim.fuel - fuel_left),
+            wall_time_us=(time.perf_counter_ns() - started) // 1000,
+            peak_memory_bytes=0,  # a component's memories are not visible to the host
+        )
+        if failure is not None:
+            failure.details.update(
+                fuel_consumed=metering.fuel_consumed,
+                wall_time_us=metering.wall_time_us,
+                peak_memory_bytes=0,
+                logs=state.logs,
+                logs_truncated=state.logs_truncated,
+            )
+            raise failure
+        return ExecutionResult(output=output, logs=state.logs, metering=metering,
+                               logs_truncated=state.logs_truncated)
+
+
+def _classify(error: wasmtime.WasmtimeError, lim: Limits) -> WasmCoreError:
+    try:
+        text = str(error)
+    finally:
+        error.close()
+    for needle, code in _TRAP_TEXTS:
+        if needle in text:
+            limited = from_trap_code(code, lim.timeout_ms, lim.fuel)
+            if limited is not None:
+                return limited
+    reason, backtrace = split_trap_message(text)
+    return Trap(reason, {"trap_code": None, "backtrace": backtrace})
+
+
+def _plugin_error(message: bytes) -> WasmCoreError:
+    text = message.decode("utf-8", "replace")
+    return PluginError(f"plugin failed: {text}", {"plugin_message": text[:4096]})
+
+
+def _output_limit(lim: Limits) -> WasmCoreError:
+    return OutputLimit(f"plugin output exceeds the {lim.output_bytes}-byte limit",
+                       {"output_bytes": lim.output_bytes})
