@@ -330,24 +330,27 @@ def _lift_bytes(val: Any) -> bytes:
     return _val_array(base, n)[_COMPONENT_VAL_OF::_COMPONENT_VAL_SIZE].tobytes()
 
 
-def call_bytes_func(
-    func: Any, store: wasmtime.Store, data: bytes, pairs: list[tuple[bytes, bytes]]
+def call_component_func(
+    func: Any, store: wasmtime.Store, data: bytes | None, pairs: list[tuple[bytes, bytes]]
 ) -> tuple[bool, bytes]:
     """Call a component function typed `(list<u8>, list<tuple<string, string>>) ->
-    result<list<u8>, string>` (checked by the caller: wasmtime checks the values anyway).
+    result<list<u8>, string>`, or with `data` None one typed `(list<tuple<string, string>>)
+    -> result<_, string>` (the caller checked the type; wasmtime checks the values anyway).
     Returns (ok, the output bytes or the UTF-8 error message); ComponentCallFailed when the
     call traps or fails. The instance must not be called again (no post-return is run)."""
-    params = (_COMPONENT_VAL * 2)()
+    count = 1 if data is None else 2
+    params = (_COMPONENT_VAL * count)()
     result = _COMPONENT_VAL()
     lowered = 0
     try:
-        _lower_bytes(params[0], data)
-        lowered = 1
-        _lower_pairs(params[1], pairs)
-        lowered = 2
+        if data is not None:
+            _lower_bytes(params[0], data)
+            lowered = 1
+        _lower_pairs(params[count - 1], pairs)
+        lowered = count
         error = _component_func_call(
             ctypes.addressof(func._func), store_context_addr(store), ctypes.addressof(params),
-            2, ctypes.addressof(result), 1,
+            count, ctypes.addressof(result), 1,
         )
         if error:
             raise ComponentCallFailed(error)
@@ -362,3 +365,18 @@ def call_bytes_func(
     finally:
         for i in range(lowered):
             _component_val_delete(ctypes.addressof(params[i]))
+
+
+# wasi_config_set_stdout_custom's callback: (data, buffer, length) -> bytes taken or -errno.
+# wasmtime-py's own trampoline builds a ctypes array type per write (~25 us per 8 KiB write:
+# most of a component's stream output time); ours hands the address over as an integer.
+STDOUT_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_ssize_t, c_void_p, c_void_p, c_size_t)
+_set_stdout_custom = _holding(
+    "wasi_config_set_stdout_custom", None, c_void_p, STDOUT_CALLBACK, c_void_p, c_void_p
+)
+
+
+def set_stdout_callback(config: wasmtime.WasiConfig, callback: Any) -> None:
+    """Stdout writes call `callback` (a STDOUT_CALLBACK object, which the caller keeps alive
+    for as long as any store made with this config)."""
+    _set_stdout_custom(addr(config), callback, None, None)

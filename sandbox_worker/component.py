@@ -13,6 +13,8 @@ no arguments, no preopened directories, no network, stdout and stderr into the l
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from wasmtime import component as wc
 
 from wasmcore.protocol.errors import (
     BadRequest,
+    InternalError,
     InvalidModule,
     OutputLimit,
     PluginError,
@@ -31,14 +34,18 @@ from wasmcore.protocol.errors import (
 from wasmcore.protocol.limits import Limits, Metering
 
 from . import _raw
-from .host import HostState
+from .host import HostState, OutputSink
 from .outcome import ExecutionResult, from_trap_code, split_trap_message
 from .wasi import StderrSink, make_wasi_config
 
 COMPONENT_VERSION = b"\x0d\x00\x01\x00"  # bytes 4-8 of a component: version 0x0d, layer 1
 HOST_INTERFACE = "wasm-core:plugin/host@0.1.0"
-ENTRY_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, string>"
-DEFAULT_ENTRY = "process"
+# The two entry shapes (wit/wasm-core.wit): bytes as values (convenient; wasmtime converts a
+# list<u8> one element at a time), or as the component's stdin and stdout (memory speed).
+BYTES_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, string>"
+STREAM_SIGNATURE = "(list<tuple<string, string>>) -> result<_, string>"
+_SHAPES = {BYTES_SIGNATURE: "bytes", STREAM_SIGNATURE: "stream"}
+DEFAULT_ENTRIES = ("process", "process-stream")  # tried in order when a call names none
 # Import namespaces the linker provides: WASI preview 2 (add_wasip2) and our host interface.
 _PROVIDED_PREFIXES = ("wasi:", "wasm-core:plugin/host@")
 _INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
@@ -57,12 +64,12 @@ class CompiledComponent:
     __slots__ = ("sha256", "kind", "exports", "size", "module", "entries", "verified")
 
     def __init__(self, sha256: str, size: int, component: wc.Component,
-                 entries: list[str]) -> None:
+                 entries: dict[str, str]) -> None:
         self.sha256 = sha256
         self.kind = "component"
         self.size = size
         self.module = component  # `module.serialize()` is the artifact, as for core modules
-        self.entries = entries
+        self.entries = entries  # entry name -> shape, "bytes" or "stream"
         self.exports = list(entries)
         self.verified = True
 
@@ -102,6 +109,36 @@ class ComponentRunner:
         self._linker.add_wasip2()
         with self._linker.root() as root, root.add_instance(HOST_INTERFACE) as host:
             host.add_func("log", self._log)
+        self._stdout = _raw.STDOUT_CALLBACK(self._on_stdout)  # kept: stores call it
+        self._sink: OutputSink | None = None
+
+    def _on_stdout(self, _data: int, address: int, length: int) -> int:
+        """A stream entry's output, straight from the guest's buffer: into the execution's
+        output sink once large (one copy), else kept; refused past the output cap."""
+        state = self._state
+        try:
+            if state.output_len + length > state.output_cap:
+                if state.failure is None:
+                    state.failure = OutputLimit(
+                        f"plugin output exceeds the {state.output_cap}-byte limit",
+                        {"output_bytes": state.output_cap})
+                return -errno.EFBIG
+            sink = self._sink
+            if sink is not None and (state.sink_active
+                                     or state.output_len + length >= sink.threshold):
+                if not state.sink_active:
+                    for chunk in state.output:
+                        sink.write_bytes(chunk)
+                    state.output = []
+                    state.sink_active = True
+                sink.write(address, length)
+            else:
+                state.output.append(ctypes.string_at(address, length))
+            state.output_len += length
+            return length
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"stdout failed: {exc!r}")
+            return -errno.EIO
 
     def _log(self, _store: object, message: str) -> None:
         self._state.add_log(message.encode())
@@ -134,25 +171,29 @@ class ComponentRunner:
                 f"(available: {HOST_INTERFACE}, wasi:* preview 2); refused",
                 {"missing_imports": missing},
             )
-        entries: list[str] = []
+        entries: dict[str, str] = {}
         for name, extern in ty.exports(self._engine).items():
             item = extern.ty
-            if isinstance(item, wc.FuncType) and _signature(item) == ENTRY_SIGNATURE:
-                entries.append(name)
+            if isinstance(item, wc.FuncType) and _signature(item) in _SHAPES:
+                entries[name] = _SHAPES[_signature(item)]
         if not entries:
             raise InvalidModule(
                 "component exports no entry function: expected `process: func(input: list<u8>, "
-                "env: list<tuple<string, string>>) -> result<list<u8>, string>` (the world "
-                "in wit/wasm-core.wit)"
+                "env: list<tuple<string, string>>) -> result<list<u8>, string>` or "
+                "`process-stream: func(env: list<tuple<string, string>>) -> result<_, string>` "
+                "(the worlds in wit/wasm-core.wit)"
             )
         return CompiledComponent(sha256, size, component, entries)
 
     # ------------------------------------------------------------------ executing
 
     def execute(self, cc: CompiledComponent, data: bytes, env: dict[str, str],
-                entry: str | None, lim: Limits) -> ExecutionResult:
-        name = entry if entry is not None else DEFAULT_ENTRY
-        if name not in cc.entries:
+                entry: str | None, lim: Limits,
+                sink: OutputSink | None = None) -> ExecutionResult:
+        name = entry if entry is not None else next(
+            (e for e in DEFAULT_ENTRIES if e in cc.entries), cc.exports[0])
+        shape = cc.entries.get(name)
+        if shape is None:
             raise BadRequest(
                 f"component has no entry {name!r}; available: {', '.join(cc.exports)}",
                 {"entry": name, "available": list(cc.exports)},
@@ -170,28 +211,42 @@ class ComponentRunner:
             store.set_limits(memory_size=lim.memory_bytes)
             store.set_fuel(lim.fuel)
             store.set_epoch_deadline(self._deadline_ticks(lim.timeout_ms))
-            store.set_wasi(make_wasi_config(state, env, b"", stderr, stdout_is_output=False))
+            streams = shape == "stream"
+            # A stream entry reads the input from stdin and writes its output to stdout
+            # (bounded by the output cap as it writes); otherwise stdout goes to the logs.
+            config = make_wasi_config(state, env, data if streams else b"", stderr,
+                                      stdout_is_output=streams)
+            if streams:
+                self._sink = sink
+                _raw.set_stdout_callback(config, self._stdout)
+            store.set_wasi(config)
             try:
                 instance = self._linker.instantiate(store, cc.module)
                 func = instance.get_func(store, name)
                 if func is None:
                     raise BadRequest(f"component has no function {name!r}", {"entry": name})
-                ok, payload = _raw.call_bytes_func(func, store, data, pairs)
+                ok, payload = _raw.call_component_func(
+                    func, store, None if streams else data, pairs)
             except _raw.ComponentCallFailed as failed:
                 failure = _classify(_raw.take_error(failed.error), lim)
             except wasmtime.WasmtimeError as exc:
                 failure = _classify(exc, lim)
             else:
-                if ok:
+                if not ok:
+                    failure = _plugin_error(payload)
+                elif streams:
+                    output = b"".join(state.output)
+                else:
                     output = payload
                     if len(output) > lim.output_bytes:
                         failure = _output_limit(lim)
-                else:
-                    failure = _plugin_error(payload)
             fuel_left = store.get_fuel()
         except WasmCoreError as exc:
             failure = exc
         finally:
+            if state.failure is not None:
+                failure = state.failure  # the host decided (output cap): it explains the rest
+            self._sink = None
             stderr.flush()
             store.close()
         metering = Metering(
@@ -209,7 +264,8 @@ class ComponentRunner:
             )
             raise failure
         return ExecutionResult(output=output, logs=state.logs, metering=metering,
-                               logs_truncated=state.logs_truncated)
+                               logs_truncated=state.logs_truncated,
+                               output_in_sink=state.sink_active)
 
 
 def _classify(error: wasmtime.WasmtimeError, lim: Limits) -> WasmCoreError:

@@ -260,7 +260,7 @@ class Sandbox:
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
         if isinstance(module, CompiledComponent):
-            return self._run_component(module, input, env or {}, entry, limits)
+            return self._run_component(module, input, env or {}, entry, limits, output_sink)
         if module.kind == "wasi" and type(input) is not bytes:
             input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
@@ -308,6 +308,7 @@ class Sandbox:
         env: dict[str, str],
         entry: str | None,
         limits: Limits | None,
+        sink: OutputSink | None,
     ) -> ExecutionResult:
         try:
             encode_env(env)  # the same rules for env entries as every other kind
@@ -316,7 +317,7 @@ class Sandbox:
             raise _with_metering(exc) from None
         lim = limits if limits is not None else self._default_limits
         try:
-            return self._components().execute(component, data, env, entry, lim)
+            return self._components().execute(component, data, env, entry, lim, sink)
         except BadRequest as exc:
             if "logs" not in exc.details:
                 _with_metering(exc)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from wasmcore.client.launcher import RunningService, start_service
-from wasmcore.protocol.errors import PluginError, Timeout, Trap
+from wasmcore.protocol.errors import OutputLimit, PluginError, Timeout, Trap
 
 from .conftest import PLUGINS, wait_for
 
@@ -22,6 +22,8 @@ COMPONENTS = PLUGINS / "components"
 SAMPLES = {"python": "upper_py.wasm", "js": "upper_js.wasm"}
 LOG_LINE = {"python": "python plugin: 5 bytes in", "js": "js plugin: 5 bytes in"}
 LOAD_TIMEOUT_S = 240.0  # a compile of ~15 s, on a machine that may be busy
+# The first test waits for both compiles (the module's fixture), the reload test for another.
+pytestmark = pytest.mark.timeout(600)
 
 
 def _with_custom_section(wasm: bytes, payload: bytes) -> bytes:
@@ -77,7 +79,8 @@ def test_component_kind_and_entries(svc: RunningService, loaded: dict[str, str],
     with svc.client() as client:
         info = next(b for b in client.list() if b.binary_id == loaded[language])
     assert info.kind == "component"
-    assert info.exports == ["process"]
+    assert info.exports == (["process", "process-stream"] if language == "python"
+                            else ["process"])
 
 
 def test_output_env_and_logs(svc: RunningService, loaded: dict[str, str], language: str) -> None:
@@ -127,6 +130,33 @@ def test_large_input_round_trip(svc: RunningService, loaded: dict[str, str]) -> 
     data = bytes(range(97, 123)) * 40_000  # ~1 MiB of a-z
     with svc.client() as client:
         assert client.execute(loaded["python"], data).output == data.upper()
+
+
+def test_stream_entry_moves_large_payloads(svc: RunningService,
+                                           loaded: dict[str, str]) -> None:
+    """`process-stream`: the input is stdin, the output what the plugin writes to stdout."""
+    data = bytes(range(97, 123)) * 80_000  # ~2 MiB of a-z
+    with svc.client() as client:
+        result = client.execute(loaded["python"], data, entry="process-stream",
+                                env={"SUFFIX": "."})
+        assert result.output == data.upper() + b"."
+        assert "python plugin: 2080000 bytes in" in result.logs
+        small = client.execute(loaded["python"], b"hello", entry="process-stream")
+        assert small.output == b"HELLO"
+        with pytest.raises(PluginError):
+            client.execute(loaded["python"], b"fail", entry="process-stream")
+
+
+def test_stream_output_is_capped(loaded: dict[str, str]) -> None:
+    capped = start_service(workers=1, config={"limits": {"output_bytes": 4096}})
+    try:
+        with capped.client(timeout_s=LOAD_TIMEOUT_S) as client:
+            binary = client.load(COMPONENTS / SAMPLES["python"]).binary_id
+            with pytest.raises(OutputLimit):
+                client.execute(binary, b"x" * 100_000, entry="process-stream")
+            assert client.execute(binary, b"ok", entry="process-stream").output == b"OK"
+    finally:
+        capped.cleanup()
 
 
 def test_hot_reload_of_rebuilt_component_keeps_uuid(svc: RunningService, loaded: dict[str, str],

@@ -18,7 +18,7 @@ wit="$here/../../wit"
 what="${1:-all}"
 
 if [[ "$what" == all || "$what" == python ]]; then
-    "${COMPONENTIZE_PY:-componentize-py}" -d "$wit" -w plugin componentize \
+    "${COMPONENTIZE_PY:-componentize-py}" -d "$wit" -w plugin-with-stream componentize \
         -p "$here/python" app -o "$here/upper_py.wasm"
     echo "built $here/upper_py.wasm"
 fi
