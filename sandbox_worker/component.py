@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -41,13 +42,16 @@ from .wasi import StderrSink, make_wasi_config
 COMPONENT_VERSION = b"\x0d\x00\x01\x00"  # bytes 4-8 of a component: version 0x0d, layer 1
 HOST_INTERFACE = "wasm-core:plugin/host@0.1.0"
 # The two entry shapes (wit/wasm-core.wit): bytes as values (convenient; wasmtime converts a
-# list<u8> one element at a time), or as the component's stdin and stdout (memory speed).
+# list<u8> one element at a time), or as the component's stdin and stdout (in bulk).
 BYTES_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, string>"
 STREAM_SIGNATURE = "(list<tuple<string, string>>) -> result<_, string>"
 _SHAPES = {BYTES_SIGNATURE: "bytes", STREAM_SIGNATURE: "stream"}
 DEFAULT_ENTRIES = ("process", "process-stream")  # tried in order when a call names none
-# Import namespaces the linker provides: WASI preview 2 (add_wasip2) and our host interface.
-_PROVIDED_PREFIXES = ("wasi:", "wasm-core:plugin/host@")
+# What the linker provides: the WASI preview 2 interfaces of add_wasip2 (not wasi:http) and our
+# host interface. Anything else is refused at load rather than failing every execution.
+_PROVIDED = re.compile(
+    r"(wasi:(cli|io|clocks|random|filesystem|sockets)/[a-z0-9-]+@0\.2\.\d+"
+    r"|wasm-core:plugin/host@0\.1\.\d+)")
 _INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
 _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
 # wasmtime reports a component's traps as errors whose text names the trap.
@@ -163,12 +167,12 @@ class ComponentRunner:
 
     def _prepare(self, sha256: str, size: int, component: wc.Component) -> CompiledComponent:
         ty = component.type
-        missing = [name for name in ty.imports(self._engine)
-                   if not name.startswith(_PROVIDED_PREFIXES)]
+        missing = [name for name in ty.imports(self._engine) if not _PROVIDED.fullmatch(name)]
         if missing:
             raise InvalidModule(
                 f"component imports what the host does not provide: {', '.join(missing[:20])} "
-                f"(available: {HOST_INTERFACE}, wasi:* preview 2); refused",
+                f"(available: {HOST_INTERFACE} and WASI 0.2: wasi:cli, io, clocks, random, "
+                "filesystem, sockets); refused",
                 {"missing_imports": missing},
             )
         entries: dict[str, str] = {}

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from wasmcore.client.launcher import RunningService, start_service
-from wasmcore.protocol.errors import OutputLimit, PluginError, Timeout, Trap
+from wasmcore.protocol.errors import (
+    BadRequest,
+    InvalidModule,
+    OutputLimit,
+    PluginError,
+    Timeout,
+    Trap,
+)
 
 from .conftest import PLUGINS, wait_for
 
@@ -157,6 +164,27 @@ def test_stream_output_is_capped(loaded: dict[str, str]) -> None:
             assert client.execute(binary, b"ok", entry="process-stream").output == b"OK"
     finally:
         capped.cleanup()
+
+
+def test_bytes_as_values_keep_every_byte_value(svc: RunningService) -> None:
+    """The hand-written echo component: list<u8> in and out, every byte value, any size."""
+    with svc.client() as client:
+        echo = client.load(COMPONENTS / "echo.wasm").binary_id
+        for data in (b"", bytes(range(256)), bytes(range(256)) * 1000):
+            assert client.execute(echo, data).output == data
+        with pytest.raises(BadRequest) as caught:
+            client.execute(echo, b"x", entry="nope")
+        assert caught.value.details["available"] == ["process"]
+
+
+def test_component_importing_what_is_not_provided_is_refused_at_load(
+        svc: RunningService) -> None:
+    text = (COMPONENTS / "wat" / "echo.wat").read_text()
+    foreign = text.replace("(component", '(component (import "wasi:http/types@0.2.0" (instance))',
+                           1)
+    with svc.client() as client, pytest.raises(InvalidModule) as caught:
+        client.load(data=foreign.encode(), name="needs-http")
+    assert caught.value.details["missing_imports"] == ["wasi:http/types@0.2.0"]
 
 
 def test_hot_reload_of_rebuilt_component_keeps_uuid(svc: RunningService, loaded: dict[str, str],

@@ -5,6 +5,7 @@
 #   ./plugins/components/build.sh           # both
 #   ./plugins/components/build.sh python    # upper_py.wasm only
 #   ./plugins/components/build.sh js        # upper_js.wasm only
+#   ./plugins/components/build.sh wat       # echo.wasm only ($PYTHON must import wasmtime)
 #
 # Python: componentize-py from PyPI ($COMPONENTIZE_PY, default: componentize-py on PATH):
 #   python3 -m venv /tmp/cpy && /tmp/cpy/bin/pip install componentize-py==0.25.1
@@ -21,6 +22,13 @@ if [[ "$what" == all || "$what" == python ]]; then
     "${COMPONENTIZE_PY:-componentize-py}" -d "$wit" -w plugin-with-stream componentize \
         -p "$here/python" app -o "$here/upper_py.wasm"
     echo "built $here/upper_py.wasm"
+fi
+
+if [[ "$what" == all || "$what" == wat ]]; then
+    "${PYTHON:-python3}" -c 'import sys, wasmtime
+open(sys.argv[2], "wb").write(wasmtime.wat2wasm(open(sys.argv[1]).read()))' \
+        "$here/wat/echo.wat" "$here/echo.wasm"
+    echo "built $here/echo.wasm"
 fi
 
 if [[ "$what" == all || "$what" == js ]]; then
