@@ -27,6 +27,7 @@ from wasmcore.protocol.errors import (
     BadRequest,
     InternalError,
     InvalidModule,
+    MemoryLimit,
     OutputLimit,
     PluginError,
     Trap,
@@ -56,6 +57,7 @@ _INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
 _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
 # wasmtime reports a component's traps as errors whose text names the trap.
 _TRAP_TEXTS = (("wasm trap: interrupt", _INTERRUPT), ("all fuel consumed", _OUT_OF_FUEL))
+_OVER_MEMORY_LIMIT = "exceeds memory limits"
 
 
 def is_component(wasm: bytes | memoryview) -> bool:
@@ -283,6 +285,11 @@ def _classify(error: wasmtime.WasmtimeError, lim: Limits) -> WasmCoreError:
             if limited is not None:
                 return limited
     reason, backtrace = split_trap_message(text)
+    if _OVER_MEMORY_LIMIT in text:
+        # The component's memories start larger than the limit: it cannot even instantiate.
+        return MemoryLimit(
+            f"plugin needs more than the {lim.memory_bytes}-byte memory limit to start "
+            f"({reason})", {"memory_bytes": lim.memory_bytes, "trap_message": reason})
     return Trap(reason, {"trap_code": None, "backtrace": backtrace})
 
 

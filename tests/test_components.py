@@ -17,6 +17,7 @@ from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol.errors import (
     BadRequest,
     InvalidModule,
+    MemoryLimit,
     OutputLimit,
     PluginError,
     Timeout,
@@ -121,6 +122,15 @@ def test_loop_is_timeout(svc: RunningService, loaded: dict[str, str], language: 
         with pytest.raises(Timeout):
             client.execute(loaded[language], b"loop", timeout_ms=300)
         assert client.execute(loaded[language], b"ok").output == b"OK"
+
+
+def test_memory_limit_below_what_the_component_needs(svc: RunningService,
+                                                     loaded: dict[str, str],
+                                                     language: str) -> None:
+    with svc.client() as client:
+        with pytest.raises(MemoryLimit):
+            client.execute(loaded[language], b"hi", memory_mb=4)
+        assert client.execute(loaded[language], b"hi", memory_mb=32).output == b"HI"
 
 
 def test_chain_mixes_component_and_core_module(svc: RunningService, loaded: dict[str, str],
