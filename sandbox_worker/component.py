@@ -29,6 +29,7 @@ from wasmcore.protocol.errors import (
     InvalidModule,
     MemoryLimit,
     OutputLimit,
+    PayloadTooLarge,
     PluginError,
     Trap,
     WasmCoreError,
@@ -48,6 +49,12 @@ BYTES_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, s
 STREAM_SIGNATURE = "(list<tuple<string, string>>) -> result<_, string>"
 _SHAPES = {BYTES_SIGNATURE: "bytes", STREAM_SIGNATURE: "stream"}
 DEFAULT_ENTRIES = ("process", "process-stream")  # tried in order when a call names none
+# The largest input a bytes entry takes: a list<u8> value costs the host tens of bytes of
+# memory per byte while wasmtime converts it (and 0.2-0.7 s per MiB), and wasmtime refuses
+# (TRAP "too much data is being copied between the host and the guest") once a call's values
+# in and out pass its hostcall budget, about 4 Mi elements. Larger inputs belong on a stream
+# entry.
+VALUES_MAX_BYTES = 1024 * 1024
 # What the linker provides: the WASI preview 2 interfaces of add_wasip2 (not wasi:http) and our
 # host interface. Anything else is refused at load rather than failing every execution.
 _PROVIDED = re.compile(
@@ -204,6 +211,13 @@ class ComponentRunner:
                 f"component has no entry {name!r}; available: {', '.join(cc.exports)}",
                 {"entry": name, "available": list(cc.exports)},
             )
+        if shape == "bytes" and len(data) > VALUES_MAX_BYTES:
+            raise PayloadTooLarge(
+                f"an input of {len(data)} bytes is over the {VALUES_MAX_BYTES}-byte limit of a "
+                f"component entry that takes its input as a list<u8> value ({name!r}); give the "
+                "component a `process-stream` entry (input on stdin, output on stdout) and call "
+                "that one (docs/plugin-abi.md, section 4)",
+                {"input_bytes": len(data), "max_input_bytes": VALUES_MAX_BYTES, "entry": name})
         pairs = [(key.encode(), value.encode()) for key, value in env.items()]
         state = self._state
         state.reset(0, lim.output_bytes, lim.log_bytes)

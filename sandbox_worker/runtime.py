@@ -28,6 +28,7 @@ from wasmcore.protocol.errors import (
     InternalError,
     InvalidModule,
     MemoryLimit,
+    PayloadTooLarge,
     Trap,
     WasmCoreError,
 )
@@ -318,8 +319,8 @@ class Sandbox:
         lim = limits if limits is not None else self._default_limits
         try:
             return self._components().execute(component, data, env, entry, lim, sink)
-        except BadRequest as exc:
-            if "logs" not in exc.details:
+        except (BadRequest, PayloadTooLarge) as exc:
+            if "logs" not in exc.details:  # refused before anything ran
                 _with_metering(exc)
             raise
 

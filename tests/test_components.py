@@ -19,6 +19,7 @@ from wasmcore.protocol.errors import (
     InvalidModule,
     MemoryLimit,
     OutputLimit,
+    PayloadTooLarge,
     PluginError,
     Timeout,
     Trap,
@@ -185,6 +186,20 @@ def test_bytes_as_values_keep_every_byte_value(svc: RunningService) -> None:
         with pytest.raises(BadRequest) as caught:
             client.execute(echo, b"x", entry="nope")
         assert caught.value.details["available"] == ["process"]
+
+
+def test_large_input_as_values_is_refused_with_what_to_do(svc: RunningService) -> None:
+    """A list<u8> value costs the host tens of bytes per byte while wasmtime converts it: a
+    big input to a values entry is refused at once, saying to use process-stream (before, 5 MiB
+    spent ~2 s converting, then trapped on wasmtime's hostcall budget)."""
+    with svc.client() as client:
+        echo = client.load(COMPONENTS / "echo.wasm").binary_id
+        with pytest.raises(PayloadTooLarge) as caught:
+            client.execute(echo, b"x" * (5 * 1024 * 1024))
+        assert "process-stream" in caught.value.message
+        with pytest.raises(PayloadTooLarge):
+            client.execute(echo, b"x" * (1024 * 1024 + 1))
+        assert client.execute(echo, b"x" * (1024 * 1024)).output == b"x" * (1024 * 1024)
 
 
 def test_component_importing_what_is_not_provided_is_refused_at_load(
