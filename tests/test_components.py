@@ -16,6 +16,7 @@ import pytest
 from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol.errors import (
     BadRequest,
+    Forbidden,
     InvalidModule,
     MemoryLimit,
     OutputLimit,
@@ -56,8 +57,9 @@ def _leb128(n: int) -> bytes:
 @pytest.fixture(scope="module")
 def svc() -> Iterator[RunningService]:
     # Fuel high enough that a loop in the (interpreted) JS engine meets the timeout first.
-    running = start_service(workers=2, config={"limits": {"fuel": 10**13},
-                                               "compile": {"timeout_ms": 240_000}})
+    running = start_service(workers=2, config={
+        "limits": {"fuel": 10**13}, "compile": {"timeout_ms": 240_000},
+        "binaries": {"py-stream-only": {"entries": ["process-stream"]}}})
     try:
         yield running
     finally:
@@ -210,6 +212,18 @@ def test_component_importing_what_is_not_provided_is_refused_at_load(
     with svc.client() as client, pytest.raises(InvalidModule) as caught:
         client.load(data=foreign.encode(), name="needs-http")
     assert caught.value.details["missing_imports"] == ["wasi:http/types@0.2.0"]
+
+
+def test_entry_list_applies_to_components(svc: RunningService, loaded: dict[str, str]) -> None:
+    """[binaries.<name>] entries: the same bytes under another name (no second compile) may
+    only run `process-stream`, which calls without an entry get."""
+    with svc.client() as client:
+        binary = client.load(data=(COMPONENTS / SAMPLES["python"]).read_bytes(),
+                             name="py-stream-only").binary_id
+        big = b"a" * (2 * 1024 * 1024)  # over what `process` takes: only the stream entry can
+        assert client.execute(binary, big).output == big.upper()
+        with pytest.raises(Forbidden):
+            client.execute(binary, b"x", entry="process")
 
 
 def test_hot_reload_of_rebuilt_component_keeps_uuid(svc: RunningService, loaded: dict[str, str],
