@@ -17,6 +17,7 @@ from wasmcore.protocol.errors import InvalidModule
 from wasmcore.protocol.limits import WASM_PAGE
 
 from . import _raw
+from .component import is_component
 from .host import HOST_IMPORTS
 from .import_hints import binary_hint, toolchain_hint
 from .imports_scan import Buffer, MalformedImports, NotCoreModule, read_imports
@@ -120,7 +121,10 @@ _ENTRY_SIGNATURES = {
 def precheck_imports(wasm: Buffer) -> None:
     """Refuse, before any compile, a binary that is not a core module or imports what the
     service does not provide. Reads only the module's first sections (imports_scan.py), so
-    it costs microseconds whatever the module's size. Signatures are left to the linker."""
+    it costs microseconds whatever the module's size. Signatures are left to the linker.
+    A component's imports are checked by its compile (component.py)."""
+    if is_component(wasm[:8]):
+        return
     try:
         imports = read_imports(wasm)
     except NotCoreModule as exc:

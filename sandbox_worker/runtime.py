@@ -28,6 +28,7 @@ from wasmcore.protocol.errors import (
     InternalError,
     InvalidModule,
     MemoryLimit,
+    PayloadTooLarge,
     Trap,
     WasmCoreError,
 )
@@ -35,6 +36,7 @@ from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
+from .component import CompiledComponent, ComponentRunner, is_component
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .host_methods import HostMethods
 from .module import (
@@ -58,6 +60,9 @@ from .ticker import Ticker, start_ticker
 from .wasi import StderrSink, make_wasi_config
 
 __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
+
+# What compile returns: a core module (kinds "core", "wasi") or a component (component.py).
+Compiled = CompiledModule | CompiledComponent
 
 _WASM_MAGIC = b"\0asm"
 _START = "_start"
@@ -96,6 +101,7 @@ class Sandbox:
 
         self._cache = ModuleCache(config.cache_size)
         self._closed = False
+        self._component_runner: ComponentRunner | None = None  # made when first needed
 
         # Preallocated out-parameters and the args/results array for raw calls. Reused by
         # every execution (single-threaded by contract), which avoids ~1 us of ctypes
@@ -146,7 +152,7 @@ class Sandbox:
 
     # ------------------------------------------------------------------ compiling
 
-    def compile(self, wasm_or_wat: bytes) -> CompiledModule:
+    def compile(self, wasm_or_wat: bytes) -> Compiled:
         """Validate, link and cache a module (binary, or WAT text) by the sha256 of its bytes."""
         self._check_open()
         data = bytes(wasm_or_wat)
@@ -155,6 +161,10 @@ class Sandbox:
         if cached is not None:
             return cached
         wasm = data if data.startswith(_WASM_MAGIC) else _wat_to_wasm(data)
+        if is_component(wasm):
+            component = self._components().compile(sha256, wasm)
+            self._cache.put(component)
+            return component
         precheck_imports(wasm)  # not a core module, or unlinkable: refused before compiling
         try:
             wasmtime.Module.validate(self._engine, wasm)
@@ -167,7 +177,7 @@ class Sandbox:
         self._cache.put(compiled)
         return compiled
 
-    def serialize(self, module: CompiledModule, path: str | os.PathLike[str]) -> None:
+    def serialize(self, module: Compiled, path: str | os.PathLike[str]) -> None:
         """Write the compiled code to `path` atomically (temp file in the same dir + rename)."""
         blob = module.module.serialize()
         target = os.fspath(path)
@@ -186,7 +196,7 @@ class Sandbox:
                 pass
             raise
 
-    def load_serialized(self, path: str | os.PathLike[str], sha256: str) -> CompiledModule:
+    def load_serialized(self, path: str | os.PathLike[str], sha256: str) -> Compiled:
         """Load an artifact written by `serialize` (trusted input: it is native code).
 
         Cached under `sha256` (the hash of the original module bytes). `size` is the artifact's
@@ -200,6 +210,14 @@ class Sandbox:
         try:
             module = wasmtime.Module.deserialize_file(self._engine, target)
         except wasmtime.WasmtimeError as exc:
+            # The artifact of a component? (Telling costs a failed header check, ~0.2 ms.)
+            try:
+                component = self._components().load(target, sha256)
+            except InvalidModule:
+                component = None
+            if component is not None:
+                self._cache.put(component)
+                return component
             raise InvalidModule(
                 f"cannot load compiled artifact {target}: {exc}", {"reason": str(exc)}
             ) from None
@@ -207,7 +225,14 @@ class Sandbox:
         self._cache.put(compiled)
         return compiled
 
-    def cached(self, sha256: str) -> CompiledModule | None:
+    def _components(self) -> ComponentRunner:
+        if self._component_runner is None:
+            tick_ms = self._tick_ms
+            self._component_runner = ComponentRunner(
+                self._engine, lambda timeout_ms: deadline_ticks(timeout_ms, tick_ms))
+        return self._component_runner
+
+    def cached(self, sha256: str) -> Compiled | None:
         """The module compiled or loaded under `sha256`, if the cache still holds it."""
         return self._cache.get(sha256)
 
@@ -227,7 +252,7 @@ class Sandbox:
 
     def execute(
         self,
-        module: CompiledModule,
+        module: Compiled,
         input: bytes | InputSource,
         *,
         env: dict[str, str] | None = None,
@@ -243,6 +268,8 @@ class Sandbox:
         self._state.tenant = tenant
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
+        if isinstance(module, CompiledComponent):
+            return self._run_component(module, input, env or {}, entry, limits, output_sink)
         if module.kind == "wasi" and type(input) is not bytes:
             input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
@@ -284,6 +311,28 @@ class Sandbox:
                 )
             )
         return self._run(module, kind, index, input, env_bytes, env, lim, output_sink)
+
+    def _run_component(
+        self,
+        component: CompiledComponent,
+        input: bytes | InputSource,
+        env: dict[str, str],
+        entry: str | None,
+        limits: Limits | None,
+        sink: OutputSink | None,
+    ) -> ExecutionResult:
+        try:
+            encode_env(env)  # the same rules for env entries as every other kind
+            data = input if type(input) is bytes else input.read_all()
+        except BadRequest as exc:
+            raise _with_metering(exc) from None
+        lim = limits if limits is not None else self._default_limits
+        try:
+            return self._components().execute(component, data, env, entry, lim, sink)
+        except (BadRequest, PayloadTooLarge) as exc:
+            if "logs" not in exc.details:  # refused before anything ran
+                _with_metering(exc)
+            raise
 
     def _run(
         self,

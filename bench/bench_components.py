@@ -1,0 +1,165 @@
+"""Components (WASI preview 2) on the real service: load, instantiate, call, RSS, bulk bytes.
+
+    python bench/bench_components.py [--rounds N] [--skip-languages]
+
+Reports, in one run:
+- per sample (plugins/components/upper_py.wasm, upper_js.wasm): the first load through the
+  service (compile lane: compile + serialize), a later load of the artifact in a worker
+  (deserialize; measured in-process, as a worker does it), instantiate + call of a 5-byte
+  input in-process (a fresh store each time, as every execution), a 5-byte execute through
+  the service (median, p99), and the RSS of each executing worker after running it;
+- a 1 MiB round trip through the service (execute, output checked) for a core module
+  (plugins/multi_entry.wasm `process`, an echo) and, in the same run, for components: the
+  hand-written echo component (plugins/components/echo.wasm) with bytes as values (`process`),
+  the Python sample as values (`process`) and as streams (`process-stream`); plus each one's
+  empty round trip, so the cost of the bytes alone is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wasmcore.client.launcher import start_service  # noqa: E402
+from wasmcore.protocol.limits import Limits  # noqa: E402
+from wasmcore.sandbox_worker.runtime import Sandbox, SandboxConfig  # noqa: E402
+
+PLUGINS = ROOT / "plugins"
+COMPONENTS = PLUGINS / "components"
+SAMPLES = {"python": "upper_py.wasm", "js": "upper_js.wasm"}
+CONFIG = {"server": {"log_level": "error"}, "compile": {"timeout_ms": 600_000},
+          "limits": {"memory_mb": 256}}
+MiB = 1024 * 1024
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def in_process(name: str, rounds: int) -> dict[str, float]:
+    """Compile, serialize, deserialize and run a sample in this process (a worker's view)."""
+    wasm = (COMPONENTS / name).read_bytes()
+    with Sandbox(SandboxConfig()) as sandbox, tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        compiled = sandbox.compile(wasm)
+        compile_s = time.perf_counter() - started
+        artifact = Path(tmp) / "artifact"
+        sandbox.serialize(compiled, artifact)
+        sandbox.forget(compiled.sha256)
+        started = time.perf_counter()
+        loaded = sandbox.load_serialized(artifact, compiled.sha256)
+        load_s = time.perf_counter() - started
+        limits = Limits(memory_bytes=256 * MiB)
+        started = time.perf_counter()
+        sandbox.execute(loaded, b"hello", limits=limits)
+        first_s = time.perf_counter() - started
+        calls = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            sandbox.execute(loaded, b"hello", limits=limits)
+            calls.append(time.perf_counter() - started)
+        return {"compile_s": compile_s, "artifact_mb": artifact.stat().st_size / MiB,
+                "deserialize_s": load_s, "first_call_s": first_s,
+                "call_median_s": statistics.median(calls), "call_p99_s": pct(calls, 0.99)}
+
+
+def worker_rss_mb(client) -> list[str]:
+    """Each executing worker's RSS now and its peak (VmHWM), in MiB, read from /proc."""
+    shown = []
+    for worker in client.stats().workers:
+        fields = {}
+        with open(f"/proc/{worker.pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        rss, peak = (int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+        shown.append(f"{rss:.0f} (peak {peak:.0f})")
+    return shown
+
+
+def through_service(rounds: int, languages: bool) -> None:
+    svc = start_service(workers=2, config=CONFIG)
+    try:
+        with svc.client(timeout_s=600) as c:
+            print(f"worker RSS at start: {', '.join(worker_rss_mb(c))} MiB")
+            ids: dict[str, str] = {}
+            if languages:
+                for language, name in SAMPLES.items():
+                    started = time.perf_counter()
+                    ids[language] = c.load(COMPONENTS / name).binary_id
+                    print(f"{language}: first load through the service (compile lane) "
+                          f"{time.perf_counter() - started:.1f} s")
+                    times = []
+                    for _ in range(rounds):
+                        started = time.perf_counter()
+                        assert c.execute(ids[language], b"hello").output == b"HELLO"
+                        times.append(time.perf_counter() - started)
+                    print(f"{language}: 5-byte execute through the service: median "
+                          f"{ms(statistics.median(times))}, p99 {ms(pct(times, 0.99))} "
+                          f"({rounds} runs, first included)")
+                    print(f"{language}: worker RSS after: "
+                          f"{', '.join(worker_rss_mb(c))} MiB")
+            core = c.load(PLUGINS / "multi_entry.wasm").binary_id
+            echo = c.load(COMPONENTS / "echo.wasm").binary_id
+            cases = [("core module (multi_entry process)", core, None),
+                     ("component, hand-written echo, process (values)", echo, None)]
+            if languages:
+                cases += [("component, python sample, process (values)", ids["python"], None),
+                          ("component, python sample, process-stream", ids["python"],
+                           "process-stream")]
+            data = bytes(range(65, 91)) * (MiB // 26) + b"A" * (MiB % 26)  # already upper
+            results: dict[str, tuple[float, float]] = {}
+            for label, binary, entry in cases:
+                per_size = []
+                for payload in (b"", data):
+                    times = []
+                    for i in range(rounds if payload else rounds * 4):
+                        started = time.perf_counter()
+                        out = c.execute(binary, payload, entry=entry).output
+                        times.append(time.perf_counter() - started)
+                        if i == 0:
+                            assert bytes(out) == payload, label
+                    per_size.append(statistics.median(times))
+                results[label] = (per_size[0], per_size[1])
+            base = results[cases[0][0]][1]
+            print(f"\n1 MiB round trip through the service (median of {rounds}; "
+                  "empty input median of 4x as many):")
+            for label, (empty, mib) in results.items():
+                print(f"  {label}: empty {ms(empty)}, 1 MiB {ms(mib)} "
+                      f"({mib / base:.1f}x the core module's), bytes alone {ms(mib - empty)}")
+    finally:
+        svc.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--skip-languages", action="store_true",
+                        help="only the 1 MiB round trip of the core module and echo component")
+    args = parser.parse_args()
+    if not args.skip_languages:
+        for language, name in SAMPLES.items():
+            r = in_process(name, args.rounds)
+            print(f"{language} ({name}, {(COMPONENTS / name).stat().st_size / MiB:.1f} MiB): "
+                  f"compile {r['compile_s']:.1f} s, artifact {r['artifact_mb']:.0f} MiB, "
+                  f"deserialize {ms(r['deserialize_s'])}, first instantiate+call "
+                  f"{ms(r['first_call_s'])}, then median {ms(r['call_median_s'])}, "
+                  f"p99 {ms(r['call_p99_s'])}")
+    through_service(args.rounds, not args.skip_languages)
+
+
+if __name__ == "__main__":
+    main()

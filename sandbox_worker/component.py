@@ -1,0 +1,317 @@
+"""WebAssembly components (WASI preview 2): the plugin world in wit/wasm-core.wit.
+
+A component is its own kind of binary ("component"), told from a core module by its preamble
+(version 0x0d, layer 1). It gets what a core module gets: compiled once (the serialized
+component is the artifact every worker maps), a fresh store and instance per execution, the
+same limits (timeout through the engine's epochs, fuel, memory per linear memory), metering,
+logs, chains with any other kind. What differs is the calling convention: the component
+exports `process(input: list<u8>, env: list<tuple<string, string>>) -> result<list<u8>,
+string>` (or other functions of that type, named as entries) and imports
+`wasm-core:plugin/host.log` and WASI preview 2, under the preview 1 policy: the request's env,
+no arguments, no preopened directories, no network, stdout and stderr into the logs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import time
+from collections.abc import Callable
+
+import wasmtime
+from wasmtime import component as wc
+
+from wasmcore.protocol.errors import (
+    BadRequest,
+    InternalError,
+    InvalidModule,
+    MemoryLimit,
+    OutputLimit,
+    PayloadTooLarge,
+    PluginError,
+    Trap,
+    WasmCoreError,
+)
+from wasmcore.protocol.limits import Limits, Metering
+
+from . import _raw
+from .host import HostState, OutputSink
+from .outcome import ExecutionResult, from_trap_code, split_trap_message
+from .wasi import StderrSink, make_wasi_config
+
+COMPONENT_VERSION = b"\x0d\x00\x01\x00"  # bytes 4-8 of a component: version 0x0d, layer 1
+HOST_INTERFACE = "wasm-core:plugin/host@0.1.0"
+# The two entry shapes (wit/wasm-core.wit): bytes as values (convenient; wasmtime converts a
+# list<u8> one element at a time), or as the component's stdin and stdout (in bulk).
+BYTES_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, string>"
+STREAM_SIGNATURE = "(list<tuple<string, string>>) -> result<_, string>"
+_SHAPES = {BYTES_SIGNATURE: "bytes", STREAM_SIGNATURE: "stream"}
+DEFAULT_ENTRIES = ("process", "process-stream")  # tried in order when a call names none
+# The largest input a bytes entry takes: a list<u8> value costs the host tens of bytes of
+# memory per byte while wasmtime converts it (and 0.2-0.7 s per MiB), and wasmtime refuses
+# (TRAP "too much data is being copied between the host and the guest") once a call's values
+# in and out pass its hostcall budget, about 4 Mi elements. Larger inputs belong on a stream
+# entry.
+VALUES_MAX_BYTES = 1024 * 1024
+# What the linker provides: the WASI preview 2 interfaces of add_wasip2 (not wasi:http) and our
+# host interface. Anything else is refused at load rather than failing every execution.
+_PROVIDED = re.compile(
+    r"(wasi:(cli|io|clocks|random|filesystem|sockets)/[a-z0-9-]+@0\.2\.\d+"
+    r"|wasm-core:plugin/host@0\.1\.\d+)")
+_INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
+_OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
+# wasmtime reports a component's traps as errors whose text names the trap.
+_TRAP_TEXTS = (("wasm trap: interrupt", _INTERRUPT), ("all fuel consumed", _OUT_OF_FUEL))
+_OVER_MEMORY_LIMIT = "exceeds memory limits"
+
+
+def is_component(wasm: bytes | memoryview) -> bool:
+    return bytes(wasm[:4]) == b"\0asm" and bytes(wasm[4:8]) == COMPONENT_VERSION
+
+
+class CompiledComponent:
+    """A compiled component and its entries; the same public face as CompiledModule."""
+
+    __slots__ = ("sha256", "kind", "exports", "size", "module", "entries", "verified")
+
+    def __init__(self, sha256: str, size: int, component: wc.Component,
+                 entries: dict[str, str]) -> None:
+        self.sha256 = sha256
+        self.kind = "component"
+        self.size = size
+        self.module = component  # `module.serialize()` is the artifact, as for core modules
+        self.entries = entries  # entry name -> shape, "bytes" or "stream"
+        self.exports = list(entries)
+        self.verified = True
+
+    def __repr__(self) -> str:
+        return f"CompiledComponent(sha256={self.sha256[:12]}…, exports={self.exports!r})"
+
+
+def describe(ty: object) -> str:
+    """A component value type as WIT spells it (enough to compare signatures)."""
+    if isinstance(ty, wc.ListType):
+        return f"list<{describe(ty.element)}>"
+    if isinstance(ty, wc.TupleType):
+        return f"tuple<{', '.join(describe(t) for t in ty.elements)}>"
+    if isinstance(ty, wc.ResultType):
+        ok = describe(ty.ok) if ty.ok is not None else "_"
+        err = describe(ty.err) if ty.err is not None else "_"
+        return f"result<{ok}, {err}>"
+    if ty is None:
+        return "_"
+    return type(ty).__name__.lower()
+
+
+def _signature(func_type: wc.FuncType) -> str:
+    params = ", ".join(describe(t) for _, t in func_type.params)
+    result = func_type.result
+    return f"({params})" + (f" -> {describe(result)}" if result is not None else "")
+
+
+class ComponentRunner:
+    """Compiles and runs components on the Sandbox's engine (its epoch ticker, its thread)."""
+
+    def __init__(self, engine: wasmtime.Engine, deadline_ticks: Callable[[int], int]) -> None:
+        self._engine = engine
+        self._deadline_ticks = deadline_ticks  # timeout in ms -> epoch ticks (the Sandbox's)
+        self._state = HostState()
+        self._linker = wc.Linker(engine)
+        self._linker.add_wasip2()
+        with self._linker.root() as root, root.add_instance(HOST_INTERFACE) as host:
+            host.add_func("log", self._log)
+        self._stdout = _raw.STDOUT_CALLBACK(self._on_stdout)  # kept: stores call it
+        self._sink: OutputSink | None = None
+
+    def _on_stdout(self, _data: int, address: int, length: int) -> int:
+        """A stream entry's output, straight from the guest's buffer: into the execution's
+        output sink once large (one copy), else kept; refused past the output cap."""
+        state = self._state
+        try:
+            if state.output_len + length > state.output_cap:
+                if state.failure is None:
+                    state.failure = OutputLimit(
+                        f"plugin output exceeds the {state.output_cap}-byte limit",
+                        {"output_bytes": state.output_cap})
+                return -errno.EFBIG
+            sink = self._sink
+            if sink is not None and (state.sink_active
+                                     or state.output_len + length >= sink.threshold):
+                if not state.sink_active:
+                    for chunk in state.output:
+                        sink.write_bytes(chunk)
+                    state.output = []
+                    state.sink_active = True
+                sink.write(address, length)
+            else:
+                state.output.append(ctypes.string_at(address, length))
+            state.output_len += length
+            return length
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"stdout failed: {exc!r}")
+            return -errno.EIO
+
+    def _log(self, _store: object, message: str) -> None:
+        self._state.add_log(message.encode())
+
+    # ------------------------------------------------------------------ compiling
+
+    def compile(self, sha256: str, wasm: bytes) -> CompiledComponent:
+        try:
+            component = wc.Component(self._engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModule(f"invalid WebAssembly component: {exc}",
+                                {"reason": str(exc)}) from None
+        return self._prepare(sha256, len(wasm), component)
+
+    def load(self, path: str, sha256: str) -> CompiledComponent:
+        try:
+            component = wc.Component.deserialize_file(self._engine, path)
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModule(f"cannot load compiled artifact {path}: {exc}",
+                                {"reason": str(exc)}) from None
+        return self._prepare(sha256, os.path.getsize(path), component)
+
+    def _prepare(self, sha256: str, size: int, component: wc.Component) -> CompiledComponent:
+        ty = component.type
+        missing = [name for name in ty.imports(self._engine) if not _PROVIDED.fullmatch(name)]
+        if missing:
+            raise InvalidModule(
+                f"component imports what the host does not provide: {', '.join(missing[:20])} "
+                f"(available: {HOST_INTERFACE} and WASI 0.2: wasi:cli, io, clocks, random, "
+                "filesystem, sockets); refused",
+                {"missing_imports": missing},
+            )
+        entries: dict[str, str] = {}
+        for name, extern in ty.exports(self._engine).items():
+            item = extern.ty
+            if isinstance(item, wc.FuncType) and _signature(item) in _SHAPES:
+                entries[name] = _SHAPES[_signature(item)]
+        if not entries:
+            raise InvalidModule(
+                "component exports no entry function: expected `process: func(input: list<u8>, "
+                "env: list<tuple<string, string>>) -> result<list<u8>, string>` or "
+                "`process-stream: func(env: list<tuple<string, string>>) -> result<_, string>` "
+                "(the worlds in wit/wasm-core.wit)"
+            )
+        return CompiledComponent(sha256, size, component, entries)
+
+    # ------------------------------------------------------------------ executing
+
+    def execute(self, cc: CompiledComponent, data: bytes, env: dict[str, str],
+                entry: str | None, lim: Limits,
+                sink: OutputSink | None = None) -> ExecutionResult:
+        name = entry if entry is not None else next(
+            (e for e in DEFAULT_ENTRIES if e in cc.entries), cc.exports[0])
+        shape = cc.entries.get(name)
+        if shape is None:
+            raise BadRequest(
+                f"component has no entry {name!r}; available: {', '.join(cc.exports)}",
+                {"entry": name, "available": list(cc.exports)},
+            )
+        if shape == "bytes" and len(data) > VALUES_MAX_BYTES:
+            raise PayloadTooLarge(
+                f"an input of {len(data)} bytes is over the {VALUES_MAX_BYTES}-byte limit of a "
+                f"component entry that takes its input as a list<u8> value ({name!r}); give the "
+                "component a `process-stream` entry (input on stdin, output on stdout) and call "
+                "that one (docs/plugin-abi.md, section 4)",
+                {"input_bytes": len(data), "max_input_bytes": VALUES_MAX_BYTES, "entry": name})
+        pairs = [(key.encode(), value.encode()) for key, value in env.items()]
+        state = self._state
+        state.reset(0, lim.output_bytes, lim.log_bytes)
+        stderr = StderrSink(state)
+        failure: WasmCoreError | None = None
+        output = b""
+        fuel_left = 0
+        started = time.perf_counter_ns()
+        store = wasmtime.Store(self._engine)
+        try:
+            store.set_limits(memory_size=lim.memory_bytes)
+            store.set_fuel(lim.fuel)
+            store.set_epoch_deadline(self._deadline_ticks(lim.timeout_ms))
+            streams = shape == "stream"
+            # A stream entry reads the input from stdin and writes its output to stdout
+            # (bounded by the output cap as it writes); otherwise stdout goes to the logs.
+            config = make_wasi_config(state, env, data if streams else b"", stderr,
+                                      stdout_is_output=streams)
+            if streams:
+                self._sink = sink
+                _raw.set_stdout_callback(config, self._stdout)
+            store.set_wasi(config)
+            try:
+                instance = self._linker.instantiate(store, cc.module)
+                func = instance.get_func(store, name)
+                if func is None:
+                    raise BadRequest(f"component has no function {name!r}", {"entry": name})
+                ok, payload = _raw.call_component_func(
+                    func, store, None if streams else data, pairs)
+            except _raw.ComponentCallFailed as failed:
+                failure = _classify(_raw.take_error(failed.error), lim)
+            except wasmtime.WasmtimeError as exc:
+                failure = _classify(exc, lim)
+            else:
+                if not ok:
+                    failure = _plugin_error(payload)
+                elif streams:
+                    output = b"".join(state.output)
+                else:
+                    output = payload
+                    if len(output) > lim.output_bytes:
+                        failure = _output_limit(lim)
+            fuel_left = store.get_fuel()
+        except WasmCoreError as exc:
+            failure = exc
+        finally:
+            if state.failure is not None:
+                failure = state.failure  # the host decided (output cap): it explains the rest
+            self._sink = None
+            stderr.flush()
+            store.close()
+        metering = Metering(
+            fuel_consumed=max(0, lim.fuel - fuel_left),
+            wall_time_us=(time.perf_counter_ns() - started) // 1000,
+            peak_memory_bytes=0,  # a component's memories are not visible to the host
+        )
+        if failure is not None:
+            failure.details.update(
+                fuel_consumed=metering.fuel_consumed,
+                wall_time_us=metering.wall_time_us,
+                peak_memory_bytes=0,
+                logs=state.logs,
+                logs_truncated=state.logs_truncated,
+            )
+            raise failure
+        return ExecutionResult(output=output, logs=state.logs, metering=metering,
+                               logs_truncated=state.logs_truncated,
+                               output_in_sink=state.sink_active)
+
+
+def _classify(error: wasmtime.WasmtimeError, lim: Limits) -> WasmCoreError:
+    try:
+        text = str(error)
+    finally:
+        error.close()
+    for needle, code in _TRAP_TEXTS:
+        if needle in text:
+            limited = from_trap_code(code, lim.timeout_ms, lim.fuel)
+            if limited is not None:
+                return limited
+    reason, backtrace = split_trap_message(text)
+    if _OVER_MEMORY_LIMIT in text:
+        # The component's memories start larger than the limit: it cannot even instantiate.
+        return MemoryLimit(
+            f"plugin needs more than the {lim.memory_bytes}-byte memory limit to start "
+            f"({reason})", {"memory_bytes": lim.memory_bytes, "trap_message": reason})
+    return Trap(reason, {"trap_code": None, "backtrace": backtrace})
+
+
+def _plugin_error(message: bytes) -> WasmCoreError:
+    text = message.decode("utf-8", "replace")
+    return PluginError(f"plugin failed: {text}", {"plugin_message": text[:4096]})
+
+
+def _output_limit(lim: Limits) -> WasmCoreError:
+    return OutputLimit(f"plugin output exceeds the {lim.output_bytes}-byte limit",
+                       {"output_bytes": lim.output_bytes})
