@@ -79,6 +79,16 @@ func_call_unchecked = _releasing(
 caller_export_get = _holding(
     "wasmtime_caller_export_get", c_bool, c_void_p, c_void_p, c_size_t, c_void_p
 )
+caller_context = _holding("wasmtime_caller_context", c_void_p, c_void_p)
+# Extism plugins: their `extism:host/env` imports are the kernel instance of the same store,
+# so they are linked per execution (define the instance, then instantiate through the linker).
+linker_define_instance = _holding(
+    "wasmtime_linker_define_instance", c_void_p, c_void_p, c_void_p, ctypes.c_char_p, c_size_t,
+    c_void_p,
+)
+linker_instantiate = _releasing(
+    "wasmtime_linker_instantiate", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p
+)
 
 # --- memory ----------------------------------------------------------------------------------
 memory_data = _holding("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)

@@ -35,6 +35,7 @@ from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
+from .extism import ExtismHost, UserCall, is_extism
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .module import (
     DEFAULT_ENTRY,
@@ -74,7 +75,13 @@ class _Failed(Exception):
 class Sandbox:
     """Compiles and runs plugins in-process under limits. Not thread-safe: one thread each."""
 
-    def __init__(self, config: SandboxConfig = SandboxConfig()) -> None:  # noqa: B008
+    def __init__(
+        self,
+        config: SandboxConfig = SandboxConfig(),  # noqa: B008
+        user_call: UserCall | None = None,
+    ) -> None:
+        """`user_call(tenant, name, request) -> (ok, response)` resolves Extism plugins'
+        `extism:host/user` imports (the operator's host methods); None refuses them."""
         self.config = config
         self._default_limits = config.default_limits
         self._engine = wasmtime.Engine(_engine_config(config))
@@ -88,6 +95,8 @@ class Sandbox:
         # The ctypes callback objects must outlive the linker: kept on the Sandbox.
         self._callbacks = make_host_callbacks(self._state)
         define_host_functions(self._linker, self._callbacks)
+        # Extism plugins: their kernel, host functions and own linker.
+        self._extism = ExtismHost(self._engine, self._state, _Failed, user_call)
 
         self._cache = ModuleCache(config.cache_size)
         self._closed = False
@@ -212,7 +221,11 @@ class Sandbox:
 
     def _prepare(self, sha256: str, size: int, module: wasmtime.Module) -> CompiledModule:
         needs_wasi = check_imports(module)
-        pre = link(self._linker, module)
+        pre: wasmtime.InstancePre | None = None
+        if is_extism(module):
+            self._extism.prepare(module)  # linked per execution, to that store's kernel
+        else:
+            pre = link(self._linker, module)
         compiled = CompiledModule(sha256, size, module, pre)
         compiled.needs_wasi = needs_wasi
         analyze(compiled)
@@ -229,9 +242,11 @@ class Sandbox:
         entry: str | None = None,
         limits: Limits | None = None,
         output_sink: OutputSink | None = None,
+        tenant: str = "",
     ) -> ExecutionResult:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
-        every error's details carry the metering so far and the logs produced so far."""
+        every error's details carry the metering so far and the logs produced so far.
+        `tenant` is who asked (Extism plugins' host methods are called on its behalf)."""
         self._check_open()
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
@@ -239,6 +254,8 @@ class Sandbox:
             input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
+        if entry is None and module.kind == "extism" and len(module.exports) == 1:
+            name = module.exports[0]  # a one-function plugin needs no entry name
         spec = module.entries.get(name)
         if spec is None:
             raise _with_metering(
@@ -265,6 +282,10 @@ class Sandbox:
                 raise _with_metering(_too_big(len(input) + len(env_bytes), lim))
         elif module.kind == "wasi":
             encode_env(env)  # validation only: WASI gets the pairs
+        elif module.kind == "extism":
+            encode_env(env)  # validation only: the pairs are the plugin's config
+            if len(input) + WASM_PAGE > lim.memory_bytes:
+                raise _with_metering(_too_big(len(input), lim))
         if module.min_memory_bytes > lim.memory_bytes:
             raise _with_metering(
                 MemoryLimit(
@@ -273,7 +294,7 @@ class Sandbox:
                     {"memory_bytes": lim.memory_bytes},
                 )
             )
-        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink)
+        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink, tenant)
 
     def _run(
         self,
@@ -285,6 +306,7 @@ class Sandbox:
         env: dict[str, str],
         lim: Limits,
         sink: OutputSink | None = None,
+        tenant: str = "",
     ) -> ExecutionResult:
         raw = _raw
         state = self._state
@@ -309,11 +331,15 @@ class Sandbox:
                 stderr = StderrSink(state)
                 self._install_wasi(ctx, cm, state, env, data, stderr)
 
-            error = raw.instance_pre_instantiate(
-                cm.pre_addr, ctx, self._instance_addr, self._trap_addr
-            )
-            if error or trap.value:
-                raise _Failed(error or 0, trap.value or 0)
+            if cm.kind == "extism":
+                self._extism.instantiate(ctx, cm.module, data, env, tenant, lim,
+                                         self._instance_addr, self._trap_addr)
+            else:
+                error = raw.instance_pre_instantiate(
+                    cm.pre_addr, ctx, self._instance_addr, self._trap_addr
+                )
+                if error or trap.value:
+                    raise _Failed(error or 0, trap.value or 0)
             if not cm.verified:
                 self._verify_exports(ctx, cm)
             if cm.memory_index is not None:
@@ -337,7 +363,9 @@ class Sandbox:
             else:
                 self._call(ctx, index, 0)
                 code = 0
-            if code:
+            if cm.kind == "extism":
+                failure = self._extism.finish(code, lim, sink)
+            elif code:
                 failure = plugin_code_error(code, lim, state.memory_size())
         except _Failed as failed:
             failure = self._classify(failed, lim)
@@ -350,9 +378,13 @@ class Sandbox:
             raw.context_get_fuel(ctx, self._fuel_addr)
             fuel_left = self._fuel.value
             memory_size = state.memory_size()
+            if cm.kind == "extism":
+                memory_size += self._extism.memory_size()  # input, output and blocks
             if stderr is not None:
                 stderr.flush()
             state.detach()
+            if cm.kind == "extism":
+                self._extism.detach()
             raw.store_delete(store)
         metering = Metering(
             fuel_consumed=max(0, lim.fuel - fuel_left),
