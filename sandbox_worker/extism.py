@@ -174,11 +174,19 @@ class ExtismHost:
         self._kmemory = _raw.ExternSlot()
         self._kfunc = _raw.ExternSlot()
         self._args = _raw.RawArgs(2)
-        self._arg0 = ctypes.c_uint64.from_address(self._args.addr)  # i64 argument / result
+        self._args_addr = self._args.addr
+        self._arg0 = ctypes.c_uint64.from_address(self._args_addr)  # i64 argument / result
         self._trap = ctypes.c_void_p()
         self._trap_addr = ctypes.addressof(self._trap)
         self._name_ptr = ctypes.c_void_p()
         self._name_len = ctypes.c_size_t()
+        self._name_ptr_addr = ctypes.addressof(self._name_ptr)
+        self._name_len_addr = ctypes.addressof(self._name_len)
+        self._kinstance_addr = self._kinstance.addr
+        self._kfunc_addr = self._kfunc.addr
+        self._kfunc_item_addr = self._kfunc.item_addr
+        self._kmemory_item_addr = self._kmemory.item_addr
+        self._env_name = ENV_MODULE.encode()
 
         # Per execution.
         self.ctx = 0
@@ -206,7 +214,7 @@ class ExtismHost:
 
     # ------------------------------------------------------------------ per execution
 
-    def instantiate(self, ctx: int, module: wasmtime.Module, data: bytes | InputSource,
+    def instantiate(self, ctx: int, module_addr: int, data: bytes | InputSource,
                     env: dict[str, str], tenant: str, limits: Limits, instance_addr: int,
                     trap_addr: int) -> None:
         """Kernel + input, then the plugin into `instance_addr` (raises `failed` on a trap)."""
@@ -234,13 +242,13 @@ class ExtismHost:
                 ctypes.memmove(target, data, n)
             else:
                 data.copy_to(target, n)
-        name = ENV_MODULE.encode()
+        name = self._env_name
         error = _raw.linker_define_instance(
-            self._linker_addr, ctx, name, len(name), self._kinstance.addr)
+            self._linker_addr, ctx, name, len(name), self._kinstance_addr)
         if error:
             raise self._failed(error, 0)
         error = _raw.linker_instantiate(
-            self._linker_addr, ctx, _raw.addr(module), instance_addr, trap_addr)
+            self._linker_addr, ctx, module_addr, instance_addr, trap_addr)
         trapped = ctypes.c_void_p.from_address(trap_addr).value
         if error or trapped:
             raise self._failed(error or 0, trapped or 0)
@@ -288,25 +296,24 @@ class ExtismHost:
     # ------------------------------------------------------------------ kernel access
 
     def _export(self, ctx: int, index: int, out_addr: int) -> None:
-        if not _raw.instance_export_nth(ctx, self._kinstance.addr, index,
-                                        ctypes.addressof(self._name_ptr),
-                                        ctypes.addressof(self._name_len), out_addr):
+        if not _raw.instance_export_nth(ctx, self._kinstance_addr, index, self._name_ptr_addr,
+                                        self._name_len_addr, out_addr):
             raise InternalError(f"Extism kernel export #{index} missing")
 
     def _call_kernel(self, ctx: int, index: int, nargs: int) -> None:
-        self._export(ctx, index, self._kfunc.addr)
+        self._export(ctx, index, self._kfunc_addr)
         trap = self._trap
         trap.value = None
-        error = _raw.func_call_unchecked(ctx, self._kfunc.item_addr, self._args.addr, nargs,
+        error = _raw.func_call_unchecked(ctx, self._kfunc_item_addr, self._args_addr, nargs,
                                          self._trap_addr)
         if error or trap.value:
             raise self._failed(error or 0, trap.value or 0)
 
     def _memory(self, ctx: int) -> int:
-        return int(_raw.memory_data(ctx, self._kmemory.item_addr) or 0)
+        return int(_raw.memory_data(ctx, self._kmemory_item_addr) or 0)
 
     def _memory_size(self, ctx: int) -> int:
-        return int(_raw.memory_data_size(ctx, self._kmemory.item_addr))
+        return int(_raw.memory_data_size(ctx, self._kmemory_item_addr))
 
     @staticmethod
     def _block(base: int, size: int, offset: int) -> bytes | None:

@@ -64,6 +64,7 @@ class CompiledModule:
         "index_names",
         "size",
         "module",
+        "module_addr",
         "pre",
         "pre_addr",
         "entries",
@@ -82,6 +83,7 @@ class CompiledModule:
         self.sha256 = sha256
         self.size = size
         self.module = module
+        self.module_addr = _raw.addr(module)
         # The InstancePre must outlive every store instantiated from it: keep it here.
         # None for Extism plugins: their kernel imports are linked per store (extism.py).
         self.pre = pre

@@ -332,7 +332,7 @@ class Sandbox:
                 self._install_wasi(ctx, cm, state, env, data, stderr)
 
             if cm.kind == "extism":
-                self._extism.instantiate(ctx, cm.module, data, env, tenant, lim,
+                self._extism.instantiate(ctx, cm.module_addr, data, env, tenant, lim,
                                          self._instance_addr, self._trap_addr)
             else:
                 error = raw.instance_pre_instantiate(
