@@ -190,3 +190,42 @@ def test_output_over_the_cap_is_output_limit():
         with pytest.raises(errors.OutputLimit):
             sandbox.execute(module, b"too long", limits=limits)
         assert sandbox.execute(module, b"ok", limits=limits).output == b"OK"
+
+
+# --- docs/plugin-abi.md's Extism worked examples, as written ---------------------------------
+
+
+def _doc_block(heading: str, language: str) -> str:
+    text = (PLUGINS.parent / "docs" / "plugin-abi.md").read_text()
+    section = text.split(heading, 1)[1]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_doc_example_wat_runs_as_written(service):
+    source = _doc_block("### Kind 4: Extism plugin in WAT (shout)", "wat")
+    with service.client() as c:
+        binary = c.load(data=source.encode(), name="shout").binary_id
+        result = c.execute(binary, "ada")
+        assert (result.output, result.logs) == (b"ADA", ["[info] shout: done"])
+        assert c.execute(binary, "ada", env={"suffix": "?!"}).output == b"ADA?!"
+        with pytest.raises(errors.PluginError, match="shout: empty input"):
+            c.execute(binary, "")
+
+
+def test_doc_example_c_builds_and_runs_as_written(service, tmp_path: Path):
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("clang is not installed (the C example needs it)")
+    import subprocess
+
+    (tmp_path / "hello.c").write_text(_doc_block("### Kind 4: Extism plugin in C (hello)", "c"))
+    command = _doc_block("### Kind 4: Extism plugin in C (hello)", "sh")
+    args = command.replace("\\\n", " ").replace("plugins/extism/c", str(EXTISM / "c")).split()
+    subprocess.run(args, cwd=tmp_path, check=True, timeout=120)
+    with service.client() as c:
+        binary = c.load(tmp_path / "hello.wasm").binary_id
+        result = c.execute(binary, "ada", env={"punct": "?"})
+        assert (result.output, result.logs) == (b"Hello, ada?", ["[info] hello: greeted"])
+        assert c.execute(binary, "ada").output == b"Hello, ada!"
+        with pytest.raises(errors.PluginError, match="hello: empty input"):
+            c.execute(binary, "")
