@@ -259,8 +259,10 @@ class ExtismHost:
         ctx = self.ctx
         base = self._memory(ctx)
         size = self._memory_size(ctx)
-        if code != 0:
-            message = self._block(base, size, _U64(base + ERROR_OFFSET).value)
+        error_offset = _U64(base + ERROR_OFFSET).value
+        if code != 0 or error_offset:
+            # As Extism does, an error set with `error_set` fails the call whatever the status.
+            message = self._block(base, size, error_offset) if error_offset else None
             text = (message.decode("utf-8", "replace") if message
                     else f"plugin returned error code {code}")
             return PluginError(text, {"plugin_code": code, "extism_error": message is not None})

@@ -229,3 +229,23 @@ def test_doc_example_c_builds_and_runs_as_written(service, tmp_path: Path):
         assert c.execute(binary, "ada").output == b"Hello, ada!"
         with pytest.raises(errors.PluginError, match="hello: empty input"):
             c.execute(binary, "")
+
+
+def test_error_set_fails_the_call_even_with_status_zero():
+    """As Extism's own runtime does: a plugin that sets an error has failed."""
+    wat = """(module
+      (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+      (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+      (import "extism:host/env" "error_set" (func $error_set (param i64)))
+      (func (export "run") (result i32)
+        (local $k i64)
+        (local.set $k (call $alloc (i64.const 1)))
+        (call $store_u8 (local.get $k) (i32.const 33))
+        (call $error_set (local.get $k))
+        (i32.const 0)))"""
+    with Sandbox() as sandbox:
+        module = sandbox.compile(wat.encode())
+        with pytest.raises(errors.PluginError) as info:
+            sandbox.execute(module, b"")
+    assert info.value.message == "!"
+    assert info.value.details["plugin_code"] == 0
