@@ -249,3 +249,17 @@ def test_error_set_fails_the_call_even_with_status_zero():
             sandbox.execute(module, b"")
     assert info.value.message == "!"
     assert info.value.details["plugin_code"] == 0
+
+
+def test_bench_extism_quick_run_has_every_row(tmp_path: Path):
+    from bench import bench_extism, rows
+
+    results = bench_extism.main(["--quick", "--workers", "1", "--iterations", "50",
+                                 "--requests", "200", "--json", str(tmp_path / "r.json")])
+    names = [row["row"] for row in results["rows"]]
+    expected = ["wasm-core sandbox", "wasm-core 1 worker in flight"]
+    if rows.extism is not None:
+        expected = ["extism fresh plugin", "extism reused plugin", *expected]
+    assert names == expected
+    assert all(row["per_cpu_s"] > 0 and not row.get("errors") for row in results["rows"])
+    assert (tmp_path / "r.json").exists()
