@@ -126,6 +126,11 @@ def check_imports(module: wasmtime.Module, user_methods: bool) -> list[str]:
     return users
 
 
+def _func_type(sig: tuple[tuple[str, ...], tuple[str, ...]]) -> wasmtime.FuncType:
+    kind = {"i32": wasmtime.ValType.i32(), "i64": wasmtime.ValType.i64()}
+    return wasmtime.FuncType([kind[t] for t in sig[0]], [kind[t] for t in sig[1]])
+
+
 def _show(sig: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
     return f"({' '.join(sig[0])}) -> ({' '.join(sig[1])})"
 
@@ -159,9 +164,19 @@ class ExtismHost:
         self._linker.allow_shadowing = True  # `extism:host/env` is redefined per execution
         self._linker.define_wasi()
         self._linker_addr = _raw.addr(self._linker)
-        self._callbacks: dict[str, Any] = {}
+        self._callbacks: dict[tuple[str, str], Any] = {}
         self._limits: Limits | None = None
         self._define_host_functions()
+        # Link check at load: every `extism:host/env` function defined store-independently
+        # (never called), so `instantiate_pre` on this linker checks a plugin's imports (names
+        # and types, WASI's and user functions' too) without running anything.
+        self.check_linker = wasmtime.Linker(engine)
+        self.check_linker.define_wasi()
+        self._never_called = _raw.UNCHECKED_CALLBACK(
+            lambda env, caller, args, nargs: _new_trap("link check only"))
+        for name, sig in ENV_FUNCTIONS.items():
+            _raw.define_func_unchecked(self.check_linker, ENV_MODULE.encode(), name.encode(),
+                                       _func_type(sig), self._never_called)
         kernel = wasmtime.Module(engine, KERNEL_WAT)
         self._kernel_pre = self._linker.instantiate_pre(kernel)
         self._kernel_pre_addr = _raw.addr(self._kernel_pre)
@@ -199,18 +214,21 @@ class ExtismHost:
     # ------------------------------------------------------------------ linking
 
     def prepare(self, module: wasmtime.Module) -> None:
-        """Check a plugin's Extism imports and define the user functions it calls."""
+        """Check a plugin's Extism imports and define the user functions it calls. The caller
+        then links the module against `check_linker` (all other imports, types)."""
         for name in check_imports(module, self.user_call is not None):
-            if name not in self._callbacks:
+            if (USER_MODULE, name) not in self._callbacks:
                 self._define(USER_MODULE, name, USER_SIGNATURE, self._user_function(name))
+                _raw.define_func_unchecked(self.check_linker, USER_MODULE.encode(),
+                                           name.encode(), _func_type(USER_SIGNATURE),
+                                           self._never_called)
 
     def _define(self, module: str, name: str,
                 sig: tuple[tuple[str, ...], tuple[str, ...]], callback: Any) -> None:
-        kind = {"i32": wasmtime.ValType.i32(), "i64": wasmtime.ValType.i64()}
-        func_type = wasmtime.FuncType([kind[t] for t in sig[0]], [kind[t] for t in sig[1]])
         raw = _raw.UNCHECKED_CALLBACK(callback)
-        self._callbacks[name] = raw  # must outlive the linker
-        _raw.define_func_unchecked(self._linker, module.encode(), name.encode(), func_type, raw)
+        self._callbacks[(module, name)] = raw  # must outlive the linker
+        _raw.define_func_unchecked(self._linker, module.encode(), name.encode(),
+                                   _func_type(sig), raw)
 
     # ------------------------------------------------------------------ per execution
 

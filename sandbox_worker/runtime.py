@@ -224,6 +224,7 @@ class Sandbox:
         pre: wasmtime.InstancePre | None = None
         if is_extism(module):
             self._extism.prepare(module)  # linked per execution, to that store's kernel
+            link(self._extism.check_linker, module)  # every import checked now, at load
         else:
             pre = link(self._linker, module)
         compiled = CompiledModule(sha256, size, module, pre)

@@ -263,3 +263,30 @@ def test_bench_extism_quick_run_has_every_row(tmp_path: Path):
     assert names == expected
     assert all(row["per_cpu_s"] > 0 and not row.get("errors") for row in results["rows"])
     assert (tmp_path / "r.json").exists()
+
+
+def test_extism_plugin_with_other_imports_is_refused_at_load():
+    """Imports no Extism plugin's store provides (here `host.log`, the core kinds' import) are
+    refused at load, not at every execution."""
+    wat = """(module
+      (import "extism:host/env" "input_length" (func (result i64)))
+      (import "host" "log" (func (param i32 i32)))
+      (func (export "run") (result i32) (i32.const 0)))"""
+    with Sandbox() as sandbox, pytest.raises(errors.InvalidModule) as info:
+        sandbox.compile(wat.encode())
+    assert "host::log" in info.value.message
+
+
+def test_user_function_named_like_a_kernel_function_is_its_own():
+    wat = """(module
+      (import "extism:host/user" "log_info" (func $user (param i64) (result i64)))
+      (import "extism:host/env" "length" (func $length (param i64) (result i64)))
+      (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+      (func (export "run") (result i32)
+        (local $r i64)
+        (local.set $r (call $user (i64.const 0)))
+        (call $output_set (local.get $r) (call $length (local.get $r)))
+        (i32.const 0)))"""
+    with Sandbox(user_call=lambda tenant, name, request: (True, name.encode())) as sandbox:
+        module = sandbox.compile(wat.encode())
+        assert sandbox.execute(module, b"").output == b"log_info"
