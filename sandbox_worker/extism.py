@@ -254,6 +254,8 @@ class ExtismHost:
         self._arg0.value = n
         self._call_kernel(ctx, self._k_input, 1)
         offset = self._arg0.value
+        if n and offset + n > self._memory_size(ctx):  # a fresh kernel: a bug of ours
+            raise InternalError(f"Extism kernel placed the input outside its memory: {offset}")
         if n:
             target = self._memory(ctx) + offset
             if type(data) is bytes:
@@ -364,6 +366,11 @@ class ExtismHost:
                 _raw.take_error(error).close()
             raise _CallbackTrap(trap or _new_trap("Extism kernel alloc failed")) from None
         offset = self._arg0.value
+        # Kernel memory is the plugin's to write (its allocator's state too): never trust
+        # an offset from it with a host write.
+        if offset < HEAP + 16 or offset + len(data) > self._memory_size(ctx):
+            raise _CallbackTrap(_new_trap(
+                f"Extism kernel alloc returned {offset:#x}, outside its memory"))
         ctypes.memmove(self._memory(ctx) + offset, data, len(data))
         return offset
 

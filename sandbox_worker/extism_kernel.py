@@ -77,7 +77,10 @@ KERNEL_WAT = f"""
   (func $alloc (export "alloc") (param $n i64) (result i64)
     (local $offs i64) (local $top i64) (local $pages i64)
     (if (i64.eqz (local.get $n)) (then (return (i64.const 0))))
-    (if (i64.gt_u (local.get $n) (i64.const 0xfffe0000))
+    ;; The heap top lives in memory the plugin can write: bound it too, so the sums below
+    ;; cannot wrap and the page count fits an i32 (memory.grow then fails: out of memory).
+    (if (i32.or (i64.gt_u (local.get $n) (i64.const 0xfffe0000))
+                (i64.gt_u (i64.load (i32.const {TOP})) (i64.const 0xfffe0000)))
       (then (call $out_of_memory (local.get $n)) unreachable))
     (local.set $offs (i64.add (i64.load (i32.const {TOP})) (i64.const 16)))
     (local.set $top (i64.and (i64.add (i64.add (local.get $offs) (local.get $n)) (i64.const 7))

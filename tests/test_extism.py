@@ -290,3 +290,31 @@ def test_user_function_named_like_a_kernel_function_is_its_own():
     with Sandbox(user_call=lambda tenant, name, request: (True, name.encode())) as sandbox:
         module = sandbox.compile(wat.encode())
         assert sandbox.execute(module, b"").output == b"log_info"
+
+
+# A plugin that overwrites the kernel's heap top (kernel memory is the plugin's to write,
+# header included) so that the next allocation returns an offset far outside kernel memory,
+# then makes the host write there (config_get copies the value into a new block).
+_CORRUPT_TOP = """(module
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+  (import "extism:host/env" "store_u64" (func $store_u64 (param i64 i64)))
+  (import "extism:host/env" "config_get" (func $config_get (param i64) (result i64)))
+  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+  (func (export "run") (result i32)
+    (local $key i64)
+    (local.set $key (call $alloc (i64.const 1)))
+    (call $store_u8 (local.get $key) (i32.const 107))
+    (call $store_u64 (i64.const 40) (i64.const 0x1000000000000))
+    (call $output_set (call $config_get (local.get $key)) (i64.const 3))
+    (i32.const 0)))"""
+
+
+def test_corrupted_kernel_heap_never_makes_the_host_write_outside_kernel_memory(service):
+    with service.client() as c:
+        binary = c.load(data=_CORRUPT_TOP.encode(), name="corrupt_top").binary_id
+        pids = _live_pids(c)
+        with pytest.raises((errors.Trap, errors.MemoryLimit)):
+            c.execute(binary, "", env={"k": "abc"})
+        assert _live_pids(c) == pids  # the worker did not crash
+        assert c.execute(c.load(UPPER).binary_id, "ok").output == b"OK"
