@@ -23,6 +23,7 @@ through the `UserCall` seam (request block in, response block out).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -378,6 +379,9 @@ class ExtismHost:
 
     def _define_host_functions(self) -> None:
         state = self._state
+        # The callbacks hold the host weakly: no reference cycle, so the linkers and the kernel
+        # go with the Sandbox, not whenever the cycle collector runs.
+        host = weakref.proxy(self)
         val = _raw.VAL_RAW_SIZE
 
         def guarded(name: str, body: Callable[[int, int], None]) -> Callable[..., int]:
@@ -393,35 +397,35 @@ class ExtismHost:
             return callback
 
         def config_get(ctx: int, args: int) -> None:
-            key = self.read_block(ctx, _U64(args).value)
-            value = self.config.get(key) if key is not None else None
-            _U64(args).value = self.write_block(ctx, value) if value else 0
+            key = host.read_block(ctx, _U64(args).value)
+            value = host.config.get(key) if key is not None else None
+            _U64(args).value = host.write_block(ctx, value) if value else 0
 
         def var_get(ctx: int, args: int) -> None:
-            key = self.read_block(ctx, _U64(args).value)
-            value = self.vars.get(key) if key is not None else None
-            _U64(args).value = self.write_block(ctx, value) if value else 0
+            key = host.read_block(ctx, _U64(args).value)
+            value = host.vars.get(key) if key is not None else None
+            _U64(args).value = host.write_block(ctx, value) if value else 0
 
         def var_set(ctx: int, args: int) -> None:
-            key = self.read_block(ctx, _U64(args).value)
+            key = host.read_block(ctx, _U64(args).value)
             if key is None:
                 raise _CallbackTrap(_new_trap("var_set: the key is not an allocated block"))
-            old = self.vars.pop(key, None)
+            old = host.vars.pop(key, None)
             if old is not None:
-                self.vars_bytes -= len(key) + len(old)
+                host.vars_bytes -= len(key) + len(old)
             value_offset = _U64(args + val).value
             if value_offset == 0:
                 return  # Extism: a null value removes the var
-            value = self.read_block(ctx, value_offset)
+            value = host.read_block(ctx, value_offset)
             if value is None:
                 raise _CallbackTrap(_new_trap("var_set: the value is not an allocated block"))
-            if self.vars_bytes + len(key) + len(value) > VARS_BYTES:
+            if host.vars_bytes + len(key) + len(value) > VARS_BYTES:
                 state.failure = PluginError(
                     f"plugin vars exceed {VARS_BYTES} bytes for one execution",
                     {"vars_bytes": VARS_BYTES})
                 raise _CallbackTrap(_new_trap("vars limit exceeded"))
-            self.vars[key] = value
-            self.vars_bytes += len(key) + len(value)
+            host.vars[key] = value
+            host.vars_bytes += len(key) + len(value)
 
         def http_request(ctx: int, args: int) -> None:
             state.failure = PluginError(
@@ -440,14 +444,14 @@ class ExtismHost:
             prefix = f"[{level}] ".encode()
 
             def log(ctx: int, args: int) -> None:
-                message = self.read_block(ctx, _U64(args).value)
+                message = host.read_block(ctx, _U64(args).value)
                 if message is None:
                     raise _CallbackTrap(_new_trap(f"log_{level}: not an allocated block"))
                 state.add_log(prefix + message)
             return log
 
         def out_of_memory(ctx: int, args: int) -> None:
-            limit = self._limit_hint()
+            limit = host._limit_hint()
             state.failure = MemoryLimit(
                 f"the Extism kernel cannot allocate {_U64(args).value} more bytes: its memory "
                 f"is capped at the {limit}-byte memory limit (input, output and blocks)",
@@ -462,7 +466,7 @@ class ExtismHost:
         for level in ("trace", "debug", "info", "warn", "error"):
             bodies[f"log_{level}"] = logger(level)
         for name, body in bodies.items():
-            self._define(ENV_MODULE, name, HOST_FUNCTIONS[name], guarded(name, body))
+            host._define(ENV_MODULE, name, HOST_FUNCTIONS[name], guarded(name, body))
         self._define(HOST_MODULE, "out_of_memory", (_I64, ()),
                      guarded("out_of_memory", out_of_memory))
 
@@ -471,22 +475,23 @@ class ExtismHost:
 
     def _user_function(self, name: str) -> Callable[..., int]:
         state = self._state
+        host = weakref.proxy(self)  # no reference cycle (see _define_host_functions)
 
         def callback(env: int, caller: int, args: int, nargs: int) -> int:
             try:
                 ctx = _raw.caller_context(caller)
-                request = self.read_block(ctx, _U64(args).value)
+                request = host.read_block(ctx, _U64(args).value)
                 if request is None:
                     request = b""  # offset 0 (no request) or not a block: an empty request
-                call = self.user_call
+                call = host.user_call
                 if call is None:  # unwired since the module was linked
                     ok, response = False, b'{"error": "host methods are not available"}'
                 else:
-                    ok, response = call(self.tenant, name, request)
-                offset = self.write_block(ctx, response)
+                    ok, response = call(host.tenant, name, request)
+                offset = host.write_block(ctx, response)
                 if not ok:
                     # The plugin sees 0 and finds the method's error with error_get().
-                    base = self._memory(ctx)
+                    base = host._memory(ctx)
                     _U64(base + ERROR_OFFSET).value = offset
                     offset = 0
                 _U64(args).value = offset
