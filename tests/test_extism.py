@@ -318,3 +318,24 @@ def test_corrupted_kernel_heap_never_makes_the_host_write_outside_kernel_memory(
             c.execute(binary, "", env={"k": "abc"})
         assert _live_pids(c) == pids  # the worker did not crash
         assert c.execute(c.load(UPPER).binary_id, "ok").output == b"OK"
+
+
+def test_vars_are_bounded_per_execution():
+    wat = """(module
+      (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+      (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+      (import "extism:host/env" "var_set" (func $var_set (param i64 i64)))
+      (func (export "run") (result i32)
+        (local $key i64) (local $value i64) (local $i i32)
+        (local.set $value (call $alloc (i64.const 300000)))
+        (loop $more
+          (local.set $key (call $alloc (i64.const 1)))
+          (call $store_u8 (local.get $key) (i32.add (i32.const 65) (local.get $i)))
+          (call $var_set (local.get $key) (local.get $value))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $more (i32.lt_u (local.get $i) (i32.const 10))))
+        (i32.const 0)))"""
+    with Sandbox() as sandbox:
+        module = sandbox.compile(wat.encode())
+        with pytest.raises(errors.PluginError, match="vars exceed"):
+            sandbox.execute(module, b"")
