@@ -62,20 +62,20 @@ EXTISM_EXPORT("fail") int32_t fail(void) {
   return 1;
 }
 
+/* A fresh key block for every var call: Extism's own runtime frees the key it is given. */
 EXTISM_EXPORT("count") int32_t count(void) {
-  ExtismHandle key = cstr("n");
   uint64_t total = extism_input_length(), i;
   for (i = 0; i < total; i++) {
     uint64_t current = 0;
-    ExtismHandle v = extism_var_get(key);
+    ExtismHandle v = extism_var_get(cstr("n"));
     if (v) current = extism_load_u64(v);
     current += 1;
     ExtismHandle nv = extism_alloc(8);
     extism_store_u64(nv, current);
-    extism_var_set(key, nv);
+    extism_var_set(cstr("n"), nv);
   }
   uint64_t result = 0;
-  ExtismHandle v = extism_var_get(key);
+  ExtismHandle v = extism_var_get(cstr("n"));
   if (v) result = extism_load_u64(v);
   char digits[24];
   int d = 0;

@@ -5,6 +5,9 @@
  * with it runs on any Extism host (the Extism SDKs) and on wasm-core. Memory handles are
  * 64-bit offsets into the kernel's memory, not pointers into the plugin's memory: bytes move
  * between the two with load/store calls (see extism_copy_in / extism_copy_out below).
+ *
+ * Portability: Extism's own runtime frees the key block given to config_get, var_get and
+ * var_set; allocate a fresh key for every call (wasm-core does not free it, either way works).
  */
 #ifndef WASMCORE_EXTISM_H
 #define WASMCORE_EXTISM_H
