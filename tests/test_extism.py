@@ -339,3 +339,22 @@ def test_vars_are_bounded_per_execution():
         module = sandbox.compile(wat.encode())
         with pytest.raises(errors.PluginError, match="vars exceed"):
             sandbox.execute(module, b"")
+
+
+@pytest.mark.parametrize(("plugin", "entry", "data", "config"), [
+    (C_GREET, "greet", b"world", {"greeting": "Hi"}),
+    (C_GREET, "count", b"abcdef", {}),
+    (AS_GREET, "greet", b"world", {"greeting": "Hi"}),
+    (AS_GREET, "vars", b"xyz", {}),
+    (UPPER, "upper", b"Hello, Extism!", {}),
+], ids=["c-greet", "c-count", "as-greet", "as-vars", "wat-upper"])
+def test_same_output_as_the_extism_sdk(plugin: Path, entry: str, data: bytes,
+                                       config: dict[str, str]):
+    """The test plugins are real Extism plugins: the Extism SDK (the `bench` extra) runs them
+    to the same output."""
+    extism = pytest.importorskip("extism")
+    sdk = extism.Plugin(plugin.read_bytes(), wasi=False, config=config)
+    with Sandbox() as sandbox:
+        ours = sandbox.execute(sandbox.compile(plugin.read_bytes()), data, entry=entry,
+                               env=config).output
+    assert ours == bytes(sdk.call(entry, data))
