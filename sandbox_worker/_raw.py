@@ -10,7 +10,7 @@ when wasmtime moves (docs/operations.md, "Upgrading wasmtime"):
   `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator, linking an
   Extism plugin to its store's kernel: `wasmtime_linker_define_instance` / `_instantiate`);
 * C struct layouts from `wasmtime._ffi`: `wasmtime_extern_t` (kind byte, then the union at
-  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4);
+  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4, i64 in the low 8);
   `wasm_byte_vec_t` and `wasi_config_set_stdin_bytes` (WASI stdin from bytes);
 * wasmtime-py objects' native pointers: `ptr()` of Engine, Config, Linker, FuncType,
   InstancePre, Module and WasiConfig; `WasiConfig._consume()` (the store takes ownership);
