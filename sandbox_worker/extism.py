@@ -58,6 +58,8 @@ USER_MODULE = "extism:host/user"
 # `extism:host/user` imports call the operator's host methods: (tenant, name, request) ->
 # (ok, response). Wired by the worker (sandbox_worker/host_methods.py's HostMethods.call).
 UserCall = Callable[[str, str, bytes], tuple[bool, bytes]]
+# Optional: whether a host method of that name exists, asked at load (unknown: refused then).
+UserKnown = Callable[[str], bool]
 
 _I64 = ("i64",)
 # The `extism:host/env` functions the host (Python) provides (name -> (params, results)).
@@ -92,10 +94,12 @@ def is_extism(module: wasmtime.Module) -> bool:
     return any(imp.module in (ENV_MODULE, USER_MODULE) for imp in module.imports)
 
 
-def check_imports(module: wasmtime.Module, user_methods: bool) -> list[str]:
+def check_imports(module: wasmtime.Module, user_methods: bool,
+                  user_known: UserKnown | None = None) -> list[str]:
     """Refuse Extism imports this host does not provide (wrong name or signature, or a user
-    function with no host methods to call). Returns the user function names."""
+    function with no host method to call). Returns the user function names."""
     problems: list[str] = []
+    missing: list[str] = []
     users: list[str] = []
     for imp in module.imports:
         if imp.module not in (ENV_MODULE, USER_MODULE):
@@ -113,16 +117,25 @@ def check_imports(module: wasmtime.Module, user_methods: bool) -> list[str]:
         elif not user_methods:
             problems.append(f"{USER_MODULE}.{name}: no host methods are available to this "
                             "service, so `extism:host/user` imports cannot be resolved")
+            missing.append(f"{USER_MODULE}.{name}")
         elif sig != USER_SIGNATURE:
             problems.append(f"{USER_MODULE}.{name} must be {_show(USER_SIGNATURE)} (request "
                             f"offset in, response offset out), not "
                             f"{_show(sig) if sig else 'a non-function'}")
+        elif user_known is not None and not user_known(name):
+            problems.append(f"{USER_MODULE}.{name}: the operator has no host method named "
+                            f"{name!r} (add it to the config, or call one that exists)")
+            missing.append(f"{USER_MODULE}.{name}")
         else:
             users.append(name)
     if problems:
+        details: dict[str, object] = {"problems": problems[:20], "toolchain": "extism"}
+        if missing:
+            details["missing_imports"] = missing[:20]
         raise InvalidModule(
-            f"Extism plugin cannot be linked: {'; '.join(problems[:10])}",
-            {"problems": problems},
+            f"Extism plugin cannot be linked: {'; '.join(problems[:5])}"
+            f"{f' and {len(problems) - 5} more' if len(problems) > 5 else ''}",
+            details,
         )
     return users
 
@@ -157,10 +170,12 @@ class ExtismHost:
 
     def __init__(self, engine: wasmtime.Engine, state: HostState,
                  failed: Callable[[int, int], Exception],
-                 user_call: UserCall | None = None) -> None:
+                 user_call: UserCall | None = None,
+                 user_known: UserKnown | None = None) -> None:
         self._state = state
         self._failed = failed  # the Sandbox's exception for a raw call's (error, trap)
         self.user_call = user_call
+        self.user_known = user_known
         self._linker = wasmtime.Linker(engine)
         self._linker.allow_shadowing = True  # `extism:host/env` is redefined per execution
         self._linker.define_wasi()
@@ -217,7 +232,7 @@ class ExtismHost:
     def prepare(self, module: wasmtime.Module) -> None:
         """Check a plugin's Extism imports and define the user functions it calls. The caller
         then links the module against `check_linker` (all other imports, types)."""
-        for name in check_imports(module, self.user_call is not None):
+        for name in check_imports(module, self.user_call is not None, self.user_known):
             if (USER_MODULE, name) not in self._callbacks:
                 self._define(USER_MODULE, name, USER_SIGNATURE, self._user_function(name))
                 _raw.define_func_unchecked(self.check_linker, USER_MODULE.encode(),

@@ -35,7 +35,7 @@ from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
-from .extism import ExtismHost, UserCall, is_extism
+from .extism import ExtismHost, UserCall, UserKnown, is_extism
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .module import (
     DEFAULT_ENTRY,
@@ -79,9 +79,12 @@ class Sandbox:
         self,
         config: SandboxConfig = SandboxConfig(),  # noqa: B008
         user_call: UserCall | None = None,
+        user_known: UserKnown | None = None,
     ) -> None:
         """`user_call(tenant, name, request) -> (ok, response)` resolves Extism plugins'
-        `extism:host/user` imports (the operator's host methods); None refuses them."""
+        `extism:host/user` imports (the operator's host methods); None refuses them at load.
+        `user_known(name)`, if given, is asked at load: a name it denies is refused then
+        (without it, any name links and an unknown one fails when called)."""
         self.config = config
         self._default_limits = config.default_limits
         self._engine = wasmtime.Engine(_engine_config(config))
@@ -96,7 +99,7 @@ class Sandbox:
         self._callbacks = make_host_callbacks(self._state)
         define_host_functions(self._linker, self._callbacks)
         # Extism plugins: their kernel, host functions and own linker.
-        self._extism = ExtismHost(self._engine, self._state, _Failed, user_call)
+        self._extism = ExtismHost(self._engine, self._state, _Failed, user_call, user_known)
 
         self._cache = ModuleCache(config.cache_size)
         self._closed = False

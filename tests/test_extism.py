@@ -130,6 +130,8 @@ def test_user_import_without_host_methods_is_refused_at_load(service):
             c.load(C_HOST_CALL)
     assert "extism:host/user.echo" in info.value.message
     assert "no host methods" in info.value.message
+    assert info.value.details["toolchain"] == "extism"
+    assert info.value.details["missing_imports"] == ["extism:host/user.echo"]
 
 
 def test_hot_reload(tmp_path: Path):
@@ -358,3 +360,11 @@ def test_same_output_as_the_extism_sdk(plugin: Path, entry: str, data: bytes,
         ours = sandbox.execute(sandbox.compile(plugin.read_bytes()), data, entry=entry,
                                env=config).output
     assert ours == bytes(sdk.call(entry, data))
+
+
+def test_user_import_of_an_unknown_method_is_refused_at_load_when_names_are_known():
+    with Sandbox(user_call=lambda t, n, r: (True, b""), user_known={"time"}.__contains__) as sb:
+        with pytest.raises(errors.InvalidModule) as info:
+            sb.compile(C_HOST_CALL.read_bytes())
+    assert "no host method named 'echo'" in info.value.message
+    assert info.value.details["missing_imports"] == ["extism:host/user.echo"]
