@@ -17,7 +17,8 @@ execution (a fresh store per execution keeps nothing, and a visit counter belong
 tenant's key-value state); every log level is captured into the execution's logs as
 `[level] message`; `http_request` is refused (PLUGIN_ERROR): plugins have no network.
 `extism:host/user` imports `(i64) -> i64` call the operator's host method of the same name
-through the `UserCall` seam (request block in, response block out).
+through the `UserCall` seam (request block in, response block out: the JSON response, or the
+method's JSON error when it failed).
 """
 
 from __future__ import annotations
@@ -481,7 +482,7 @@ class ExtismHost:
         for level in ("trace", "debug", "info", "warn", "error"):
             bodies[f"log_{level}"] = logger(level)
         for name, body in bodies.items():
-            host._define(ENV_MODULE, name, HOST_FUNCTIONS[name], guarded(name, body))
+            self._define(ENV_MODULE, name, HOST_FUNCTIONS[name], guarded(name, body))
         self._define(HOST_MODULE, "out_of_memory", (_I64, ()),
                      guarded("out_of_memory", out_of_memory))
 
@@ -500,16 +501,13 @@ class ExtismHost:
                     request = b""  # offset 0 (no request) or not a block: an empty request
                 call = host.user_call
                 if call is None:  # unwired since the module was linked
-                    ok, response = False, b'{"error": "host methods are not available"}'
+                    response = b'{"error": "host methods are not available"}'
                 else:
-                    ok, response = call(host.tenant, name, request)
-                offset = host.write_block(ctx, response)
-                if not ok:
-                    # The plugin sees 0 and finds the method's error with error_get().
-                    base = host._memory(ctx)
-                    _U64(base + ERROR_OFFSET).value = offset
-                    offset = 0
-                _U64(args).value = offset
+                    # A failed call's response is the method's JSON error: the plugin reads
+                    # it like any response and decides (no hidden error state that would
+                    # fail the whole call behind its back).
+                    _ok, response = call(host.tenant, name, request)
+                _U64(args).value = host.write_block(ctx, response)
                 return 0
             except _CallbackTrap as exc:
                 return exc.trap
