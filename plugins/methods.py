@@ -1,4 +1,4 @@
-"""Sample host methods (docs/plugin-abi.md, section 4): Python callables an operator names in
+"""Sample host methods (docs/plugin-abi.md, section 5): Python callables an operator names in
 the config, e.g.
 
     [host_methods."echo"]

@@ -7,12 +7,13 @@ when wasmtime moves (docs/operations.md, "Upgrading wasmtime"):
 
 * `wasmtime._ffi.dll`, the loaded libwasmtime, to build our own C function prototypes for C API
   functions wasmtime-py does not wrap or wraps slowly (unchecked calls and host callbacks,
-  `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator);
+  `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator, linking an
+  Extism plugin to its store's kernel: `wasmtime_linker_define_instance` / `_instantiate`);
 * C struct layouts from `wasmtime._ffi`: `wasmtime_extern_t` (kind byte, then the union at
-  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4);
+  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4, i64 in the low 8);
   `wasm_byte_vec_t` and `wasi_config_set_stdin_bytes` (WASI stdin from bytes);
 * wasmtime-py objects' native pointers: `ptr()` of Engine, Config, Linker, FuncType,
-  InstancePre and WasiConfig; `WasiConfig._consume()` (the store takes ownership);
+  InstancePre, Module and WasiConfig; `WasiConfig._consume()` (the store takes ownership);
   `Trap._from_ptr` / `WasmtimeError._from_ptr` (wrap an owned pointer, messages, ExitTrap).
 
 Why raw calls at all: wasmtime-py's objects cost ~100 us per fresh-store execution
@@ -78,6 +79,16 @@ func_call_unchecked = _releasing(
 )
 caller_export_get = _holding(
     "wasmtime_caller_export_get", c_bool, c_void_p, c_void_p, c_size_t, c_void_p
+)
+caller_context = _holding("wasmtime_caller_context", c_void_p, c_void_p)
+# Extism plugins: their `extism:host/env` imports are the kernel instance of the same store,
+# so they are linked per execution (define the instance, then instantiate through the linker).
+linker_define_instance = _holding(
+    "wasmtime_linker_define_instance", c_void_p, c_void_p, c_void_p, ctypes.c_char_p, c_size_t,
+    c_void_p,
+)
+linker_instantiate = _releasing(
+    "wasmtime_linker_instantiate", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p
 )
 
 # --- memory ----------------------------------------------------------------------------------

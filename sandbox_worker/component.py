@@ -216,7 +216,7 @@ class ComponentRunner:
                 f"an input of {len(data)} bytes is over the {VALUES_MAX_BYTES}-byte limit of a "
                 f"component entry that takes its input as a list<u8> value ({name!r}); give the "
                 "component a `process-stream` entry (input on stdin, output on stdout) and call "
-                "that one (docs/plugin-abi.md, section 4)",
+                "that one (docs/plugin-abi.md, section 6)",
                 {"input_bytes": len(data), "max_input_bytes": VALUES_MAX_BYTES, "entry": name})
         pairs = [(key.encode(), value.encode()) for key, value in env.items()]
         state = self._state

@@ -18,6 +18,9 @@ from wasmcore.protocol.limits import WASM_PAGE
 
 from . import _raw
 from .component import is_component
+from .extism import ENV_MODULE as EXTISM_ENV_MODULE
+from .extism import IMPORT_NAMES as EXTISM_IMPORTS
+from .extism import USER_MODULE as EXTISM_USER_MODULE
 from .host import HOST_IMPORTS
 from .import_hints import binary_hint, toolchain_hint
 from .imports_scan import Buffer, MalformedImports, NotCoreModule, read_imports
@@ -56,7 +59,8 @@ class EntryKind(enum.IntEnum):
 class CompiledModule:
     """Opaque handle to a validated, linked module, shared by all its executions.
 
-    Public attributes: `sha256` (hex of the bytes given to compile), `kind` ("core"|"wasi"),
+    Public attributes: `sha256` (hex of the bytes given to compile), `kind`
+    ("core"|"wasi"|"extism"),
     `exports` (callable entry names), `size` (bytes of the module as given).
     """
 
@@ -67,6 +71,7 @@ class CompiledModule:
         "index_names",
         "size",
         "module",
+        "module_addr",
         "pre",
         "pre_addr",
         "entries",
@@ -79,15 +84,18 @@ class CompiledModule:
     )
 
     def __init__(
-        self, sha256: str, size: int, module: wasmtime.Module, pre: wasmtime.InstancePre
+        self, sha256: str, size: int, module: wasmtime.Module,
+        pre: wasmtime.InstancePre | None,
     ) -> None:
         self.sha256 = sha256
         self.size = size
         self.module = module
+        self.module_addr = _raw.addr(module)
         # The InstancePre must outlive every store instantiated from it: keep it here.
+        # None for Extism plugins: their kernel imports are linked per store (extism.py).
         self.pre = pre
-        self.pre_addr = _raw.addr(pre)
-        self.kind: Literal["core", "wasi"] = "core"
+        self.pre_addr = _raw.addr(pre) if pre is not None else 0
+        self.kind: Literal["core", "wasi", "extism"] = "extism" if pre is None else "core"
         self.exports: list[str] = []
         self.index_names: dict[int, str] = {}  # export index -> name, for indices in use
         # entry name -> (kind, export index for wasmtime_instance_export_nth)
@@ -141,7 +149,9 @@ def precheck_imports(wasm: Buffer) -> None:
     for imp in imports:
         provided = imp.kind == "func" and (
             (imp.module, imp.name) in HOST_IMPORTS
-            or (imp.module == WASI_MODULE and imp.name in WASI_FUNCTIONS))
+            or (imp.module == WASI_MODULE and imp.name in WASI_FUNCTIONS)
+            # Extism plugins: signatures and user functions are checked at link (extism.py)
+            or (imp.module, imp.name) in EXTISM_IMPORTS or imp.module == EXTISM_USER_MODULE)
         if not provided:
             missing[(imp.module, imp.name)] = None
     if missing:
@@ -182,10 +192,16 @@ def check_imports(module: wasmtime.Module) -> bool:
         if imp.module == WASI_MODULE and isinstance(imp.type, wasmtime.FuncType):
             needs_wasi = True  # exact names are checked by the linker (instantiate_pre)
             continue
+        if is_extism_import(imp.module):
+            continue  # checked by ExtismHost.prepare
         missing[key] = None
     if missing:
         raise _unprovided(list(missing), "refused")
     return needs_wasi
+
+
+def is_extism_import(module_name: str) -> bool:
+    return module_name in (EXTISM_ENV_MODULE, EXTISM_USER_MODULE)
 
 
 def link(linker: wasmtime.Linker, module: wasmtime.Module) -> wasmtime.InstancePre:
@@ -230,6 +246,18 @@ def analyze(compiled: CompiledModule) -> None:
     used = [compiled.memory_index, compiled.alloc_index, compiled.initialize_index, start_index,
             *(i for _, i in entries.values())]
     compiled.index_names = {i: exports[i].name for i in used if i is not None}
+    if compiled.kind == "extism":
+        # Every exported no-argument function is an entry (Extism's `() -> i32` status, or
+        # `() -> ()`); the plugin's input, output and env go through the kernel.
+        entries = {n: e for n, e in entries.items() if e[0] is not EntryKind.ABI}
+        if start_index is not None:
+            entries["_start"] = (EntryKind.VOID, start_index)
+        if not entries:
+            raise InvalidModule("Extism plugin exports no entry: expected functions "
+                                "`() -> i32` (0 = success)")
+        compiled.entries = entries
+        compiled.exports = list(entries)
+        return
     if start_index is not None:
         compiled.kind = "wasi"
         compiled.entries = {"_start": (EntryKind.VOID, start_index)}

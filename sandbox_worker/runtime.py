@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -37,6 +38,7 @@ from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
 from .component import CompiledComponent, ComponentRunner, is_component
+from .extism import ExtismHost, UserCall, UserKnown, is_extism
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .host_methods import HostMethods
 from .module import (
@@ -80,10 +82,22 @@ class _Failed(Exception):
 class Sandbox:
     """Compiles and runs plugins in-process under limits. Not thread-safe: one thread each."""
 
-    def __init__(self, config: SandboxConfig = SandboxConfig(),  # noqa: B008
-                 methods: HostMethods | None = None) -> None:
+    def __init__(
+        self,
+        config: SandboxConfig = SandboxConfig(),  # noqa: B008
+        methods: HostMethods | None = None,
+        user_call: UserCall | None = None,
+        user_known: UserKnown | None = None,
+    ) -> None:
         """`methods`: what plugins reach with `host.call` (none: every call is answered
-        NOT_FOUND)."""
+        NOT_FOUND). `user_call(tenant, name, request) -> (ok, response)` resolves Extism
+        plugins' `extism:host/user` imports; by default the same `methods` (an Extism user
+        function is a host method of the same name; with no methods, every call answers
+        NOT_FOUND, as `host.call` does). `user_known(name)`, if given, is asked at load: a
+        name it denies is refused then (without it, any name links, since methods come and go
+        with config reloads, and an unknown one fails when called)."""
+        if user_call is None:
+            user_call = methods.call if methods is not None else _no_host_methods
         self.config = config
         self._default_limits = config.default_limits
         self._engine = wasmtime.Engine(_engine_config(config))
@@ -98,6 +112,8 @@ class Sandbox:
         # The ctypes callback objects must outlive the linker: kept on the Sandbox.
         self._callbacks = make_host_callbacks(self._state)
         define_host_functions(self._linker, self._callbacks)
+        # Extism plugins: their kernel, host functions and own linker.
+        self._extism = ExtismHost(self._engine, self._state, _Failed, user_call, user_known)
 
         self._cache = ModuleCache(config.cache_size)
         self._closed = False
@@ -242,7 +258,12 @@ class Sandbox:
 
     def _prepare(self, sha256: str, size: int, module: wasmtime.Module) -> CompiledModule:
         needs_wasi = check_imports(module)
-        pre = link(self._linker, module)
+        pre: wasmtime.InstancePre | None = None
+        if is_extism(module):
+            self._extism.prepare(module)  # linked per execution, to that store's kernel
+            link(self._extism.check_linker, module)  # every import checked now, at load
+        else:
+            pre = link(self._linker, module)
         compiled = CompiledModule(sha256, size, module, pre)
         compiled.needs_wasi = needs_wasi
         analyze(compiled)
@@ -263,7 +284,8 @@ class Sandbox:
     ) -> ExecutionResult:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
         every error's details carry the metering so far and the logs produced so far.
-        `tenant`: whose execution it is, for host methods (their allow lists, kv.* scope)."""
+        `tenant`: whose execution it is, for host methods (their allow lists, kv.* scope),
+        also those an Extism plugin calls as user functions."""
         self._check_open()
         self._state.tenant = tenant
         if type(input) is not bytes and not hasattr(input, "copy_to"):
@@ -274,6 +296,8 @@ class Sandbox:
             input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
+        if entry is None and module.kind == "extism" and len(module.exports) == 1:
+            name = module.exports[0]  # a one-function plugin needs no entry name
         spec = module.entries.get(name)
         if spec is None:
             raise _with_metering(
@@ -300,6 +324,10 @@ class Sandbox:
                 raise _with_metering(_too_big(len(input) + len(env_bytes), lim))
         elif module.kind == "wasi":
             encode_env(env)  # validation only: WASI gets the pairs
+        elif module.kind == "extism":
+            encode_env(env)  # validation only: the pairs are the plugin's config
+            if len(input) + WASM_PAGE > lim.memory_bytes:
+                raise _with_metering(_too_big(len(input), lim))
         elif len(input) or env:
             raise _with_metering(_no_arguments(module, name))
         if module.min_memory_bytes > lim.memory_bytes:
@@ -310,7 +338,7 @@ class Sandbox:
                     {"memory_bytes": lim.memory_bytes},
                 )
             )
-        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink)
+        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink, tenant)
 
     def _run_component(
         self,
@@ -344,6 +372,7 @@ class Sandbox:
         env: dict[str, str],
         lim: Limits,
         sink: OutputSink | None = None,
+        tenant: str = "",
     ) -> ExecutionResult:
         raw = _raw
         state = self._state
@@ -368,11 +397,15 @@ class Sandbox:
                 stderr = StderrSink(state)
                 self._install_wasi(ctx, cm, state, env, data, stderr)
 
-            error = raw.instance_pre_instantiate(
-                cm.pre_addr, ctx, self._instance_addr, self._trap_addr
-            )
-            if error or trap.value:
-                raise _Failed(error or 0, trap.value or 0)
+            if cm.kind == "extism":
+                self._extism.instantiate(ctx, cm.module_addr, data, env, tenant, lim,
+                                         self._instance_addr, self._trap_addr)
+            else:
+                error = raw.instance_pre_instantiate(
+                    cm.pre_addr, ctx, self._instance_addr, self._trap_addr
+                )
+                if error or trap.value:
+                    raise _Failed(error or 0, trap.value or 0)
             if not cm.verified:
                 self._verify_exports(ctx, cm)
             if cm.memory_index is not None:
@@ -396,7 +429,9 @@ class Sandbox:
             else:
                 self._call(ctx, index, 0)
                 code = 0
-            if code:
+            if cm.kind == "extism":
+                failure = self._extism.finish(code, lim, sink)
+            elif code:
                 failure = plugin_code_error(code, lim, state.memory_size())
         except _Failed as failed:
             failure = self._classify(failed, lim)
@@ -409,9 +444,13 @@ class Sandbox:
             raw.context_get_fuel(ctx, self._fuel_addr)
             fuel_left = self._fuel.value
             memory_size = state.memory_size()
+            if cm.kind == "extism":
+                memory_size += self._extism.memory_size()  # input, output and blocks
             if stderr is not None:
                 stderr.flush()
             state.detach()
+            if cm.kind == "extism":
+                self._extism.detach()
             raw.store_delete(store)
         metering = Metering(
             fuel_consumed=max(0, lim.fuel - fuel_left),
@@ -631,3 +670,9 @@ def _with_metering(error: WasmCoreError) -> WasmCoreError:
         fuel_consumed=0, wall_time_us=0, peak_memory_bytes=0, logs=[], logs_truncated=False
     )
     return error
+
+
+def _no_host_methods(tenant: str, name: str, request: bytes) -> tuple[bool, bytes]:
+    """The answer to an Extism user function in a sandbox given no host methods."""
+    return False, json.dumps({"error": {
+        "code": "NOT_FOUND", "message": f"no host method {name!r}: none are configured"}}).encode()

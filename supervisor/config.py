@@ -207,7 +207,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sandbox: OsSandboxConfig = msgspec.field(default_factory=OsSandboxConfig)
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=_default_tenants)
     compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
-    # Host methods plugins call with host.call, by name (docs/plugin-abi.md, section 4).
+    # Host methods plugins call with host.call, by name (docs/plugin-abi.md, section 5).
     host_methods: dict[str, HostMethodConfig] = {}
 
     def tenant(self, name: str) -> TenantConfig:

@@ -442,8 +442,8 @@ def _binary_from_row(row: tuple[Any, ...]) -> BinaryInfo:
     sha = _text(sha256, "sha256")
     if not _SHA256.match(sha):
         raise ValueError(f"sha256 {sha[:80]!r} is not a lower-case hex SHA-256")
-    if _text(kind, "kind") not in ("core", "wasi", "component"):
-        raise ValueError(f"kind {kind!r} is none of core, wasi, component")
+    if _text(kind, "kind") not in ("core", "wasi", "extism", "component"):
+        raise ValueError(f"kind {kind!r} is none of core, wasi, extism, component")
     for value, column, low in ((version, "version", 1), (size, "size", 0)):
         if type(value) is not int or value < low:
             raise ValueError(f"{column} {value!r} is not an integer >= {low}")
