@@ -124,14 +124,30 @@ def test_chain_with_a_core_module(service):
         assert c.chain([rot, upper, words], "a b c").output == b"3 words"
 
 
-def test_user_import_without_host_methods_is_refused_at_load(service):
+def test_user_imports_reach_the_operators_host_method_of_the_same_name():
+    """`extism:host/user.echo` is the operator's `echo` method, called for the execution's
+    tenant; a user function with no method behind it links (methods come and go with config
+    reloads) and answers the plugin NOT_FOUND, which this plugin passes on as its error."""
+    echo = {"target": "wasmcore.plugins.methods:echo", "tenants": ["alice"]}
+    svc = start_service(workers=1, config={"host_methods": {"echo": echo}})
+    try:
+        with svc.client(tenant="alice") as alice, svc.client(tenant="bob") as bob:
+            plugin = alice.load(C_HOST_CALL).binary_id
+            assert alice.execute(plugin, b'{"n": 1}', entry="call_echo").output == b'{"n":1}'
+            theirs = bob.load(C_HOST_CALL).binary_id
+            with pytest.raises(errors.PluginError) as refused:
+                bob.execute(theirs, b"{}", entry="call_echo")
+            assert "NOT_ALLOWED" in refused.value.message
+    finally:
+        svc.cleanup()
+
+
+def test_a_user_import_with_no_method_behind_it_loads_and_answers_not_found(service):
     with service.client() as c:
-        with pytest.raises(errors.InvalidModule) as info:
-            c.load(C_HOST_CALL)
-    assert "extism:host/user.echo" in info.value.message
-    assert "no host methods" in info.value.message
-    assert info.value.details["toolchain"] == "extism"
-    assert info.value.details["missing_imports"] == ["extism:host/user.echo"]
+        plugin = c.load(C_HOST_CALL).binary_id
+        with pytest.raises(errors.PluginError) as missing:
+            c.execute(plugin, b"{}", entry="call_echo")
+    assert "NOT_FOUND" in missing.value.message
 
 
 def test_hot_reload(tmp_path: Path):

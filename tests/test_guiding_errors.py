@@ -44,7 +44,6 @@ def _loaded_id(sock, path: Path) -> str:
         ("foreign_emscripten.wasm", "emscripten", ["emscripten", "STANDALONE_WASM"]),
         ("foreign_napi.wasm", "napi-rs", ["napi-rs", "Node"]),
         ("foreign_extism.wasm", "extism", ["Extism", "extism:host/user.lookup"]),
-        ("foreign_component.wasm", "component", ["component", "wasm32-wasip1"]),
     ],
 )
 def test_a_foreign_toolchain_is_named_with_what_to_build_instead(service, plugin, toolchain,
@@ -55,6 +54,16 @@ def test_a_foreign_toolchain_is_named_with_what_to_build_instead(service, plugin
     assert reply.id == 7
     assert reply.details["toolchain"] == toolchain
     for words in says:
+        assert words in reply.message, (words, reply.message)
+
+
+def test_a_component_outside_the_plugin_world_is_told_the_world(service):
+    """Components load as their own kind now; one exporting neither entry of
+    wit/wasm-core.wit is told which functions to export."""
+    with raw_dealer(service.endpoint) as sock:
+        reply = _load(sock, 9, (HOSTILE / "foreign_component.wasm").read_bytes(), "component")
+    assert isinstance(reply, p.ErrorReply) and reply.code == "INVALID_MODULE", reply
+    for words in ("component exports no entry function", "process-stream", "wit/wasm-core.wit"):
         assert words in reply.message, (words, reply.message)
 
 
