@@ -515,7 +515,8 @@ def _engine_config(config: SandboxConfig) -> wasmtime.Config:
     engine_config.consume_fuel = True
     engine_config.max_wasm_stack = config.max_wasm_stack
     if config.pool_slots > 0:
-        max_memory = -(-config.default_limits.memory_bytes // WASM_PAGE) * WASM_PAGE
+        most = max(config.max_memory_bytes, config.default_limits.memory_bytes)
+        max_memory = -(-most // WASM_PAGE) * WASM_PAGE
         _raw.enable_pooling(
             engine_config, config.pool_slots, max_memory, config.keep_resident_bytes
         )
