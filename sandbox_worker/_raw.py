@@ -7,9 +7,11 @@ when wasmtime moves (docs/operations.md, "Upgrading wasmtime"):
 
 * `wasmtime._ffi.dll`, the loaded libwasmtime, to build our own C function prototypes for C API
   functions wasmtime-py does not wrap or wraps slowly (unchecked calls and host callbacks,
-  `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator);
+  `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator, reading the
+  grow probe's global);
 * C struct layouts from `wasmtime._ffi`: `wasmtime_extern_t` (kind byte, then the union at
-  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4);
+  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4),
+  `wasmtime_val_t` (`of.i32`);
   `wasm_byte_vec_t` and `wasi_config_set_stdin_bytes` (WASI stdin from bytes);
 * wasmtime-py objects' native pointers: `ptr()` of Engine, Config, Linker, FuncType,
   InstancePre and WasiConfig; `WasiConfig._consume()` (the store takes ownership);
@@ -84,6 +86,9 @@ caller_export_get = _holding(
 memory_data = _holding("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
 memory_data_size = _holding("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
 
+# --- globals ---------------------------------------------------------------------------------
+_global_get = _holding("wasmtime_global_get", None, c_void_p, c_void_p, c_void_p)
+
 # --- traps -----------------------------------------------------------------------------------
 trap_new = _holding("wasmtime_trap_new", c_void_p, ctypes.c_char_p, c_size_t)
 
@@ -140,6 +145,13 @@ class ExternSlot:
 
     def is_memory(self) -> bool:
         return bool(self._extern.kind == _EXTERN_MEMORY)
+
+
+def global_i32(ctx: int, extern: ExternSlot) -> int:
+    """The value of the i32 global that `extern` (filled by an export lookup) holds."""
+    value = ffi.wasmtime_val_t()
+    _global_get(ctx, extern.item_addr, ctypes.addressof(value))
+    return int(value.of.i32)
 
 
 class InstanceSlot:

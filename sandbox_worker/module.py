@@ -17,6 +17,7 @@ from wasmcore.protocol.errors import InvalidModule
 from wasmcore.protocol.limits import WASM_PAGE
 
 from . import _raw
+from .grow_probe import PROBE_EXPORT
 from .host import HOST_IMPORTS
 from .imports_scan import Buffer, MalformedImports, NotCoreModule, read_imports
 
@@ -69,6 +70,7 @@ class CompiledModule:
         "min_memory_bytes",
         "needs_wasi",
         "verified",
+        "probe_index",
     )
 
     def __init__(
@@ -92,6 +94,8 @@ class CompiledModule:
         self.needs_wasi = False
         # Export indices are checked against names on the first execution (see runtime).
         self.verified = False
+        # The grow probe's global (grow_probe.py), when the module was instrumented.
+        self.probe_index: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -187,6 +191,9 @@ def analyze(compiled: CompiledModule) -> None:
                 compiled.memory_index = index
                 compiled.min_memory_bytes = ty.limits.min * WASM_PAGE
             continue
+        if name == PROBE_EXPORT and isinstance(ty, wasmtime.GlobalType):
+            compiled.probe_index = index
+            continue
         if not isinstance(ty, wasmtime.FuncType):
             continue
         sig = _sig(ty)
@@ -202,7 +209,7 @@ def analyze(compiled: CompiledModule) -> None:
             entries[name] = (_ENTRY_SIGNATURES[sig], index)
 
     used = [compiled.memory_index, compiled.alloc_index, compiled.initialize_index, start_index,
-            *(i for _, i in entries.values())]
+            compiled.probe_index, *(i for _, i in entries.values())]
     compiled.index_names = {i: exports[i].name for i in used if i is not None}
     if start_index is not None:
         compiled.kind = "wasi"

@@ -28,6 +28,7 @@ from wasmcore.protocol.errors import (
     InternalError,
     InvalidModule,
     MemoryLimit,
+    PluginError,
     Trap,
     WasmCoreError,
 )
@@ -35,6 +36,7 @@ from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 from wasmcore.protocol.settings import SandboxConfig
 
 from . import _raw
+from .grow_probe import instrument
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .module import (
     DEFAULT_ENTRY,
@@ -52,6 +54,7 @@ from .outcome import (
     classify_trap,
     memory_at_cap,
     plugin_code_error,
+    refused_grow_error,
 )
 from .ticker import Ticker, start_ticker
 from .wasi import StderrSink, make_wasi_config
@@ -99,6 +102,7 @@ class Sandbox:
         self._instance_addr = self._instance.addr
         self._trap = ctypes.c_void_p()
         self._trap_addr = ctypes.addressof(self._trap)
+        self._probe_extern = _raw.ExternSlot()
         self._func_extern = _raw.ExternSlot()
         self._func_extern_addr = self._func_extern.addr
         self._func_addr = self._func_extern.item_addr
@@ -153,11 +157,11 @@ class Sandbox:
         precheck_imports(wasm)  # not a core module, or unlinkable: refused before compiling
         try:
             wasmtime.Module.validate(self._engine, wasm)
-            module = wasmtime.Module(self._engine, wasm)
         except wasmtime.WasmtimeError as exc:
             reason = str(exc)
             message = f"invalid WebAssembly module: {reason}"
             raise InvalidModule(message, {"reason": reason}) from None
+        module = _compile_with_probe(self._engine, wasm)
         compiled = self._prepare(sha256, len(data), module)
         self._cache.put(compiled)
         return compiled
@@ -293,6 +297,7 @@ class Sandbox:
         trap.value = None
         stderr: StderrSink | None = None
         failure: WasmCoreError | None = None
+        instantiated = False
         fuel_left = 0
         memory_size = 0
 
@@ -314,6 +319,7 @@ class Sandbox:
             )
             if error or trap.value:
                 raise _Failed(error or 0, trap.value or 0)
+            instantiated = True
             if not cm.verified:
                 self._verify_exports(ctx, cm)
             if cm.memory_index is not None:
@@ -347,6 +353,9 @@ class Sandbox:
             if state.failure is not None:
                 # The host decided (output cap): that explains whatever happened next.
                 failure = state.failure
+            elif (failure is not None and instantiated and cm.probe_index is not None
+                  and isinstance(failure, _AFTER_REFUSED_GROW)):
+                failure = self._refused_grow(ctx, cm, lim, failure)
             raw.context_get_fuel(ctx, self._fuel_addr)
             fuel_left = self._fuel.value
             memory_size = state.memory_size()
@@ -491,6 +500,17 @@ class Sandbox:
         finally:
             error.close()
 
+    def _refused_grow(self, ctx: int, cm: CompiledModule, lim: Limits,
+                      failure: WasmCoreError) -> WasmCoreError:
+        """MEMORY_LIMIT instead of `failure` when the grow probe saw a grow the memory limit
+        refused during this execution (the plugin failed after it); else `failure`."""
+        assert cm.probe_index is not None
+        extern = self._probe_extern
+        self._export(ctx, cm.probe_index, extern.addr)
+        pages = _raw.global_i32(ctx, extern) & 0xFFFFFFFF
+        size = self._state.memory_size()
+        return refused_grow_error(failure, pages, size, lim) or failure
+
     @staticmethod
     def _discard(failed: _Failed) -> None:
         if failed.trap:
@@ -501,6 +521,27 @@ class Sandbox:
     def _check_open(self) -> None:
         if self._closed:
             raise InternalError("sandbox is closed")
+
+
+# Failures that a grow refused by the memory limit earlier in the execution explains: a trap
+# (an allocator's __builtin_trap or unreachable), a non-zero status, a failure at the cap.
+_AFTER_REFUSED_GROW = (Trap, PluginError, MemoryLimit)
+
+
+def _compile_with_probe(engine: wasmtime.Engine, wasm: bytes) -> wasmtime.Module:
+    """The module compiled with the grow probe (grow_probe.py) when it can be added, else as
+    it is (the probe is an aid to diagnosis: never a reason to refuse a valid module)."""
+    probed = instrument(wasm)
+    if probed is not None:
+        try:
+            return wasmtime.Module(engine, probed)
+        except wasmtime.WasmtimeError:
+            pass
+    try:
+        return wasmtime.Module(engine, wasm)
+    except wasmtime.WasmtimeError as exc:
+        reason = str(exc)
+        raise InvalidModule(f"invalid WebAssembly module: {reason}", {"reason": reason}) from None
 
 
 def deadline_ticks(timeout_ms: int, tick_ms: float) -> int:
