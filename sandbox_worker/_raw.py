@@ -8,7 +8,7 @@ when wasmtime moves (docs/operations.md, "Upgrading wasmtime"):
 * `wasmtime._ffi.dll`, the loaded libwasmtime, to build our own C function prototypes for C API
   functions wasmtime-py does not wrap or wraps slowly (unchecked calls and host callbacks,
   `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator, reading the
-  grow probe's global);
+  grow probe's global, the epoch deadline callback of short timeouts);
 * C struct layouts from `wasmtime._ffi`: `wasmtime_extern_t` (kind byte, then the union at
   `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4),
   `wasmtime_val_t` (`of.i32`);
@@ -65,6 +65,16 @@ context_get_fuel = _holding("wasmtime_context_get_fuel", c_void_p, c_void_p, c_v
 context_set_epoch_deadline = _holding(
     "wasmtime_context_set_epoch_deadline", None, c_void_p, c_uint64
 )
+# Called on the executing thread when a store's epoch deadline is reached:
+# (context, data, uint64_t* next deadline delta, uint8_t* update kind) -> wasmtime_error_t*
+# (0: go on, `delta` ticks more; an error: the call fails with it).
+DEADLINE_CALLBACK = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_void_p)
+store_epoch_deadline_callback = _holding(
+    "wasmtime_store_epoch_deadline_callback", None, c_void_p, DEADLINE_CALLBACK, c_void_p,
+    c_void_p,
+)
+UPDATE_DEADLINE_CONTINUE = 0  # wasmtime_update_deadline_kind_t
+error_new = _holding("wasmtime_error_new", c_void_p, ctypes.c_char_p)
 _context_set_wasi = _holding("wasmtime_context_set_wasi", c_void_p, c_void_p, c_void_p)
 
 # --- instances / calls -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 
 _BACKTRACE_CHARS = 4096
 _INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
+INTERRUPT = _INTERRUPT  # the trap code of an epoch deadline (TIMEOUT)
 _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
 
 

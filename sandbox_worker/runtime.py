@@ -49,9 +49,11 @@ from .module import (
     precheck_imports,
 )
 from .outcome import (
+    INTERRUPT,
     ExecutionResult,
     classify_error,
     classify_trap,
+    from_trap_code,
     memory_at_cap,
     plugin_code_error,
     refused_grow_error,
@@ -117,6 +119,12 @@ class Sandbox:
         self._i32 = self._args.i32
         self._u32_0 = self._args.u32_0
         self._export, self._call = self._make_call_helpers()
+
+        # Short timeouts: the epoch deadline callback checks the clock (see `_run`).
+        self._deadline_ns = 0
+        self._timed_out = False
+        self._on_deadline = _raw.DEADLINE_CALLBACK(self._deadline_reached)
+        self._precise_below_ms = _PRECISE_BELOW_TICKS * self._tick_ms
 
         self._ticker: Ticker = start_ticker(
             self._engine, config.epoch_tick_ms / 1000.0, config.native_ticker
@@ -308,8 +316,18 @@ class Sandbox:
         try:
             raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
             raw.context_set_fuel(ctx, lim.fuel)
-            # +1: the first tick may come right after this call; never time out early.
-            raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms, self._tick_ms))
+            if lim.timeout_ms < self._precise_below_ms:
+                # A short timeout: deadline at the first tick at or after it, by the clock
+                # (the tick count alone could stop it up to two ticks late).
+                self._timed_out = False
+                self._deadline_ns = started + lim.timeout_ms * 1_000_000
+                raw.store_epoch_deadline_callback(store, self._on_deadline, None, None)
+                raw.context_set_epoch_deadline(ctx, max(1, math.ceil(lim.timeout_ms
+                                                                     / self._tick_ms)))
+            else:
+                # +1: the first tick may come right after this call; never time out early.
+                raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms,
+                                                                   self._tick_ms))
             if cm.kind == "wasi" or cm.needs_wasi:
                 stderr = StderrSink(state)
                 self._install_wasi(ctx, cm, state, env, data, stderr)
@@ -347,6 +365,9 @@ class Sandbox:
                 failure = plugin_code_error(code, lim, state.memory_size())
         except _Failed as failed:
             failure = self._classify(failed, lim)
+            if self._timed_out:  # the deadline callback stopped it
+                self._timed_out = False
+                failure = from_trap_code(INTERRUPT, lim.timeout_ms, lim.fuel)
         except WasmCoreError as exc:
             failure = exc
         finally:
@@ -500,6 +521,17 @@ class Sandbox:
         finally:
             error.close()
 
+    def _deadline_reached(self, ctx: int, data: int, delta: int, kind: int) -> int:
+        """The epoch deadline callback of a short timeout: stop (an error the call fails
+        with; `_run` reports TIMEOUT) once the clock has reached the deadline, else wait one
+        more tick."""
+        if time.perf_counter_ns() >= self._deadline_ns:
+            self._timed_out = True
+            return _raw.error_new(b"execution exceeded its time limit") or 0
+        ctypes.c_uint64.from_address(delta).value = 1
+        ctypes.c_uint8.from_address(kind).value = _raw.UPDATE_DEADLINE_CONTINUE
+        return 0
+
     def _refused_grow(self, ctx: int, cm: CompiledModule, lim: Limits,
                       failure: WasmCoreError) -> WasmCoreError:
         """MEMORY_LIMIT instead of `failure` when the grow probe saw a grow the memory limit
@@ -522,6 +554,11 @@ class Sandbox:
         if self._closed:
             raise InternalError("sandbox is closed")
 
+
+# Timeouts shorter than this many ticks are stopped by the clock, within one tick after they
+# are due (an epoch deadline callback, set only for them: a C call per execution saved for
+# the usual long timeouts, where a tick more or less does not matter).
+_PRECISE_BELOW_TICKS = 10
 
 # Failures that a grow refused by the memory limit earlier in the execution explains: a trap
 # (an allocator's __builtin_trap or unreachable), a non-zero status, a failure at the cap.
