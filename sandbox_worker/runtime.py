@@ -316,10 +316,10 @@ class Sandbox:
         try:
             raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
             raw.context_set_fuel(ctx, lim.fuel)
+            self._timed_out = False
             if lim.timeout_ms < self._precise_below_ms:
                 # A short timeout: deadline at the first tick at or after it, by the clock
                 # (the tick count alone could stop it up to two ticks late).
-                self._timed_out = False
                 self._deadline_ns = started + lim.timeout_ms * 1_000_000
                 raw.store_epoch_deadline_callback(store, self._on_deadline, None, None)
                 raw.context_set_epoch_deadline(ctx, max(1, math.ceil(lim.timeout_ms
@@ -366,7 +366,6 @@ class Sandbox:
         except _Failed as failed:
             failure = self._classify(failed, lim)
             if self._timed_out:  # the deadline callback stopped it
-                self._timed_out = False
                 failure = from_trap_code(INTERRUPT, lim.timeout_ms, lim.fuel)
         except WasmCoreError as exc:
             failure = exc
