@@ -93,7 +93,8 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_bytes: int = 1 * MiB
     max_wasm_stack: int = 512 * 1024
     # The most a request may ask for (above it: QUOTA_EXCEEDED naming the key); a request
-    # may ask for more than the defaults above, up to these.
+    # may ask for more than the defaults above, up to these. A maximum below its default
+    # counts as the default (what a request that asks nothing gets is always allowed).
     max_timeout_ms: int = 60_000
     max_fuel: int = 0  # 0: any fuel cap may be asked for (the timeout still binds)
     # Also the size of each worker's instance-pool memory slot (fixed when a worker starts).
@@ -276,11 +277,9 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("limits.output_bytes", config.limits.output_bytes > 0, "must be > 0"),
         ("limits.log_bytes", config.limits.log_bytes >= 0, "must be >= 0"),
         ("limits.max_wasm_stack", config.limits.max_wasm_stack >= 64 * 1024, ">= 65536"),
-        ("limits.max_timeout_ms", config.limits.max_timeout_ms >= config.limits.timeout_ms,
-         "must be at least limits.timeout_ms"),
+        ("limits.max_timeout_ms", config.limits.max_timeout_ms >= 0, "must be >= 0"),
         ("limits.max_fuel", config.limits.max_fuel >= 0, "must be >= 0 (0: no maximum)"),
-        ("limits.max_memory_mb", config.limits.max_memory_mb >= config.limits.memory_mb,
-         "must be at least limits.memory_mb"),
+        ("limits.max_memory_mb", config.limits.max_memory_mb >= 0, "must be >= 0"),
         ("sandbox.seccomp_action", config.sandbox.seccomp_action in ("errno", "kill"),
          'must be "errno" or "kill"'),
         ("sandbox.max_open_files", config.sandbox.max_open_files >= 64, "must be at least 64"),

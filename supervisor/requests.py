@@ -65,7 +65,13 @@ def _ceiling(config: Config, tenant: str, key: str) -> tuple[int, str]:
     if own:
         name = tenant if tenant in config.tenants else "default"
         return own, f"[tenants.{name}]"
-    return getattr(config.limits, key), "[limits]"
+    most = getattr(config.limits, key)
+    if key == "max_fuel":
+        return (max(most, config.limits.fuel) if most else 0), "[limits]"  # 0: no maximum
+    default = config.limits.timeout_ms if key == "max_timeout_ms" else config.limits.memory_mb
+    # A maximum below the default (0 too) counts as the default: what a request that asks
+    # for nothing gets is always allowed.
+    return max(most, default), "[limits]"
 
 
 def offered_limits(config: Config, tenant: str) -> p.LimitsOffer:

@@ -141,3 +141,35 @@ def test_short_timeouts_stop_by_the_clock_never_early(svc: RunningService) -> No
                 c.execute(loop, "x", timeout_ms=timeout_ms)
             assert stopped.value.details["timeout_ms"] == timeout_ms
             assert stopped.value.details["wall_time_us"] >= timeout_ms * 1000
+
+
+def test_run_limits_rules() -> None:
+    """The pure rules (supervisor/requests.py): defaults, maxima, the tenant's own ceilings,
+    a maximum below its default, max_fuel 0 as no maximum, per-binary settings lowering."""
+    from wasmcore.protocol.limits import NO_FUEL_CAP
+    from wasmcore.supervisor.config import parse_config
+    from wasmcore.supervisor.requests import run_limits
+
+    config = parse_config("""
+[limits]
+timeout_ms = 5000
+max_timeout_ms = 0
+max_memory_mb = 100
+[tenants.t]
+max_fuel = 1000
+[tenants.t.binaries.small]
+timeout_ms = 50
+""")
+    asked = p.RunOptions
+    plain = run_limits(config, "x", "b", asked())
+    assert (plain.timeout_ms, plain.fuel, plain.memory_bytes) == (5000, NO_FUEL_CAP, 64 << 20)
+    assert run_limits(config, "x", "b", asked(timeout_ms=4000)).timeout_ms == 4000
+    with pytest.raises(errors.QuotaExceeded):  # max_timeout_ms 0: counts as timeout_ms
+        run_limits(config, "x", "b", asked(timeout_ms=5001))
+    assert run_limits(config, "x", "b", asked(memory_mb=100)).memory_bytes == 100 << 20
+    assert run_limits(config, "x", "b", asked(fuel=10**15)).fuel == 10**15  # no maximum
+    assert run_limits(config, "t", "b", asked()).fuel == 1000  # the default capped by it
+    with pytest.raises(errors.QuotaExceeded) as refused:
+        run_limits(config, "t", "b", asked(fuel=1001))
+    assert "[tenants.t] max_fuel" in refused.value.message
+    assert run_limits(config, "t", "small", asked(timeout_ms=4000)).timeout_ms == 50
