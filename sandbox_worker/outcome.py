@@ -114,16 +114,16 @@ def refused_grow_error(
     requested = memory_size + pages * WASM_PAGE
     if not pages or requested <= limits.memory_bytes:
         return None
+    sizes = {"allowed_bytes": limits.memory_bytes, "requested_bytes": requested,
+             "current_bytes": memory_size}
+    if isinstance(failure, MemoryLimit) and "input_bytes" in failure.details:
+        failure.details.update(sizes)  # "the input does not fit" says more: kept
+        return failure
     if "plugin_code" in failure.details:
         reason = f"status {failure.details['plugin_code']}"
     else:
         reason = str(failure.details.get("trap_message") or failure.message)
-    details: dict[str, object] = {
-        "memory_bytes": limits.memory_bytes,
-        "allowed_bytes": limits.memory_bytes,
-        "requested_bytes": requested,
-        "current_bytes": memory_size,
-    }
+    details: dict[str, object] = {"memory_bytes": limits.memory_bytes, **sizes}
     for key in ("trap_message", "plugin_code", "trap_code", "backtrace"):
         if key in failure.details:
             details[key] = failure.details[key]
