@@ -52,9 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         source = cmd.add_mutually_exclusive_group()
         source.add_argument("--input", default=None, help="input text")
         source.add_argument("--input-file", help="read the input from a file ('-' = stdin)")
-        cmd.add_argument("--timeout", type=int, metavar="MS", help="lower the wall-clock limit")
-        cmd.add_argument("--memory", type=int, metavar="MB", help="lower the linear memory cap")
-        cmd.add_argument("--fuel", type=int, metavar="N", help="lower the fuel budget")
+        cmd.add_argument("--timeout", type=int, metavar="MS",
+                         help="wall-clock limit, up to the server's maximum")
+        cmd.add_argument("--memory", type=int, metavar="MB",
+                         help="linear memory cap, up to the server's maximum")
+        cmd.add_argument("--fuel", type=int, metavar="N",
+                         help="fuel cap (default: none, fuel is only metered)")
         cmd.add_argument("--env", action="append", default=[], metavar="K=V",
                          help="environment entry for the plugin (repeatable)")
 

@@ -66,5 +66,14 @@ echo "clang c/wasi_upper.c -> wasi_upper.wasm"
 
 chmod 644 wordfreq.wasm wasi_upper.wasm visit_counter.wasm   # wasm-ld marks its output executable
 
+# --- C plugin whose malloc fails under the memory limit (wasi-libc, reactor) --
+# A core module (alloc + process) built against wasi-libc: malloc grows memory, and when the
+# limit refuses a grow it returns NULL and the plugin calls __builtin_trap(). The service
+# reports MEMORY_LIMIT (tests/test_memory_limit.py).
+"$CLANG" --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all \
+    -o malloc_fail.wasm c/malloc_fail.c
+chmod 644 malloc_fail.wasm
+echo "clang c/malloc_fail.c -> malloc_fail.wasm"
+
 # --- Rust plugins, ABI kind 1 (skipped with a message when no Rust toolchain is usable) ---
 rust/build.sh

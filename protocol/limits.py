@@ -7,12 +7,19 @@ import msgspec
 MiB = 1024 * 1024
 WASM_PAGE = 64 * 1024
 
+# The fuel an execution gets when no fuel cap applies: fuel is then metered and reported, and
+# the wall-clock timeout is what stops a long run. Why not a finite default cap: a cap fits
+# only one machine's speed (2e9 units were ~0.26 s of a spin loop) and silently shadowed every
+# timeout longer than that. 2^63-1 units would take decades to burn.
+NO_FUEL_CAP = 2**63 - 1
+
 
 class Limits(msgspec.Struct, frozen=True):
-    """Caps for one execution. Defaults come from config; a request may only lower them."""
+    """Caps for one execution. Defaults come from config; a request may ask for others
+    within the operator's maxima (supervisor/requests.py, run_limits)."""
 
     timeout_ms: int = 5_000
-    fuel: int = 2_000_000_000
+    fuel: int = NO_FUEL_CAP
     memory_bytes: int = 64 * MiB
     output_bytes: int = 16 * MiB
     log_bytes: int = 1 * MiB

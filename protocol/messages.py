@@ -211,6 +211,20 @@ class BatchExecuted(msgspec.Struct, tag="batch_executed", kw_only=True):
     worker_pid: int = 0
 
 
+class LimitsOffer(msgspec.Struct, kw_only=True):
+    """Per-execution limits for the asking tenant: what a request that asks for nothing
+    gets, and the most it may ask for (above it: QUOTA_EXCEEDED)."""
+
+    timeout_ms: int = 0
+    max_timeout_ms: int = 0
+    fuel: int = 0  # 0: no fuel cap (metered only; the timeout binds)
+    max_fuel: int = 0  # 0: any fuel cap may be asked for
+    memory_mb: int = 0
+    max_memory_mb: int = 0
+    output_bytes: int = 0  # server-wide; a request cannot change them
+    log_bytes: int = 0
+
+
 class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
     id: int
     server_version: str
@@ -220,6 +234,8 @@ class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
     shm_threshold_bytes: int = 0
     boot_id: str = ""  # a client with the same boot id shares the server's /dev/shm
     workers: int = 0
+    # Last, with a default: a client built before it still decodes the reply.
+    limits: LimitsOffer | None = None
 
 
 class StepResult(msgspec.Struct, kw_only=True):

@@ -36,6 +36,9 @@ class SandboxConfig(msgspec.Struct, frozen=True):
     keep_resident_bytes: int = 64 * 1024
     # Tick with a GIL-free POSIX timer (Linux) instead of a Python thread; see ticker.py.
     native_ticker: bool = True
+    # The most linear memory any job may ask for: the size of a pool memory slot.
+    # 0: default_limits.memory_bytes.
+    max_memory_bytes: int = 0
 
 
 class OsSandboxSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,9 +8,11 @@ when wasmtime moves (docs/operations.md, "Upgrading wasmtime"):
 * `wasmtime._ffi.dll`, the loaded libwasmtime, to build our own C function prototypes for C API
   functions wasmtime-py does not wrap or wraps slowly (unchecked calls and host callbacks,
   `wasmtime_instance_pre_instantiate`, the store limiter, the pooling allocator, linking an
-  Extism plugin to its store's kernel: `wasmtime_linker_define_instance` / `_instantiate`);
+  Extism plugin to its store's kernel (`wasmtime_linker_define_instance` / `_instantiate`),
+  reading the grow probe's global, the epoch deadline callback of short timeouts);
 * C struct layouts from `wasmtime._ffi`: `wasmtime_extern_t` (kind byte, then the union at
-  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4, i64 in the low 8);
+  `of`), `wasmtime_instance_t`, `wasmtime_val_raw_t` (16 bytes, i32 in the low 4, i64 in the
+  low 8), `wasmtime_val_t` (`of.i32`);
   `wasm_byte_vec_t` and `wasi_config_set_stdin_bytes` (WASI stdin from bytes);
 * wasmtime-py objects' native pointers: `ptr()` of Engine, Config, Linker, FuncType,
   InstancePre, Module and WasiConfig; `WasiConfig._consume()` (the store takes ownership);
@@ -64,6 +66,16 @@ context_get_fuel = _holding("wasmtime_context_get_fuel", c_void_p, c_void_p, c_v
 context_set_epoch_deadline = _holding(
     "wasmtime_context_set_epoch_deadline", None, c_void_p, c_uint64
 )
+# Called on the executing thread when a store's epoch deadline is reached:
+# (context, data, uint64_t* next deadline delta, uint8_t* update kind) -> wasmtime_error_t*
+# (0: go on, `delta` ticks more; an error: the call fails with it).
+DEADLINE_CALLBACK = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_void_p)
+store_epoch_deadline_callback = _holding(
+    "wasmtime_store_epoch_deadline_callback", None, c_void_p, DEADLINE_CALLBACK, c_void_p,
+    c_void_p,
+)
+UPDATE_DEADLINE_CONTINUE = 0  # wasmtime_update_deadline_kind_t
+error_new = _holding("wasmtime_error_new", c_void_p, ctypes.c_char_p)
 _context_set_wasi = _holding("wasmtime_context_set_wasi", c_void_p, c_void_p, c_void_p)
 
 # --- instances / calls -----------------------------------------------------------------------
@@ -94,6 +106,9 @@ linker_instantiate = _releasing(
 # --- memory ----------------------------------------------------------------------------------
 memory_data = _holding("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
 memory_data_size = _holding("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
+
+# --- globals ---------------------------------------------------------------------------------
+_global_get = _holding("wasmtime_global_get", None, c_void_p, c_void_p, c_void_p)
 
 # --- traps -----------------------------------------------------------------------------------
 trap_new = _holding("wasmtime_trap_new", c_void_p, ctypes.c_char_p, c_size_t)
@@ -151,6 +166,13 @@ class ExternSlot:
 
     def is_memory(self) -> bool:
         return bool(self._extern.kind == _EXTERN_MEMORY)
+
+
+def global_i32(ctx: int, extern: ExternSlot) -> int:
+    """The value of the i32 global that `extern` (filled by an export lookup) holds."""
+    value = ffi.wasmtime_val_t()
+    _global_get(ctx, extern.item_addr, ctypes.addressof(value))
+    return int(value.of.i32)
 
 
 class InstanceSlot:

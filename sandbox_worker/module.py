@@ -21,6 +21,7 @@ from .component import is_component
 from .extism import ENV_MODULE as EXTISM_ENV_MODULE
 from .extism import IMPORT_NAMES as EXTISM_IMPORTS
 from .extism import USER_MODULE as EXTISM_USER_MODULE
+from .grow_probe import PROBE_EXPORT
 from .host import HOST_IMPORTS
 from .import_hints import binary_hint, toolchain_hint
 from .imports_scan import Buffer, MalformedImports, NotCoreModule, read_imports
@@ -81,6 +82,7 @@ class CompiledModule:
         "min_memory_bytes",
         "needs_wasi",
         "verified",
+        "probe_index",
     )
 
     def __init__(
@@ -107,6 +109,8 @@ class CompiledModule:
         self.needs_wasi = False
         # Export indices are checked against names on the first execution (see runtime).
         self.verified = False
+        # The grow probe's global (grow_probe.py), when the module was instrumented.
+        self.probe_index: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -229,6 +233,9 @@ def analyze(compiled: CompiledModule) -> None:
                 compiled.memory_index = index
                 compiled.min_memory_bytes = ty.limits.min * WASM_PAGE
             continue
+        if name == PROBE_EXPORT and isinstance(ty, wasmtime.GlobalType):
+            compiled.probe_index = index
+            continue
         if not isinstance(ty, wasmtime.FuncType):
             continue
         sig = _sig(ty)
@@ -244,7 +251,7 @@ def analyze(compiled: CompiledModule) -> None:
             entries[name] = (_ENTRY_SIGNATURES[sig], index)
 
     used = [compiled.memory_index, compiled.alloc_index, compiled.initialize_index, start_index,
-            *(i for _, i in entries.values())]
+            compiled.probe_index, *(i for _, i in entries.values())]
     compiled.index_names = {i: exports[i].name for i in used if i is not None}
     if compiled.kind == "extism":
         # Every exported no-argument function is an entry (Extism's `() -> i32` status, or

@@ -23,6 +23,7 @@ from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 
 _BACKTRACE_CHARS = 4096
 _INTERRUPT = wasmtime.TrapCode.INTERRUPT.value
+INTERRUPT = _INTERRUPT  # the trap code of an epoch deadline (TIMEOUT)
 _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
 
 
@@ -102,3 +103,34 @@ def plugin_code_error(
         )
     what = "exited with status" if exited else "returned error code"
     return PluginError(f"plugin {what} {code}", {"plugin_code": code})
+
+
+def refused_grow_error(
+    failure: WasmCoreError, pages: int, memory_size: int, limits: Limits
+) -> MemoryLimit | None:
+    """MEMORY_LIMIT for a plugin that failed (`failure`) after a memory grow of `pages` pages
+    was refused (the grow probe's record; 0: none refused), when that grow would have taken
+    the memory past the limit. None: the failure stands."""
+    requested = memory_size + pages * WASM_PAGE
+    if not pages or requested <= limits.memory_bytes:
+        return None
+    sizes = {"allowed_bytes": limits.memory_bytes, "requested_bytes": requested,
+             "current_bytes": memory_size}
+    if isinstance(failure, MemoryLimit) and "input_bytes" in failure.details:
+        failure.details.update(sizes)  # "the input does not fit" says more: kept
+        return failure
+    if "plugin_code" in failure.details:
+        reason = f"status {failure.details['plugin_code']}"
+    else:
+        reason = str(failure.details.get("trap_message") or failure.message)
+    details: dict[str, object] = {"memory_bytes": limits.memory_bytes, **sizes}
+    for key in ("trap_message", "plugin_code", "trap_code", "backtrace"):
+        if key in failure.details:
+            details[key] = failure.details[key]
+    if isinstance(failure, Trap):
+        details["trap_message"] = reason
+    return MemoryLimit(
+        f"the plugin asked to grow its memory from {memory_size} to {requested} bytes, over "
+        f"the {limits.memory_bytes}-byte limit (memory_mb), and then failed ({reason}); "
+        f"raise memory_mb (up to the maximum in welcome.limits) or give it less to do",
+        details)

@@ -30,6 +30,7 @@ from wasmcore.protocol.errors import (
     InvalidModule,
     MemoryLimit,
     PayloadTooLarge,
+    PluginError,
     Trap,
     WasmCoreError,
 )
@@ -39,6 +40,7 @@ from wasmcore.protocol.settings import SandboxConfig
 from . import _raw
 from .component import CompiledComponent, ComponentRunner, is_component
 from .extism import ExtismHost, UserCall, UserKnown, is_extism
+from .grow_probe import instrument
 from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
 from .host_methods import HostMethods
 from .module import (
@@ -52,11 +54,14 @@ from .module import (
     precheck_imports,
 )
 from .outcome import (
+    INTERRUPT,
     ExecutionResult,
     classify_error,
     classify_trap,
+    from_trap_code,
     memory_at_cap,
     plugin_code_error,
+    refused_grow_error,
 )
 from .ticker import Ticker, start_ticker
 from .wasi import StderrSink, make_wasi_config
@@ -126,6 +131,7 @@ class Sandbox:
         self._instance_addr = self._instance.addr
         self._trap = ctypes.c_void_p()
         self._trap_addr = ctypes.addressof(self._trap)
+        self._probe_extern = _raw.ExternSlot()
         self._func_extern = _raw.ExternSlot()
         self._func_extern_addr = self._func_extern.addr
         self._func_addr = self._func_extern.item_addr
@@ -140,6 +146,12 @@ class Sandbox:
         self._i32 = self._args.i32
         self._u32_0 = self._args.u32_0
         self._export, self._call = self._make_call_helpers()
+
+        # Short timeouts: the epoch deadline callback checks the clock (see `_run`).
+        self._deadline_ns = 0
+        self._timed_out = False
+        self._on_deadline = _raw.DEADLINE_CALLBACK(self._deadline_reached)
+        self._precise_below_ms = _PRECISE_BELOW_TICKS * self._tick_ms
 
         self._ticker: Ticker = start_ticker(
             self._engine, config.epoch_tick_ms / 1000.0, config.native_ticker
@@ -184,11 +196,11 @@ class Sandbox:
         precheck_imports(wasm)  # not a core module, or unlinkable: refused before compiling
         try:
             wasmtime.Module.validate(self._engine, wasm)
-            module = wasmtime.Module(self._engine, wasm)
         except wasmtime.WasmtimeError as exc:
             reason = str(exc)
             message = f"invalid WebAssembly module: {reason}"
             raise InvalidModule(message, {"reason": reason}) from None
+        module = _compile_with_probe(self._engine, wasm)
         compiled = self._prepare(sha256, len(data), module)
         self._cache.put(compiled)
         return compiled
@@ -381,6 +393,7 @@ class Sandbox:
         trap.value = None
         stderr: StderrSink | None = None
         failure: WasmCoreError | None = None
+        instantiated = False
         fuel_left = 0
         memory_size = 0
 
@@ -391,8 +404,18 @@ class Sandbox:
         try:
             raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
             raw.context_set_fuel(ctx, lim.fuel)
-            # +1: the first tick may come right after this call; never time out early.
-            raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms, self._tick_ms))
+            self._timed_out = False
+            if lim.timeout_ms < self._precise_below_ms:
+                # A short timeout: deadline at the first tick at or after it, by the clock
+                # (the tick count alone could stop it up to two ticks late).
+                self._deadline_ns = started + lim.timeout_ms * 1_000_000
+                raw.store_epoch_deadline_callback(store, self._on_deadline, None, None)
+                raw.context_set_epoch_deadline(ctx, max(1, math.ceil(lim.timeout_ms
+                                                                     / self._tick_ms)))
+            else:
+                # +1: the first tick may come right after this call; never time out early.
+                raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms,
+                                                                   self._tick_ms))
             if cm.kind == "wasi" or cm.needs_wasi:
                 stderr = StderrSink(state)
                 self._install_wasi(ctx, cm, state, env, data, stderr)
@@ -406,6 +429,7 @@ class Sandbox:
                 )
                 if error or trap.value:
                     raise _Failed(error or 0, trap.value or 0)
+            instantiated = True
             if not cm.verified:
                 self._verify_exports(ctx, cm)
             if cm.memory_index is not None:
@@ -435,12 +459,17 @@ class Sandbox:
                 failure = plugin_code_error(code, lim, state.memory_size())
         except _Failed as failed:
             failure = self._classify(failed, lim)
+            if self._timed_out:  # the deadline callback stopped it
+                failure = from_trap_code(INTERRUPT, lim.timeout_ms, lim.fuel)
         except WasmCoreError as exc:
             failure = exc
         finally:
             if state.failure is not None:
                 # The host decided (output cap): that explains whatever happened next.
                 failure = state.failure
+            elif (failure is not None and instantiated and cm.probe_index is not None
+                  and isinstance(failure, _AFTER_REFUSED_GROW)):
+                failure = self._refused_grow(ctx, cm, lim, failure)
             raw.context_get_fuel(ctx, self._fuel_addr)
             fuel_left = self._fuel.value
             memory_size = state.memory_size()
@@ -589,6 +618,28 @@ class Sandbox:
         finally:
             error.close()
 
+    def _deadline_reached(self, ctx: int, data: int, delta: int, kind: int) -> int:
+        """The epoch deadline callback of a short timeout: stop (an error the call fails
+        with; `_run` reports TIMEOUT) once the clock has reached the deadline, else wait one
+        more tick."""
+        if time.perf_counter_ns() >= self._deadline_ns:
+            self._timed_out = True
+            return _raw.error_new(b"execution exceeded its time limit") or 0
+        ctypes.c_uint64.from_address(delta).value = 1
+        ctypes.c_uint8.from_address(kind).value = _raw.UPDATE_DEADLINE_CONTINUE
+        return 0
+
+    def _refused_grow(self, ctx: int, cm: CompiledModule, lim: Limits,
+                      failure: WasmCoreError) -> WasmCoreError:
+        """MEMORY_LIMIT instead of `failure` when the grow probe saw a grow the memory limit
+        refused during this execution (the plugin failed after it); else `failure`."""
+        assert cm.probe_index is not None
+        extern = self._probe_extern
+        self._export(ctx, cm.probe_index, extern.addr)
+        pages = _raw.global_i32(ctx, extern) & 0xFFFFFFFF
+        size = self._state.memory_size()
+        return refused_grow_error(failure, pages, size, lim) or failure
+
     @staticmethod
     def _discard(failed: _Failed) -> None:
         if failed.trap:
@@ -599,6 +650,32 @@ class Sandbox:
     def _check_open(self) -> None:
         if self._closed:
             raise InternalError("sandbox is closed")
+
+
+# Timeouts shorter than this many ticks are stopped by the clock, within one tick after they
+# are due (an epoch deadline callback, set only for them: a C call per execution saved for
+# the usual long timeouts, where a tick more or less does not matter).
+_PRECISE_BELOW_TICKS = 10
+
+# Failures that a grow refused by the memory limit earlier in the execution explains: a trap
+# (an allocator's __builtin_trap or unreachable), a non-zero status, a failure at the cap.
+_AFTER_REFUSED_GROW = (Trap, PluginError, MemoryLimit)
+
+
+def _compile_with_probe(engine: wasmtime.Engine, wasm: bytes) -> wasmtime.Module:
+    """The module compiled with the grow probe (grow_probe.py) when it can be added, else as
+    it is (the probe is an aid to diagnosis: never a reason to refuse a valid module)."""
+    probed = instrument(wasm)
+    if probed is not None:
+        try:
+            return wasmtime.Module(engine, probed)
+        except wasmtime.WasmtimeError:
+            pass
+    try:
+        return wasmtime.Module(engine, wasm)
+    except wasmtime.WasmtimeError as exc:
+        reason = str(exc)
+        raise InvalidModule(f"invalid WebAssembly module: {reason}", {"reason": reason}) from None
 
 
 def deadline_ticks(timeout_ms: int, tick_ms: float) -> int:
@@ -613,7 +690,8 @@ def _engine_config(config: SandboxConfig) -> wasmtime.Config:
     engine_config.consume_fuel = True
     engine_config.max_wasm_stack = config.max_wasm_stack
     if config.pool_slots > 0:
-        max_memory = -(-config.default_limits.memory_bytes // WASM_PAGE) * WASM_PAGE
+        most = max(config.max_memory_bytes, config.default_limits.memory_bytes)
+        max_memory = -(-most // WASM_PAGE) * WASM_PAGE
         _raw.enable_pooling(
             engine_config, config.pool_slots, max_memory, config.keep_resident_bytes
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 
 from wasmcore.protocol.endpoints import default_endpoint, runtime_dir
-from wasmcore.protocol.limits import Limits
+from wasmcore.protocol.limits import NO_FUEL_CAP, Limits
 
 MiB = 1024 * 1024
 
@@ -80,17 +80,30 @@ class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a request that asks for nothing gets, and (max_*) the most any request may ask
+    for, unless its tenant has its own ceiling ([tenants.<name>] max_*)."""
+
     timeout_ms: int = 5000
-    fuel: int = 2_000_000_000
+    # 0: no fuel cap (fuel is metered and reported; the timeout stops long runs). A finite
+    # default cap would stop compute-bound plugins long before their timeout on a fast
+    # machine (2e9 units were ~0.26 s) and hide the timeout a request asked for.
+    fuel: int = 0
     memory_mb: int = 64
     output_bytes: int = 16 * MiB
     log_bytes: int = 1 * MiB
     max_wasm_stack: int = 512 * 1024
+    # The most a request may ask for (above it: QUOTA_EXCEEDED naming the key); a request
+    # may ask for more than the defaults above, up to these. A maximum below its default
+    # counts as the default (what a request that asks nothing gets is always allowed).
+    max_timeout_ms: int = 60_000
+    max_fuel: int = 0  # 0: any fuel cap may be asked for (the timeout still binds)
+    # Also the size of each worker's instance-pool memory slot (fixed when a worker starts).
+    max_memory_mb: int = 256
 
     def to_limits(self) -> Limits:
         return Limits(
             timeout_ms=self.timeout_ms,
-            fuel=self.fuel,
+            fuel=self.fuel or NO_FUEL_CAP,
             memory_bytes=self.memory_mb * MiB,
             output_bytes=self.output_bytes,
             log_bytes=self.log_bytes,
@@ -164,8 +177,8 @@ class TenantConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Absolute directories the server may read this tenant's `load --path` files from, on top
     # of server.load_roots.
     load_roots: list[str] = []
-    # The most a request may ask for; above it, QUOTA_EXCEEDED. 0: [limits] (a request may
-    # only lower those).
+    # The most a request of this tenant may ask for, instead of [limits] max_*; above it,
+    # QUOTA_EXCEEDED. 0: [limits] max_timeout_ms, max_fuel, max_memory_mb.
     max_timeout_ms: int = 0
     max_fuel: int = 0
     max_memory_mb: int = 0
@@ -209,6 +222,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
     # Host methods plugins call with host.call, by name (docs/plugin-abi.md, section 5).
     host_methods: dict[str, HostMethodConfig] = {}
+
+    def max_memory_bytes(self) -> int:
+        """The most memory any request may get: the size of a worker's pool memory slot."""
+        most = max([self.limits.max_memory_mb, self.limits.memory_mb]
+                   + [t.max_memory_mb for t in self.tenants.values()])
+        return most * MiB
 
     def tenant(self, name: str) -> TenantConfig:
         """The settings that apply to tenant `name`: its own table, else [tenants.default],
@@ -279,11 +298,14 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("server.curve", config.server.curve in ("auto", "on", "off"),
          'must be "auto", "on" or "off"'),
         ("limits.timeout_ms", config.limits.timeout_ms > 0, "must be > 0"),
-        ("limits.fuel", config.limits.fuel > 0, "must be > 0"),
+        ("limits.fuel", config.limits.fuel >= 0, "must be >= 0 (0: no fuel cap)"),
         ("limits.memory_mb", config.limits.memory_mb > 0, "must be > 0"),
         ("limits.output_bytes", config.limits.output_bytes > 0, "must be > 0"),
         ("limits.log_bytes", config.limits.log_bytes >= 0, "must be >= 0"),
         ("limits.max_wasm_stack", config.limits.max_wasm_stack >= 64 * 1024, ">= 65536"),
+        ("limits.max_timeout_ms", config.limits.max_timeout_ms >= 0, "must be >= 0"),
+        ("limits.max_fuel", config.limits.max_fuel >= 0, "must be >= 0 (0: no maximum)"),
+        ("limits.max_memory_mb", config.limits.max_memory_mb >= 0, "must be >= 0"),
         ("sandbox.seccomp_action", config.sandbox.seccomp_action in ("errno", "kill"),
          'must be "errno" or "kill"'),
         ("sandbox.max_open_files", config.sandbox.max_open_files >= 64, "must be at least 64"),

@@ -3,9 +3,9 @@ for the scheduler; load, unload and list go to the binaries.
 
 Every request names its tenant (the server has set it to the tenant the client's key proves,
 when it has one); a binary is found only among that tenant's own. The limits a
-job runs under are decided here (`run_limits`): the server's configured limits, lowered by the
-request's (or what it asked within its tenant's ceilings), lowered by the binary's configured
-ones. The worker's sandbox applies them.
+job runs under are decided here (`run_limits`): what the request asked for within the
+maximum (its tenant's ceilings, else [limits] max_*), else the configured defaults, lowered by
+the binary's configured ones. The worker's sandbox applies them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from wasmcore.protocol.errors import (
     QuotaExceeded,
     WasmCoreError,
 )
-from wasmcore.protocol.limits import Limits, MiB
+from wasmcore.protocol.limits import NO_FUEL_CAP, Limits, MiB
 from wasmcore.supervisor.auth import redacted
 from wasmcore.supervisor.binaries import Binaries
 from wasmcore.supervisor.config import Config
@@ -38,18 +38,20 @@ _LIMITS_KEPT = 4096
 
 
 def run_limits(config: Config, tenant: str, binary_name: str, wanted: p.RunOptions) -> Limits:
-    """Timeout, fuel and memory for one run. Where the tenant has a ceiling (max_timeout_ms,
-    max_fuel, max_memory_mb) a request may ask for anything up to it (QUOTA_EXCEEDED above);
-    elsewhere it may only lower [limits]. The binary's own settings lower the result."""
-    quotas = config.tenant(tenant)
+    """Timeout, fuel and memory for one run: what the request asked for (lower or higher than
+    [limits]) up to the maximum (the tenant's max_timeout_ms, max_fuel, max_memory_mb where
+    set, else [limits] max_*), QUOTA_EXCEEDED above it; [limits] when nothing was asked,
+    capped by the maximum. The binary's own settings lower the result."""
     configured = config.limits.to_limits()
+    memory_mb = configured.memory_bytes // MiB
     limits = msgspec.structs.replace(
         configured,
         timeout_ms=_granted("max_timeout_ms", configured.timeout_ms, wanted.timeout_ms,
-                            quotas.max_timeout_ms),
-        fuel=_granted("max_fuel", configured.fuel, wanted.fuel, quotas.max_fuel),
-        memory_bytes=_granted("max_memory_mb", configured.memory_bytes // MiB,
-                              wanted.memory_mb, quotas.max_memory_mb) * MiB)
+                            *_ceiling(config, tenant, "max_timeout_ms")),
+        fuel=_granted("max_fuel", configured.fuel, wanted.fuel,
+                      *_ceiling(config, tenant, "max_fuel")),
+        memory_bytes=_granted("max_memory_mb", memory_mb, wanted.memory_mb,
+                              *_ceiling(config, tenant, "max_memory_mb")) * MiB)
     per = config.binary(tenant, binary_name)
     if per is not None:
         limits = limits.lowered(per.timeout_ms, per.fuel,
@@ -57,17 +59,48 @@ def run_limits(config: Config, tenant: str, binary_name: str, wanted: p.RunOptio
     return limits
 
 
-def _granted(quota: str, configured: int, asked: int | None, ceiling: int) -> int:
-    """One limit of a run: what was asked (None or <= 0: nothing asked), within `ceiling`
-    when the tenant has one (0: none, then only ever lowered from `configured`)."""
+def _ceiling(config: Config, tenant: str, key: str) -> tuple[int, str]:
+    """The most a request of `tenant` may ask for (0: no maximum), and the table setting it."""
+    own = getattr(config.tenant(tenant), key)
+    if own:
+        name = tenant if tenant in config.tenants else "default"
+        return own, f"[tenants.{name}]"
+    most = getattr(config.limits, key)
+    if key == "max_fuel":
+        return (max(most, config.limits.fuel) if most else 0), "[limits]"  # 0: no maximum
+    default = config.limits.timeout_ms if key == "max_timeout_ms" else config.limits.memory_mb
+    # A maximum below the default (0 too) counts as the default: what a request that asks
+    # for nothing gets is always allowed.
+    return max(most, default), "[limits]"
+
+
+def offered_limits(config: Config, tenant: str) -> p.LimitsOffer:
+    """What `welcome` tells a client of `tenant`: what a request that asks for nothing gets,
+    and the most it may ask for (fuel 0: no cap; a maximum of 0: none)."""
+    default = run_limits(config, tenant, "", p.RunOptions())
+    fuel_max = _ceiling(config, tenant, "max_fuel")[0]
+    return p.LimitsOffer(
+        timeout_ms=default.timeout_ms,
+        max_timeout_ms=_ceiling(config, tenant, "max_timeout_ms")[0],
+        fuel=0 if default.fuel == NO_FUEL_CAP else default.fuel,
+        max_fuel=fuel_max,
+        memory_mb=default.memory_bytes // MiB,
+        max_memory_mb=_ceiling(config, tenant, "max_memory_mb")[0],
+        output_bytes=default.output_bytes,
+        log_bytes=default.log_bytes,
+    )
+
+
+def _granted(quota: str, configured: int, asked: int | None, ceiling: int,
+             where: str) -> int:
+    """One limit of a run: what was asked (None or <= 0: nothing asked) up to `ceiling`
+    (0: no maximum), refused above it; nothing asked: `configured`, capped by `ceiling`."""
     if asked is None or asked <= 0:
         return min(configured, ceiling) if ceiling else configured
-    if not ceiling:
-        return min(configured, asked)
-    if asked > ceiling:
+    if ceiling and asked > ceiling:
         raise QuotaExceeded(
-            f"this request asks for {quota.removeprefix('max_')} = {asked}; this tenant may "
-            f"ask for at most {ceiling} ({quota}): ask for less",
+            f"this request asks for {quota.removeprefix('max_')} = {asked}; at most "
+            f"{ceiling} may be asked for ({where} {quota}): ask for less",
             {"quota": quota, "limit": ceiling, "used": asked})
     return asked
 

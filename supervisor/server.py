@@ -73,7 +73,7 @@ from wasmcore.supervisor.offloop import OffLoop
 from wasmcore.supervisor.packing import client_messages, worker_messages
 from wasmcore.supervisor.rate_limit import RateLimits
 from wasmcore.supervisor.registry import Registry
-from wasmcore.supervisor.requests import Requests
+from wasmcore.supervisor.requests import Requests, offered_limits
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
 from wasmcore.supervisor.watcher import FileWatcher
 from wasmcore.supervisor.worker_info import describe_workers
@@ -577,6 +577,7 @@ class Supervisor:
             shm_threshold_bytes=self.config.server.shm_threshold_bytes,
             boot_id=shm.boot_id(),
             workers=self.pool.size,
+            limits=offered_limits(self.config, request.tenant),
         )
 
     def _stats(self, request: p.Stats, admin: bool) -> p.StatsReply:

@@ -201,7 +201,9 @@ def test_crashed_client_leaves_nothing_behind(shm_service, tmp_path: Path):
         "from wasmcore.client.core import Client\n"
         f"c = Client({shm_service.endpoint!r})\n"
         "print('sending', flush=True)\n"
-        f"c.execute({loop!r}, b'x' * {THRESHOLD * 4}, timeout_ms=20000)\n"
+        # 5 s, what it got when a request could only lower [limits]: the abandoned loop
+        # must not hold a worker past the next test's wait for an idle pool.
+        f"c.execute({loop!r}, b'x' * {THRESHOLD * 4}, timeout_ms=5000)\n"
     )
     child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
     try:

@@ -24,7 +24,7 @@ UPPER = PLUGINS / "uppercase.wat"
 def svc() -> Iterator[RunningService]:
     running = start_service(workers=1, config={
         "server": {"log_level": "warning"},
-        "limits": {"timeout_ms": 300},
+        "limits": {"timeout_ms": 300, "max_timeout_ms": 1000},
         # The old global table: only the tenant named "default" gets it.
         "binaries": {"uppercase": {"entries": ["nope"]}},
         "tenants": {
@@ -61,8 +61,9 @@ def test_request_rate_past_the_burst_is_refused(svc: RunningService) -> None:
 
 
 def test_run_limit_ceilings(svc: RunningService) -> None:
-    """Under its ceiling a request gets what it asks, even above [limits] (300 ms here);
-    above it, QUOTA_EXCEEDED. A tenant without ceilings may still only lower [limits]."""
+    """Under its ceiling a request gets what it asks, even above [limits] (300 ms here) and
+    the [limits] maximum (1000 ms); above it, QUOTA_EXCEEDED. A tenant without ceilings of
+    its own is held to the [limits] maximum, refused (not clamped) above it."""
     with svc.client(tenant="ceil") as ceil, svc.client(tenant="plain") as plain:
         spin = ceil.load(data=spin_module(600), name="spin600").binary_id
         ceil.execute(spin, timeout_ms=3000)  # raises TIMEOUT if held to 300 ms
@@ -74,8 +75,11 @@ def test_run_limit_ceilings(svc: RunningService) -> None:
             assert quota_error(refused) == {"quota": quota, "limit": limit,
                                             "used": next(iter(wish.values()))}
         plain_spin = plain.load(data=spin_module(600), name="spin600").binary_id
-        with pytest.raises(errors.Timeout):
+        with pytest.raises(errors.QuotaExceeded) as refused:
             plain.execute(plain_spin, timeout_ms=3000)
+        assert quota_error(refused) == {"quota": "max_timeout_ms", "limit": 1000,
+                                        "used": 3000}
+        assert "[limits] max_timeout_ms" in refused.value.message
 
 
 def test_binary_settings_are_per_tenant(svc: RunningService) -> None:
