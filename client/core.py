@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -172,26 +172,30 @@ class Client:
 
     def execute(self, binary_id: str, input: bytes | str = b"", *, timeout_ms: int | None = None,
                 memory_mb: int | None = None, fuel: int | None = None,
-                env: Mapping[str, str] | None = None, entry: str | None = None) -> Execution:
+                env: Mapping[str, str] | None = None, entry: str | None = None,
+                args: Sequence[str] | None = None) -> Execution:
+        """`args`: a WASI module's arguments, argv[1:] (argv[0] is the binary's name)."""
         return self._run(operations.execute(self._shared_memory(), self.tenant, self.timeout_s,
                                             binary_id, input, timeout_ms, memory_mb, fuel, env,
-                                            entry))
+                                            entry, args))
 
     def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
                       timeout_ms: int | None = None, memory_mb: int | None = None,
                       fuel: int | None = None, env: Mapping[str, str] | None = None,
-                      entry: str | None = None) -> list[Execution | WasmCoreError]:
+                      entry: str | None = None,
+                      args: Sequence[str] | None = None) -> list[Execution | WasmCoreError]:
         """One request, one result per input in order: an `Execution`, or the error of that
         input (returned, not raised, so one bad input does not hide the others' results)."""
         return self._run(operations.execute_batch(self.tenant, self.timeout_s, binary_id,
                                                   inputs, timeout_ms, memory_mb, fuel, env,
-                                                  entry))
+                                                  entry, args))
 
     def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
               timeout_ms: int | None = None, memory_mb: int | None = None,
-              fuel: int | None = None, env: Mapping[str, str] | None = None) -> ChainExecution:
+              fuel: int | None = None, env: Mapping[str, str] | None = None,
+              args: Sequence[str] | None = None) -> ChainExecution:
         return self._run(operations.chain(self.tenant, self.timeout_s, binary_ids, input,
-                                          timeout_ms, memory_mb, fuel, env))
+                                          timeout_ms, memory_mb, fuel, env, args))
 
     def list(self) -> list[p.BinaryInfo]:
         return self._run(operations.list_binaries(self.tenant, self.timeout_s))
@@ -400,27 +404,31 @@ class AsyncClient:
     async def execute(self, binary_id: str, input: bytes | str = b"", *,
                       timeout_ms: int | None = None, memory_mb: int | None = None,
                       fuel: int | None = None, env: Mapping[str, str] | None = None,
-                      entry: str | None = None) -> Execution:
+                      entry: str | None = None,
+                      args: Sequence[str] | None = None) -> Execution:
+        """`args`: a WASI module's arguments, argv[1:] (argv[0] is the binary's name)."""
         return await self._run(operations.execute(
             self._shared or await self._shared_memory(), self.tenant, self.timeout_s,
-            binary_id, input, timeout_ms, memory_mb, fuel, env, entry))
+            binary_id, input, timeout_ms, memory_mb, fuel, env, entry, args))
 
     async def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
                             timeout_ms: int | None = None, memory_mb: int | None = None,
                             fuel: int | None = None, env: Mapping[str, str] | None = None,
-                            entry: str | None = None) -> list[Execution | WasmCoreError]:
+                            entry: str | None = None, args: Sequence[str] | None = None
+                            ) -> list[Execution | WasmCoreError]:
         """One request, one result per input in order: an `Execution`, or the error of that
         input (returned, not raised, so one bad input does not hide the others' results)."""
         return await self._run(operations.execute_batch(self.tenant, self.timeout_s, binary_id,
                                                         inputs, timeout_ms, memory_mb, fuel,
-                                                        env, entry))
+                                                        env, entry, args))
 
     async def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
                     timeout_ms: int | None = None, memory_mb: int | None = None,
                     fuel: int | None = None,
-                    env: Mapping[str, str] | None = None) -> ChainExecution:
+                    env: Mapping[str, str] | None = None,
+                    args: Sequence[str] | None = None) -> ChainExecution:
         return await self._run(operations.chain(self.tenant, self.timeout_s, binary_ids, input,
-                                                timeout_ms, memory_mb, fuel, env))
+                                                timeout_ms, memory_mb, fuel, env, args))
 
     async def list(self) -> list[p.BinaryInfo]:
         return await self._run(operations.list_binaries(self.tenant, self.timeout_s))

@@ -67,3 +67,5 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     os_sandbox: OsSandboxSettings = OsSandboxSettings()
     role: str = ROLE_EXECUTE
     nice: int = 0  # added to the worker's CPU niceness at start (compile workers: lower priority)
+    # Where this worker creates its executions' WASI scratch directories; empty: none.
+    scratch_dir: str = ""

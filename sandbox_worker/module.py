@@ -68,6 +68,7 @@ class CompiledModule:
         "initialize_index",
         "min_memory_bytes",
         "needs_wasi",
+        "opens_files",
         "verified",
     )
 
@@ -90,6 +91,8 @@ class CompiledModule:
         self.initialize_index: int | None = None
         self.min_memory_bytes = 0
         self.needs_wasi = False
+        # Imports WASI's path_open, the one way to open a file: it gets /tmp and mapped dirs.
+        self.opens_files = False
         # Export indices are checked against names on the first execution (see runtime).
         self.verified = False
 
@@ -139,6 +142,10 @@ def precheck_imports(wasm: Buffer) -> None:
             "refused before compiling it",
             {"missing_imports": list(missing)},
         )
+
+
+def opens_files(module: wasmtime.Module) -> bool:
+    return any(imp.module == WASI_MODULE and imp.name == "path_open" for imp in module.imports)
 
 
 def check_imports(module: wasmtime.Module) -> bool:
@@ -205,9 +212,12 @@ def analyze(compiled: CompiledModule) -> None:
             *(i for _, i in entries.values())]
     compiled.index_names = {i: exports[i].name for i in used if i is not None}
     if start_index is not None:
+        # A command; `_start` is its default entry. Its other entries (`process`...) may be
+        # named too and follow the core ABI: wasm-ld wraps a command's exports so that each
+        # runs the C constructors first.
         compiled.kind = "wasi"
-        compiled.entries = {"_start": (EntryKind.VOID, start_index)}
-        compiled.exports = ["_start"]
+        compiled.entries = {"_start": (EntryKind.VOID, start_index), **entries}
+        compiled.exports = list(compiled.entries)
         return
 
     has_noarg = any(kind != EntryKind.ABI for kind, _ in entries.values())

@@ -44,6 +44,7 @@ from .module import (
     analyze,
     check_imports,
     link,
+    opens_files,
     precheck_imports,
 )
 from .outcome import (
@@ -54,7 +55,7 @@ from .outcome import (
     plugin_code_error,
 )
 from .ticker import Ticker, start_ticker
-from .wasi import StderrSink, make_wasi_config
+from .wasi import Scratch, StderrSink, WasiFiles, check_args, make_wasi_config
 
 __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
 
@@ -215,6 +216,7 @@ class Sandbox:
         pre = link(self._linker, module)
         compiled = CompiledModule(sha256, size, module, pre)
         compiled.needs_wasi = needs_wasi
+        compiled.opens_files = needs_wasi and opens_files(module)
         analyze(compiled)
         return compiled
 
@@ -229,16 +231,28 @@ class Sandbox:
         entry: str | None = None,
         limits: Limits | None = None,
         output_sink: OutputSink | None = None,
+        files: WasiFiles | None = None,
     ) -> ExecutionResult:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
-        every error's details carry the metering so far and the logs produced so far."""
+        every error's details carry the metering so far and the logs produced so far.
+        `files`: arguments and directories for a module that imports WASI."""
         self._check_open()
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
-        if module.kind == "wasi" and type(input) is not bytes:
-            input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
+        # A WASI command's `_start`: stdin is the input, stdout the output. Any other entry
+        # (a command may export `process` too) follows the core ABI.
+        command = module.kind == "wasi" and name == _START
+        if command and type(input) is not bytes:
+            input = input.read_all()  # the WASI stdin copy takes bytes
+        if files is not None and files.args:
+            if not module.needs_wasi:
+                raise _with_metering(BadRequest(
+                    "this module does not import WASI, so it cannot receive arguments: "
+                    "send them in the input or env instead, or build it for wasm32-wasi",
+                    {"args": len(files.args)}))
+            check_args(files.args)
         spec = module.entries.get(name)
         if spec is None:
             raise _with_metering(
@@ -263,7 +277,7 @@ class Sandbox:
             needed = len(input) + len(env_bytes) + module.min_memory_bytes
             if needed > lim.memory_bytes:
                 raise _with_metering(_too_big(len(input) + len(env_bytes), lim))
-        elif module.kind == "wasi":
+        elif command:
             encode_env(env)  # validation only: WASI gets the pairs
         if module.min_memory_bytes > lim.memory_bytes:
             raise _with_metering(
@@ -273,7 +287,8 @@ class Sandbox:
                     {"memory_bytes": lim.memory_bytes},
                 )
             )
-        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink)
+        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink,
+                         command, files)
 
     def _run(
         self,
@@ -285,6 +300,8 @@ class Sandbox:
         env: dict[str, str],
         lim: Limits,
         sink: OutputSink | None = None,
+        command: bool = False,
+        files: WasiFiles | None = None,
     ) -> ExecutionResult:
         raw = _raw
         state = self._state
@@ -292,6 +309,7 @@ class Sandbox:
         trap = self._trap
         trap.value = None
         stderr: StderrSink | None = None
+        scratch: Scratch | None = None
         failure: WasmCoreError | None = None
         fuel_left = 0
         memory_size = 0
@@ -307,7 +325,10 @@ class Sandbox:
             raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms, self._tick_ms))
             if cm.kind == "wasi" or cm.needs_wasi:
                 stderr = StderrSink(state)
-                self._install_wasi(ctx, cm, state, env, data, stderr)
+                if (files is not None and files.scratch_bytes > 0 and files.scratch_root
+                        and cm.opens_files):
+                    scratch = Scratch(files.scratch_root, files.scratch_bytes)
+                self._install_wasi(ctx, cm, state, env, data, stderr, command, files, scratch)
 
             error = raw.instance_pre_instantiate(
                 cm.pre_addr, ctx, self._instance_addr, self._trap_addr
@@ -353,7 +374,9 @@ class Sandbox:
             if stderr is not None:
                 stderr.flush()
             state.detach()
-            raw.store_delete(store)
+            raw.store_delete(store)  # closes the module's files: its scratch can go
+            if scratch is not None:
+                failure = scratch.finish() or failure
         metering = Metering(
             fuel_consumed=max(0, lim.fuel - fuel_left),
             wall_time_us=(time.perf_counter_ns() - started) // 1000,
@@ -460,14 +483,19 @@ class Sandbox:
         env: dict[str, str],
         data: bytes,
         stderr: StderrSink,
+        is_command: bool,
+        files: WasiFiles | None,
+        scratch: Scratch | None,
     ) -> None:
-        is_command = cm.kind == "wasi"
         config = make_wasi_config(
             state,
             env if is_command else {},
             data if is_command else b"",
             stderr,
             stdout_is_output=is_command,
+            files=files,
+            scratch=scratch,
+            map_dirs=cm.opens_files,
         )
         # The store takes ownership of the config (and frees it with the store).
         error = _raw.give_wasi_config(ctx, config)

@@ -1,23 +1,107 @@
-"""WASI preview 1 context for one execution: stdin = input, stdout/stderr captured in memory.
+"""WASI preview 1 context for one execution: stdin = input, stdout/stderr captured in memory,
+the request's arguments, a private scratch directory at /tmp and the operator's read-only dirs.
 
-Nothing of the host leaks in: no inherited env/args/stdio, no preopened directories.
-stdout goes through an in-process callback that enforces the output cap *while* the plugin
-writes (a refused write returns EFBIG to the plugin), so a flooding plugin cannot grow host
-memory; it is then stopped by fuel or the timeout if it keeps trying.
+Nothing of the host leaks in: no inherited env/args/stdio, and no directory but the two kinds
+below. stdout goes through an in-process callback that enforces the output cap *while* the
+plugin writes (a refused write returns EFBIG to the plugin), so a flooding plugin cannot grow
+host memory; it is then stopped by fuel or the timeout if it keeps trying.
+
+Files (only for a module that imports `path_open`, the one way WASI opens a file):
+* `/tmp`: a new directory per execution, made under the worker's scratch root with a random
+  name and mode 0700, removed when the execution ends. Its size is checked when the module has
+  ended (`scratch_usage`): over the cap, the run fails with SCRATCH_LIMIT. WASI gives the host
+  no hook on each write, so while the module runs its writes are bounded by the worker's
+  RLIMIT_FSIZE (per file) and the timeout, not by the cap.
+* the binary's `dirs` from the config, mapped read-only (no write, create, rename or unlink
+  through WASI). Never a path from a client.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 
 import wasmtime
 
-from wasmcore.protocol.errors import OutputLimit
+from wasmcore.protocol.errors import BadRequest, InternalError, OutputLimit, ScratchLimit
 
 from . import _raw
 from .host import HostState
 
 ARGV0 = "plugin"
+SCRATCH_GUEST_PATH = "/tmp"
+# Every file or directory left in a scratch directory counts at least this much (its entry
+# and inode cost the disk something even when empty).
+_ENTRY_BYTES = 512
+
+
+@dataclass(frozen=True, slots=True)
+class WasiFiles:
+    """What one execution of a WASI module gets beyond stdin and env."""
+
+    args: tuple[str, ...] = ()  # argv[1:]
+    argv0: str = ARGV0  # the binary's name in the service
+    dirs: tuple[tuple[str, str], ...] = ()  # (guest path, host path), mapped read-only
+    scratch_root: str = ""  # where the /tmp directory is made; "": no /tmp
+    scratch_bytes: int = 0  # its cap; 0: no /tmp
+
+
+def check_args(args: tuple[str, ...]) -> None:
+    for arg in args:
+        if "\0" in arg:
+            raise BadRequest("an argument contains a NUL character, which WASI cannot pass",
+                             {"arg": arg[:64]})
+
+
+class Scratch:
+    """One execution's /tmp: created empty, measured and removed when the execution ends."""
+
+    def __init__(self, root: str, cap: int) -> None:
+        self.cap = cap
+        try:
+            self.path = tempfile.mkdtemp(prefix="x", dir=root)  # mode 0700, random name
+        except OSError as exc:
+            raise InternalError(
+                f"cannot create the execution's scratch directory in {root}: {exc.strerror}; "
+                "the operator can set [wasi] scratch_mb = 0 to run without one",
+                {"scratch_root": root}) from None
+
+    def finish(self) -> ScratchLimit | None:
+        """Remove the directory; the error to report if the module left too much in it."""
+        try:
+            used = scratch_usage(self.path)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if used <= self.cap:
+            return None
+        return ScratchLimit(
+            f"the plugin left {used} bytes in its scratch directory /tmp, over the "
+            f"{self.cap}-byte limit ([wasi] scratch_mb): have it write less, or ask the "
+            "operator for a larger scratch_mb", {"scratch_bytes": used, "limit": self.cap})
+
+
+def scratch_usage(path: str) -> int:
+    """Bytes a directory tree takes: each file by the larger of its size and its blocks (a
+    sparse file counts whole), each entry at least _ENTRY_BYTES. Follows no symlink."""
+    total = 0
+    pending = [path]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += max(info.st_size, info.st_blocks * 512, _ENTRY_BYTES)
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+    return total
 
 
 class StderrSink:
@@ -49,11 +133,26 @@ def make_wasi_config(
     stderr: StderrSink,
     *,
     stdout_is_output: bool,
+    files: WasiFiles | None = None,
+    scratch: Scratch | None = None,
+    map_dirs: bool = False,
 ) -> wasmtime.WasiConfig:
     """A WasiConfig wired to `state`. `stdout_is_output=False` sends stdout to the log
-    (core-ABI modules that happen to link WASI: their output channel is host.output)."""
+    (core-ABI modules that happen to link WASI: their output channel is host.output).
+    `map_dirs`: the module can open files (the operator's dirs are opened only then)."""
     config = wasmtime.WasiConfig()
-    config.argv = [ARGV0]
+    config.argv = [files.argv0, *files.args] if files is not None else [ARGV0]
+    if scratch is not None:
+        config.preopen_dir(scratch.path, SCRATCH_GUEST_PATH, True)
+    if files is not None and map_dirs:
+        for guest, host in files.dirs:
+            try:
+                config.preopen_dir(host, guest, False)  # read-only: dirs and files
+            except wasmtime.WasmtimeError:
+                raise InternalError(
+                    f"cannot map {host} at {guest} for this binary: the worker cannot open "
+                    f"it (as uid {os.getuid()}): the operator should fix [binaries] dirs or "
+                    "the directory's permissions", {"dir": guest}) from None
     config.env = [(key, value) for key, value in env.items()]
     if stdin:
         _raw.set_stdin_bytes(config, stdin)

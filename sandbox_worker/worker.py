@@ -46,6 +46,7 @@ from wasmcore.sandbox_worker.imports_scan import WASM_MAGIC
 from wasmcore.sandbox_worker.module import precheck_imports
 from wasmcore.sandbox_worker.outcome import ExecutionResult
 from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox
+from wasmcore.sandbox_worker.wasi import ARGV0, WasiFiles
 
 _PR_SET_PDEATHSIG = 1
 
@@ -327,6 +328,17 @@ class Worker:
             )
         return limits
 
+    def _files_for(self, job: p.RunJob, index: int, module: CompiledModule) -> WasiFiles | None:
+        """Arguments, /tmp and the operator's read-only dirs, for a module that imports WASI
+        (or arguments it cannot take, which the sandbox refuses)."""
+        if not module.needs_wasi and not job.args:
+            return None
+        step = job.wasi[index] if index < len(job.wasi) else None
+        return WasiFiles(args=tuple(job.args), argv0=step.name if step else ARGV0,
+                         dirs=tuple(step.dirs.items()) if step else (),
+                         scratch_root=self.settings.scratch_dir,
+                         scratch_bytes=job.scratch_bytes)
+
     def _run_on(self, job: p.RunJob, payload: bytes | shm.SegmentReader) -> None:
         limits = self._limits_for(job)
         self._flush_before([ref.sha256 for ref in job.modules])
@@ -349,6 +361,7 @@ class Worker:
                 result = self.sandbox.execute(
                     module, data, env=job.env, entry=job.entry, limits=limits,
                     output_sink=sink if index == len(job.modules) - 1 else None,
+                    files=self._files_for(job, index, module),
                 )
             except WasmCoreError as exc:
                 if sink is not None:
@@ -436,11 +449,12 @@ class Worker:
         except WasmCoreError as exc:
             self._reply_error(job, exc.code, exc.message, dict(exc.details))
             return
+        files = self._files_for(job, 0, module)
         for data in inputs:
             started = time.perf_counter()
             try:
                 result = self.sandbox.execute(module, data, env=job.env, entry=job.entry,
-                                              limits=limits)
+                                              limits=limits, files=files)
             except WasmCoreError as exc:
                 items.append(p.BatchItem(code=exc.code, message=exc.message,
                                          details=dict(exc.details)))

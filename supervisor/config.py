@@ -116,6 +116,18 @@ class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout_ms: int | None = None
     fuel: int | None = None
     memory_mb: int | None = None
+    # Host directories mapped read-only into this binary's WASI view, {guest path: host
+    # path}, both absolute (e.g. {"/models" = "/srv/models"}). Only ever from this file.
+    dirs: dict[str, str] = {}
+
+
+class WasiConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a WASI module may do with files ([wasi]; docs/operations.md)."""
+
+    # Each execution of a module that opens files gets a private, empty directory at /tmp,
+    # removed after it; leaving more than this in it fails the run with SCRATCH_LIMIT.
+    # 0: no scratch directory.
+    scratch_mb: int = 16
 
 
 class OsSandboxConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -183,6 +195,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sandbox: OsSandboxConfig = msgspec.field(default_factory=OsSandboxConfig)
     tenants: dict[str, TenantConfig] = msgspec.field(default_factory=_default_tenants)
     compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
+    wasi: WasiConfig = msgspec.field(default_factory=WasiConfig)
 
     def tenant(self, name: str) -> TenantConfig:
         """The settings that apply to tenant `name`: its own table, else [tenants.default],
@@ -285,6 +298,16 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
             (f"tenants.{name}.max_fuel", tenant.max_fuel >= 0, "must be >= 0"),
             (f"tenants.{name}.max_memory_mb", tenant.max_memory_mb >= 0, "must be >= 0"),
         ]
+    checks.append(("wasi.scratch_mb", config.wasi.scratch_mb >= 0, "must be >= 0"))
+    per_binary = [(f"binaries.{name}", binary) for name, binary in config.binaries.items()]
+    per_binary += [(f"tenants.{tenant}.binaries.{name}", binary)
+                   for tenant, table in config.tenants.items()
+                   for name, binary in table.binaries.items()]
+    for key, binary in per_binary:
+        for guest, host in binary.dirs.items():
+            checks.append((f"{key}.dirs", _valid_mapping(guest, host),
+                           f"maps {guest!r} to {host!r}: both must be absolute paths, the "
+                           "guest one normalised and not / or /tmp (the scratch directory)"))
     endpoint = config.server.endpoint
     checks.append(
         (
@@ -297,6 +320,11 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         if not ok:
             raise ConfigError(_with_line(f"{source}: `{key}` {why}", key, text))
     return config
+
+
+def _valid_mapping(guest: str, host: str) -> bool:
+    return (guest.startswith("/") and os.path.normpath(guest) == guest
+            and guest not in ("/", "/tmp") and os.path.isabs(host) and "\0" not in host)
 
 
 def _locate(message: str, text: str, source: str) -> str:

@@ -140,7 +140,7 @@ class Confinement:
         )
 
     def grant(self, *, sockets: list[str], data_dir: str, artifact_dir: str,
-              shm_dir: str | None) -> None:
+              shm_dir: str | None, scratch_dir: str | None = None) -> None:
         """Give the sandbox group what workers need, then check that they can get there.
         Called once the sockets are bound. When workers keep the service's user, only makes
         the supervisor not dumpable."""
@@ -164,7 +164,8 @@ class Confinement:
         for path in socket_paths:
             _share(path, user.gid, _SOCKET_MODE)
             self._reach[str(path)] = "w"
-        for directory in filter(None, [artifact_dir, shm_dir]):
+        # The scratch root too: workers create their executions' directories in it.
+        for directory in filter(None, [artifact_dir, shm_dir, scratch_dir]):
             _share(Path(directory), user.gid, _SHARED_DIR_MODE)
             self._reach[directory] = "wx"
         # The blob store below gives its group read itself (registry.py, `blob_group`).

@@ -74,6 +74,7 @@ from wasmcore.supervisor.rate_limit import RateLimits
 from wasmcore.supervisor.registry import Registry
 from wasmcore.supervisor.requests import Requests
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
+from wasmcore.supervisor.scratch import prepare_scratch_root
 from wasmcore.supervisor.watcher import FileWatcher
 from wasmcore.supervisor.worker_info import describe_workers
 from wasmcore.supervisor.worker_pool import EXIT_POOL_FAILED, WorkerPool
@@ -131,6 +132,7 @@ class Supervisor:
         self.back_endpoint, self.pub_endpoint = internal_endpoints(self.endpoint, runtime_dir)
         artifact_dir = Path(config.server.artifact_dir)
         artifact_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.scratch_dir = prepare_scratch_root(config)
         self.shm_dir: str | None = None
         if config.server.shm_dir != "off":
             Path(config.server.shm_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -291,7 +293,8 @@ class Supervisor:
         self.bind()
         self.confinement.grant(sockets=[self.back_endpoint, self.pub_endpoint],
                                data_dir=self.config.server.data_dir,
-                               artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir)
+                               artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir,
+                               scratch_dir=self.scratch_dir)
         self.install_signals()
         self.pool.start(time.monotonic())
         self.compile_lane.start(time.monotonic())

@@ -32,6 +32,7 @@ from wasmcore.protocol.settings import (
 from wasmcore.supervisor.config import Config
 from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.restart_policy import RestartPolicy
+from wasmcore.supervisor.scratch import scratch_root
 from wasmcore.supervisor.worker_process import RestartCause, WorkerHandle, WorkerState, spawn_worker
 
 log = logging.getLogger("wasmcore.supervisor")
@@ -317,6 +318,7 @@ class WorkerPool:
             os_sandbox=self._confinement.settings(self._config),
             role=self._role,
             nice=self._nice,
+            scratch_dir=scratch_root(self._config) if self._role == ROLE_EXECUTE else "",
         )
         try:
             handle = spawn_worker(slot, self._generation, settings, pool.python or None,
