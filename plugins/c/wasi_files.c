@@ -9,6 +9,10 @@
  *   wasi_files put PATH N            write N bytes ('x') to PATH
  *   wasi_files get PATH              print PATH's contents
  *   wasi_files ls DIR                print DIR's entries, sorted, one a line
+ *   wasi_files stack KIB             fill and sum a KIB KiB buffer on the C (shadow) stack:
+ *                                    fine with build.sh's 1 MiB stack up to ~1000 KiB;
+ *                                    with wasm-ld's default 64 KiB, `stack 512` fails with
+ *                                    a memory fault far below address 0 (docs/plugin-abi.md)
  *
  * Commands may follow one another: `put /tmp/a 3 get /tmp/a ls /tmp`. Each one that fails
  * prints "wasi_files: CMD PATH: strerror" to stderr (the log) and exits with status 2 (a
@@ -146,13 +150,23 @@ static void ls(const char *path) {
     for (size_t i = 0; i < n; i++) printf("%s\n", names[i]);
 }
 
+static void stack(const char *kib) {
+    size_t n = (size_t)atol(kib) * 1024;
+    volatile unsigned char *buf = __builtin_alloca(n);  /* on the shadow stack */
+    unsigned sum = 0;
+    for (size_t i = 0; i < n; i++) buf[i] = (unsigned char)(i * 31);
+    for (size_t i = 0; i < n; i++) sum += buf[i];
+    printf("stack %s KiB: sum %u\n", kib, sum);
+}
+
 int main(int argc, char **argv) {
     int i = 1, done = 0;
     while (i < argc) {
         const char *cmd = argv[i];
         int needs = !strcmp(cmd, "put") ? 2 : !strcmp(cmd, "args") ? 0 : 1;
         if (i + needs >= argc + (needs == 0)) {
-            fprintf(stderr, "wasi_files: usage: args | check DICT | put PATH N | get PATH | ls DIR\n");
+            fprintf(stderr, "wasi_files: usage: args | check DICT | put PATH N | get PATH | ls DIR | "
+                            "stack KIB\n");
             return 64;
         }
         if (!strcmp(cmd, "args")) {
@@ -167,6 +181,8 @@ int main(int argc, char **argv) {
             get(argv[i + 1]);
         } else if (!strcmp(cmd, "ls")) {
             ls(argv[i + 1]);
+        } else if (!strcmp(cmd, "stack")) {
+            stack(argv[i + 1]);
         } else {
             fprintf(stderr, "wasi_files: unknown command %s\n", cmd);
             return 64;

@@ -1,0 +1,224 @@
+"""WASI commands that do real work, through the real server: arguments, a private scratch
+directory at /tmp per execution (size-checked, removed after), the operator's read-only
+directories, stderr in the logs. The tool is plugins/c/wasi_files.c (clang + wasi-libc)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tests.conftest import PLUGINS, exchange, raw_dealer
+from wasmcore.client import AsyncClient
+from wasmcore.client.launcher import RunningService, start_service
+from wasmcore.protocol import messages as p
+from wasmcore.protocol.errors import BadRequest, PluginError, ScratchLimit
+from wasmcore.protocol.limits import MiB
+from wasmcore.supervisor.config import ConfigError, parse_config
+
+WORDS = "cat\nmat\non\nsat\nthe\n"
+# A command with a core-ABI entry too: `_start` writes "started" to stdout; `process` (the
+# core ABI) outputs "process:" and its input through host.output.
+START_AND_PROCESS_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "host" "output" (func $output (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "started")
+  (data (i32.const 16) "process:")
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "alloc") (param $len i32) (result i32)
+    (local $ptr i32)
+    (local.set $ptr (global.get $heap))
+    (global.set $heap (i32.add (local.get $ptr) (local.get $len)))
+    (local.get $ptr))
+  (func (export "_start")
+    (i32.store (i32.const 32) (i32.const 0))
+    (i32.store (i32.const 36) (i32.const 7))
+    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 40))))
+  (func (export "process") (param i32 i32 i32 i32) (result i32)
+    (call $output (i32.const 16) (i32.const 8))
+    (call $output (local.get 0) (local.get 1))
+    (i32.const 0)))
+"""
+
+
+@pytest.fixture(scope="module")
+def dict_dir() -> Iterator[Path]:
+    # Where the workers (nobody, when the tests run as root) can read it.
+    directory = Path(tempfile.mkdtemp(prefix="wcdict", dir="/tmp"))
+    os.chmod(directory, 0o755)
+    (directory / "words.txt").write_text(WORDS)
+    os.chmod(directory / "words.txt", 0o644)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def wasi_service(dict_dir: Path) -> Iterator[RunningService]:
+    running = start_service(workers=2, config={
+        "wasi": {"scratch_mb": 1},
+        # The key quoted: render_toml writes keys as they are.
+        "binaries": {"wasi_files": {"dirs": {'"/data"': str(dict_dir)}}},
+    })
+    try:
+        yield running
+    finally:
+        running.cleanup()
+
+
+@pytest.fixture(scope="module")
+def files_id(wasi_service: RunningService) -> str:
+    with wasi_service.client() as client:
+        return client.load(PLUGINS / "wasi_files.wasm").binary_id
+
+
+def scratch_root(service: RunningService) -> Path:
+    return service.workdir / "data" / "scratch"
+
+
+def test_arguments_arrive_with_the_binary_name_as_argv0(wasi_service, files_id):
+    with wasi_service.client() as client:
+        done = client.execute(files_id, args=["args", "two words", "-x", "ünï", ""])
+    assert done.output == "wasi_files\nargs\ntwo words\n-x\nünï\n\n".encode()
+    assert done.logs == ["wasi_files: 1 commands"]  # stderr, in the logs
+
+
+def test_a_real_tool_reads_a_mapped_dir_and_spools_through_its_scratch(wasi_service, files_id):
+    with wasi_service.client() as client:
+        done = client.execute(files_id, "The cat sat on the hat. The Dog!",
+                              args=["check", "/data/words.txt"])
+    assert done.output == b"hat\ndog\n"
+    assert done.logs == ["wasi_files: 8 words, 2 unknown", "wasi_files: 1 commands"]
+
+
+def test_scratch_files_work_within_a_run_and_vanish_after(wasi_service, files_id):
+    with wasi_service.client() as client:
+        done = client.execute(files_id, args=["put", "/tmp/a", "5", "get", "/tmp/a",
+                                              "ls", "/tmp"])
+        assert done.output == b"xxxxxa\n"
+        # Every later execution starts with an empty /tmp, on either worker.
+        for _ in range(6):
+            later = client.execute(files_id, args=["ls", "/tmp", "put", "/tmp/b", "1"])
+            assert later.output == b""
+        batch = client.execute_batch(files_id, [b"", b"", b""],
+                                     args=["ls", "/tmp", "put", "/tmp/c", "1"])
+        assert [item.output for item in batch] == [b"", b"", b""]
+    assert os.listdir(scratch_root(wasi_service)) == []
+
+
+def test_another_execution_scratch_is_out_of_reach(wasi_service, files_id):
+    with wasi_service.client() as client:
+        for path in ("/tmp/..", "/tmp/../..", "/"):
+            with pytest.raises(PluginError) as err:
+                client.execute(files_id, args=["ls", path])
+            assert err.value.details["plugin_code"] == 2, path
+
+
+def test_writing_to_a_mapped_dir_fails(wasi_service, files_id, dict_dir):
+    with wasi_service.client() as client:
+        for attempt in (["put", "/data/evil", "3"], ["put", "/data/words.txt", "3"]):
+            with pytest.raises(PluginError) as err:
+                client.execute(files_id, args=attempt)
+            assert err.value.details["plugin_code"] == 2
+            assert f"wasi_files: put {attempt[1]}: " in err.value.details["logs"][0]
+    assert sorted(os.listdir(dict_dir)) == ["words.txt"]
+    assert (dict_dir / "words.txt").read_text() == WORDS
+
+
+def test_over_the_scratch_cap_is_scratch_limit(wasi_service, files_id):
+    with wasi_service.client() as client:
+        with pytest.raises(ScratchLimit) as err:
+            client.execute(files_id, args=["put", "/tmp/big", str(2 * MiB)])
+        assert err.value.code == "SCRATCH_LIMIT"
+        assert err.value.details["limit"] == MiB
+        assert err.value.details["scratch_bytes"] >= 2 * MiB
+        assert err.value.details["logs"] == ["wasi_files: 1 commands"]
+        # Under the cap is fine.
+        client.execute(files_id, args=["put", "/tmp/small", str(MiB // 2)])
+    assert os.listdir(scratch_root(wasi_service)) == []
+
+
+def test_arguments_to_a_module_without_wasi_are_refused(wasi_service):
+    with wasi_service.client() as client:
+        upper = client.load(PLUGINS / "uppercase.wat").binary_id
+        with pytest.raises(BadRequest, match="does not import WASI"):
+            client.execute(upper, "x", args=["a"])
+        assert client.execute(upper, "x").output == b"X"
+
+
+def test_argument_bounds_are_enforced_on_the_wire(wasi_service, files_id):
+    with raw_dealer(wasi_service.endpoint) as sock:
+        too_many = p.encode(p.Execute(id=1, binary_id=files_id, args=["a"] * (p.MAX_ARGS + 1)))
+        reply = exchange(sock, [too_many, b""])
+        assert reply.code == "BAD_REQUEST" and "args" in reply.message
+        too_long = p.encode(p.Execute(id=2, binary_id=files_id,
+                                      args=["a" * (p.MAX_ARG_CHARS + 1)]))
+        reply = exchange(sock, [too_long, b""])
+        assert reply.code == "BAD_REQUEST" and "args" in reply.message
+        not_strings = msgspec.msgpack.encode({"type": "execute", "id": 3,
+                                              "binary_id": files_id, "args": [1, 2]})
+        assert exchange(sock, [not_strings, b""]).code == "BAD_REQUEST"
+        nul = p.encode(p.Execute(id=4, binary_id=files_id, args=["a\0b"]))
+        reply = exchange(sock, [nul, b""])
+        assert reply.code == "BAD_REQUEST" and "NUL" in reply.message
+        fine = p.encode(p.Execute(id=5, binary_id=files_id, args=["args", "ok"]))
+        reply = exchange(sock, [fine, b""])
+        assert isinstance(reply, p.Executed)
+
+
+def test_async_client_and_chain_pass_arguments(wasi_service, files_id):
+    async def run() -> tuple[bytes, bytes]:
+        async with AsyncClient(wasi_service.endpoint) as client:
+            done = await client.execute(files_id, args=["args", "async"])
+            chained = await client.chain([files_id], args=["args", "chained"])
+            return done.output, chained.output
+
+    done, chained = asyncio.run(run())
+    assert done == b"wasi_files\nargs\nasync\n"
+    assert chained == b"wasi_files\nargs\nchained\n"
+
+
+def test_cli_arg_is_repeatable(wasi_service, files_id):
+    done = subprocess.run(
+        [sys.executable, "-m", "wasmcore.client.cli", "--endpoint", wasi_service.endpoint,
+         "execute", "--binary-id", files_id, "--arg", "args", "--arg", "x y", "--arg=-z"],
+        capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"wasi_files\nargs\nx y\n-z\n"
+    assert b"[log] wasi_files: 1 commands" in done.stderr
+
+
+def test_entry_process_of_a_command_runs_process(service):
+    with service.client() as client:
+        loaded = client.load(data=START_AND_PROCESS_WAT.encode(), name="start_and_process")
+        assert loaded.kind == "wasi" and loaded.exports == ["_start", "process"]
+        assert client.execute(loaded.binary_id).output == b"started"
+        done = client.execute(loaded.binary_id, "in", entry="process")
+        assert done.output == b"process:in"
+
+
+def test_dirs_in_the_config_are_checked():
+    for guest, host in (("data", "/srv"), ("/tmp", "/srv"), ("/", "/srv"), ("/a/../b", "/srv"),
+                        ("/data", "srv")):
+        with pytest.raises(ConfigError, match="dirs"):
+            parse_config(f'[binaries.x]\ndirs = {{ "{guest}" = "{host}" }}\n')
+    config = parse_config('[tenants.acme.binaries.x]\ndirs = { "/models" = "/srv/models" }\n')
+    assert config.binary("acme", "x").dirs == {"/models": "/srv/models"}
+
+
+def test_a_c_plugin_built_by_build_sh_has_room_on_its_shadow_stack(wasi_service, files_id):
+    # 512 KiB of locals: past wasm-ld's default 64 KiB stack, where the same source fails
+    # with "memory fault at wasm address 0xfff9...." (docs/plugin-abi.md, the C shadow stack).
+    with wasi_service.client() as client:
+        done = client.execute(files_id, args=["stack", "512"])
+    assert done.output == b"stack 512 KiB: sum 66846720\n"
