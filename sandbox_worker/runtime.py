@@ -55,7 +55,7 @@ from .outcome import (
     plugin_code_error,
 )
 from .ticker import Ticker, start_ticker
-from .wasi import Scratch, StderrSink, WasiFiles, check_args, make_wasi_config
+from .wasi import Scratch, ScratchWatch, StderrSink, WasiFiles, check_args, make_wasi_config
 
 __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
 
@@ -92,6 +92,10 @@ class Sandbox:
 
         self._cache = ModuleCache(config.cache_size)
         self._closed = False
+        # Scratch directories over their cap stop their execution as a timeout does: the
+        # epoch is pushed past the running store's deadline (only one store runs at a time).
+        self._deadline_ticks = 0
+        self._scratch_watch = ScratchWatch(self._stop_running)
 
         # Preallocated out-parameters and the args/results array for raw calls. Reused by
         # every execution (single-threaded by contract), which avoids ~1 us of ctypes
@@ -139,6 +143,12 @@ class Sandbox:
         ticker = getattr(self, "_ticker", None)
         if ticker is not None:
             ticker.stop()
+
+    def _stop_running(self) -> None:
+        """From the scratch watch's thread: end the running execution at its next epoch
+        check. Engine.increment_epoch is an atomic add, safe from any thread."""
+        for _ in range(self._deadline_ticks + 1):
+            self._engine.increment_epoch()
 
     # ------------------------------------------------------------------ compiling
 
@@ -322,12 +332,14 @@ class Sandbox:
             raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
             raw.context_set_fuel(ctx, lim.fuel)
             # +1: the first tick may come right after this call; never time out early.
-            raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms, self._tick_ms))
+            self._deadline_ticks = deadline_ticks(lim.timeout_ms, self._tick_ms)
+            raw.context_set_epoch_deadline(ctx, self._deadline_ticks)
             if cm.kind == "wasi" or cm.needs_wasi:
                 stderr = StderrSink(state)
                 if (files is not None and files.scratch_bytes > 0 and files.scratch_root
                         and cm.opens_files):
                     scratch = Scratch(files.scratch_root, files.scratch_bytes)
+                    self._scratch_watch.watch(scratch)
                 self._install_wasi(ctx, cm, state, env, data, stderr, command, files, scratch)
 
             error = raw.instance_pre_instantiate(
@@ -365,6 +377,8 @@ class Sandbox:
         except WasmCoreError as exc:
             failure = exc
         finally:
+            if scratch is not None:
+                self._scratch_watch.unwatch()
             if state.failure is not None:
                 # The host decided (output cap): that explains whatever happened next.
                 failure = state.failure

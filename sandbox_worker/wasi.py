@@ -8,10 +8,11 @@ host memory; it is then stopped by fuel or the timeout if it keeps trying.
 
 Files (only for a module that imports `path_open`, the one way WASI opens a file):
 * `/tmp`: a new directory per execution, made under the worker's scratch root with a random
-  name and mode 0700, removed when the execution ends. Its size is checked when the module has
-  ended (`scratch_usage`): over the cap, the run fails with SCRATCH_LIMIT. WASI gives the host
-  no hook on each write, so while the module runs its writes are bounded by the worker's
-  RLIMIT_FSIZE (per file) and the timeout, not by the cap.
+  name and mode 0700, removed when the execution ends. Over its cap the run fails with
+  SCRATCH_LIMIT. WASI gives the host no hook on each write, so the size is measured instead
+  (`scratch_usage`): every 10 ms while the module runs (`ScratchWatch`, which stops it the
+  way a timeout does) and once more when it has ended. A module can therefore write past the
+  cap by what it writes in one interval (plus one write call) before it is stopped.
 * the binary's `dirs` from the config, mapped read-only (no write, create, rename or unlink
   through WASI). Never a path from a client.
 """
@@ -22,6 +23,8 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import wasmtime
@@ -36,6 +39,7 @@ SCRATCH_GUEST_PATH = "/tmp"
 # Every file or directory left in a scratch directory counts at least this much (its entry
 # and inode cost the disk something even when empty).
 _ENTRY_BYTES = 512
+WATCH_INTERVAL_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ class Scratch:
 
     def __init__(self, root: str, cap: int) -> None:
         self.cap = cap
+        self.seen = 0  # the most the watch measured while the module ran
         try:
             self.path = tempfile.mkdtemp(prefix="x", dir=root)  # mode 0700, random name
         except OSError as exc:
@@ -72,7 +77,7 @@ class Scratch:
     def finish(self) -> ScratchLimit | None:
         """Remove the directory; the error to report if the module left too much in it."""
         try:
-            used = scratch_usage(self.path)
+            used = max(scratch_usage(self.path), self.seen)
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
         if used <= self.cap:
@@ -81,6 +86,52 @@ class Scratch:
             f"the plugin left {used} bytes in its scratch directory /tmp, over the "
             f"{self.cap}-byte limit ([wasi] scratch_mb): have it write less, or ask the "
             "operator for a larger scratch_mb", {"scratch_bytes": used, "limit": self.cap})
+
+
+class ScratchWatch:
+    """Measures the running execution's scratch directory every WATCH_INTERVAL_S from a
+    thread of its own; past the cap it calls `stop` (the sandbox ends the execution through
+    the engine's epoch, as a timeout does). One per Sandbox, started on first use."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._current: Scratch | None = None
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, scratch: Scratch) -> None:
+        with self._lock:
+            self._current = scratch
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="scratch-watch",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def unwatch(self) -> None:
+        """After this returns, `stop` is not called for the scratch that was watched."""
+        with self._lock:
+            self._current = None
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    scratch = self._current
+                if scratch is None:
+                    break
+                used = scratch_usage(scratch.path)
+                with self._lock:
+                    if self._current is scratch and used > scratch.cap:
+                        scratch.seen = used
+                        self._current = None
+                        self._stop()
+                        break
+                self._wake.wait(WATCH_INTERVAL_S)
+                self._wake.clear()
 
 
 def scratch_usage(path: str) -> int:

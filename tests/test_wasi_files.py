@@ -148,6 +148,17 @@ def test_over_the_scratch_cap_is_scratch_limit(wasi_service, files_id):
     assert os.listdir(scratch_root(wasi_service)) == []
 
 
+def test_a_module_writing_on_past_the_cap_is_stopped_while_it_runs(wasi_service, files_id):
+    # 1 GB asked for: the scratch watch stops it within a few MiB of the 1 MiB cap instead
+    # of letting it fill the disk until the run ends.
+    with wasi_service.client() as client:
+        with pytest.raises(ScratchLimit) as err:
+            client.execute(files_id, args=["put", "/tmp/flood", str(10**9)], timeout_ms=60_000)
+        assert MiB < err.value.details["scratch_bytes"] < 10**9 // 4
+        assert client.execute(files_id, args=["args"]).output == b"wasi_files\nargs\n"
+    assert os.listdir(scratch_root(wasi_service)) == []
+
+
 def test_arguments_to_a_module_without_wasi_are_refused(wasi_service):
     with wasi_service.client() as client:
         upper = client.load(PLUGINS / "uppercase.wat").binary_id
