@@ -5,7 +5,8 @@ as root, the unprivileged user they switch to and the access that user needs.
 A worker running as `sandbox.user` must still reach: its two ipc sockets (connect needs write
 permission on the socket file), the artifact directory (it writes compiled modules there and
 maps them), the shared-memory directory (it reads clients' input segments and writes output
-segments), and the blob store (it compiles from it). All of it through a group, the sandbox
+segments), the blob store (it compiles from it) and the WASI scratch root (it creates its
+executions' /tmp directories there). All of it through a group, the sandbox
 group: the supervisor gives that group access to the service's own directories, setgid, so
 what is created in them later belongs to the group too; it runs with umask 027 from then on
 (files readable by their group, nobody else); clients make their segments group-readable and
@@ -164,14 +165,16 @@ class Confinement:
         for path in socket_paths:
             _share(path, user.gid, _SOCKET_MODE)
             self._reach[str(path)] = "w"
-        # The scratch root too: workers create their executions' directories in it.
-        for directory in filter(None, [artifact_dir, shm_dir, scratch_dir]):
+        for directory in filter(None, [artifact_dir, shm_dir]):
             _share(Path(directory), user.gid, _SHARED_DIR_MODE)
             self._reach[directory] = "wx"
         # The blob store below gives its group read itself (registry.py, `blob_group`).
         _share(Path(data_dir), user.gid, _DATA_DIR_MODE)
         _unshare_files(Path(data_dir))
         self._reach[str(Path(data_dir) / "blobs")] = "x"
+        if scratch_dir:  # workers create their executions' WASI scratch directories in it
+            _share(Path(scratch_dir), user.gid, _SHARED_DIR_MODE)
+            self._reach[scratch_dir] = "wx"
         for path, modes in self._reach.items():
             blocked = _first_blocking(Path(path), modes, user)
             if blocked is not None:
