@@ -81,7 +81,7 @@ class Requests:
         # the rest of routing a quick execute; emptied when the config changes.
         self._limits: dict[tuple[Any, ...], Limits] = {}
         # WASI view (argv[0], read-only dirs) per (tenant, binary name): from the config.
-        self._wasi: dict[tuple[str, str], p.WasiStep] = {}
+        self._wasi: dict[tuple[str, str], list[p.WasiStep]] = {}
         self._binaries = binaries
         self._shm_dir = shm_dir
         self._submit = submit
@@ -109,12 +109,14 @@ class Requests:
             self._limits[key] = limits
         return limits
 
-    def _wasi_step(self, binary: p.BinaryInfo) -> p.WasiStep:
+    def _wasi_step(self, binary: p.BinaryInfo) -> list[p.WasiStep]:
+        """[the binary's WASI view], cached as a one-element list that a one-module job
+        uses as it is (this runs for every execute)."""
         key = (binary.tenant, binary.name)
         step = self._wasi.get(key)
         if step is None:
             per = self._config.binary(binary.tenant, binary.name)
-            step = p.WasiStep(name=binary.name, dirs=dict(per.dirs) if per is not None else {})
+            step = [p.WasiStep(name=binary.name, dirs=dict(per.dirs) if per is not None else {})]
             if len(self._wasi) >= _LIMITS_KEPT:
                 self._wasi.clear()
             self._wasi[key] = step
@@ -127,7 +129,9 @@ class Requests:
             if "\0" in arg:
                 raise BadRequest("an argument contains a NUL character, which WASI cannot pass",
                                  {"arg": arg[:64]})
-        return {"args": req.args, "wasi": [self._wasi_step(b) for b in binaries],
+        steps = (self._wasi_step(binaries[0]) if len(binaries) == 1
+                 else [self._wasi_step(b)[0] for b in binaries])
+        return {"args": req.args, "wasi": steps,
                 "scratch_bytes": self._config.wasi.scratch_mb * MiB}
 
     def handle(self, envelope: list[bytes], request: Any, payload: Any, admin: bool) -> None:

@@ -142,7 +142,8 @@ def test_over_the_scratch_cap_is_scratch_limit(wasi_service, files_id):
         assert err.value.code == "SCRATCH_LIMIT"
         assert err.value.details["limit"] == MiB
         assert err.value.details["scratch_bytes"] > MiB
-        assert err.value.details["logs"] == ["wasi_files: 1 commands"]
+        # Stopped by the watch while writing (no summary line yet), or caught at the end.
+        assert err.value.details["logs"] in ([], ["wasi_files: 1 commands"])
         # Under the cap is fine.
         client.execute(files_id, args=["put", "/tmp/small", str(MiB // 2)])
     assert os.listdir(scratch_root(wasi_service)) == []
