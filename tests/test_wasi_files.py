@@ -51,6 +51,33 @@ START_AND_PROCESS_WAT = """
     (i32.const 0)))
 """
 
+# A core module in the shape of a WASI reactor: `_initialize` sets $ready; `process` writes
+# "to stdout" through WASI (a core module's stdout is its log) and outputs "ready=N".
+REACTOR_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "host" "output" (func $output (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "to stdout\\n")
+  (data (i32.const 16) "ready=0")
+  (global $ready (mut i32) (i32.const 0))
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "_initialize") (global.set $ready (i32.const 7)))
+  (func (export "alloc") (param $len i32) (result i32)
+    (local $ptr i32)
+    (local.set $ptr (global.get $heap))
+    (global.set $heap (i32.add (local.get $ptr) (local.get $len)))
+    (local.get $ptr))
+  (func (export "process") (param i32 i32 i32 i32) (result i32)
+    (i32.store (i32.const 32) (i32.const 0))
+    (i32.store (i32.const 36) (i32.const 10))
+    (drop (call $fd_write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 40)))
+    (i32.store8 (i32.const 22) (i32.add (i32.const 48) (global.get $ready)))
+    (call $output (i32.const 16) (i32.const 7))
+    (i32.const 0)))
+"""
+
 
 @pytest.fixture(scope="module")
 def dict_dir() -> Iterator[Path]:
@@ -234,3 +261,12 @@ def test_a_c_plugin_built_by_build_sh_has_room_on_its_shadow_stack(wasi_service,
     with wasi_service.client() as client:
         done = client.execute(files_id, args=["stack", "512"])
     assert done.output == b"stack 512 KiB: sum 66846720\n"
+
+
+def test_a_core_module_may_import_wasi_and_its_initialize_runs(service):
+    with service.client() as client:
+        loaded = client.load(data=REACTOR_WAT.encode(), name="reactor")
+        assert loaded.kind == "core" and loaded.exports == ["process"]
+        done = client.execute(loaded.binary_id, "x")
+    assert done.output == b"ready=7"
+    assert done.logs == ["to stdout"]
