@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.conftest import PLUGINS, exchange, raw_dealer
+from tests.conftest import PLUGINS, exchange, raw_dealer, wait_for
 from wasmcore.client import AsyncClient
 from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol import messages as p
@@ -270,3 +270,45 @@ def test_a_core_module_may_import_wasi_and_its_initialize_runs(service):
         done = client.execute(loaded.binary_id, "x")
     assert done.output == b"ready=7"
     assert done.logs == ["to stdout"]
+
+
+def test_dirs_and_scratch_cap_follow_a_config_reload(wasi_service, files_id, dict_dir):
+    original = wasi_service.config_path.read_text()
+    more = dict_dir / "more"
+    more.mkdir(mode=0o755)
+    (more / "note.txt").write_text("reloaded")
+    os.chmod(more / "note.txt", 0o644)
+    try:
+        with wasi_service.client() as client:
+            with pytest.raises(PluginError):
+                client.execute(files_id, args=["get", "/more/note.txt"])
+            assert "[binaries.wasi_files.dirs]\n" in original  # as the fixture wrote it
+            wasi_service.config_path.write_text(
+                original.replace("scratch_mb = 1", "scratch_mb = 4").replace(
+                    "[binaries.wasi_files.dirs]\n",
+                    f'[binaries.wasi_files.dirs]\n"/more" = "{more}"\n'))
+
+            def reloaded() -> bool:
+                try:
+                    done = client.execute(files_id, args=["get", "/more/note.txt"])
+                    return done.output == b"reloaded"
+                except PluginError:
+                    return False
+
+            wait_for(reloaded, 20, "the new mapping")
+            client.execute(files_id, args=["put", "/tmp/two", str(2 * MiB)])  # under 4 MiB now
+            with pytest.raises(PluginError):
+                client.execute(files_id, args=["put", "/more/x", "1"])  # read-only too
+    finally:
+        wasi_service.config_path.write_text(original)
+        with wasi_service.client() as client:
+            wait_for(lambda: _scratch_limited(client, files_id), 20, "the old config back")
+        shutil.rmtree(more, ignore_errors=True)
+
+
+def _scratch_limited(client, files_id: str) -> bool:
+    try:
+        client.execute(files_id, args=["put", "/tmp/two", str(2 * MiB)])
+    except ScratchLimit:
+        return True
+    return False
