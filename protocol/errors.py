@@ -60,7 +60,7 @@ class OutputLimit(WasmCoreError):
 
 
 class ScratchLimit(WasmCoreError):
-    """A WASI module left more in its scratch directory (/tmp) than [wasi] scratch_mb allows:
+    """A WASI module put more in its scratch directory (/tmp) than [wasi] scratch_mb allows:
     details carry {"scratch_bytes": used, "limit": cap}."""
 
     code = "SCRATCH_LIMIT"

@@ -55,7 +55,15 @@ from .outcome import (
     plugin_code_error,
 )
 from .ticker import Ticker, start_ticker
-from .wasi import Scratch, ScratchWatch, StderrSink, WasiFiles, check_args, make_wasi_config
+from .wasi import (
+    Scratch,
+    ScratchDirs,
+    ScratchWatch,
+    StderrSink,
+    WasiFiles,
+    check_args,
+    make_wasi_config,
+)
 
 __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
 
@@ -96,6 +104,7 @@ class Sandbox:
         # epoch is pushed past the running store's deadline (only one store runs at a time).
         self._deadline_ticks = 0
         self._scratch_watch = ScratchWatch(self._stop_running)
+        self._scratch_dirs = ScratchDirs()
 
         # Preallocated out-parameters and the args/results array for raw calls. Reused by
         # every execution (single-threaded by contract), which avoids ~1 us of ctypes
@@ -338,7 +347,8 @@ class Sandbox:
                 stderr = StderrSink(state)
                 if (files is not None and files.scratch_bytes > 0 and files.scratch_root
                         and cm.opens_files):
-                    scratch = Scratch(files.scratch_root, files.scratch_bytes)
+                    scratch = Scratch(self._scratch_dirs, files.scratch_root,
+                                      files.scratch_bytes)
                     self._scratch_watch.watch(scratch)
                 self._install_wasi(ctx, cm, state, env, data, stderr, command, files, scratch)
 

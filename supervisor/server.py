@@ -74,7 +74,7 @@ from wasmcore.supervisor.rate_limit import RateLimits
 from wasmcore.supervisor.registry import Registry
 from wasmcore.supervisor.requests import Requests
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
-from wasmcore.supervisor.scratch import prepare_scratch_root
+from wasmcore.supervisor.scratch import ScratchSweep, prepare_scratch_root
 from wasmcore.supervisor.watcher import FileWatcher
 from wasmcore.supervisor.worker_info import describe_workers
 from wasmcore.supervisor.worker_pool import EXIT_POOL_FAILED, WorkerPool
@@ -153,6 +153,7 @@ class Supervisor:
         self._packers: set[bytes] = set()
         self._next_tick = 0.0
         self._next_sweep = 0.0
+        self._next_scratch_sweep = 0.0
         self._turn_end = time.monotonic()  # when the loop last finished a turn
         self._next_collect = 0.0
         # Tokens of the jobs submitted and not ended yet, oldest first: a replaced module
@@ -164,6 +165,7 @@ class Supervisor:
         self.auth: FrontAuth | None = None
         self._peer = ANONYMOUS
         self.offloop = OffLoop()
+        self.scratch_sweep = ScratchSweep(self.scratch_dir, self.offloop.run)
 
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
@@ -376,6 +378,9 @@ class Supervisor:
             removed = shm.sweep(self.shm_dir)
             if removed:
                 log.info("removed %d payload segments of exited processes", removed)
+        if now >= self._next_scratch_sweep:
+            self._next_scratch_sweep = now + _SWEEP_S
+            self.scratch_sweep.sweep()  # dead workers' WASI scratch directories
         self._check_pool(now)
         if self.draining is not None and self.exit_code is None:
             self._drain_step(now)

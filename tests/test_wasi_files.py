@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,12 @@ def scratch_root(service: RunningService) -> Path:
     return service.workdir / "data" / "scratch"
 
 
+def scratch_contents(service: RunningService) -> list[str]:
+    """What is left in the workers' scratch directories (each worker keeps one, empty
+    between executions)."""
+    return [name for kept in scratch_root(service).iterdir() for name in os.listdir(kept)]
+
+
 def test_arguments_arrive_with_the_binary_name_as_argv0(wasi_service, files_id):
     with wasi_service.client() as client:
         done = client.execute(files_id, args=["args", "two words", "-x", "ünï", ""])
@@ -140,7 +147,7 @@ def test_scratch_files_work_within_a_run_and_vanish_after(wasi_service, files_id
         batch = client.execute_batch(files_id, [b"", b"", b""],
                                      args=["ls", "/tmp", "put", "/tmp/c", "1"])
         assert [item.output for item in batch] == [b"", b"", b""]
-    assert os.listdir(scratch_root(wasi_service)) == []
+    assert scratch_contents(wasi_service) == []
 
 
 def test_another_execution_scratch_is_out_of_reach(wasi_service, files_id):
@@ -173,7 +180,7 @@ def test_over_the_scratch_cap_is_scratch_limit(wasi_service, files_id):
         assert err.value.details["logs"] in ([], ["wasi_files: 1 commands"])
         # Under the cap is fine.
         client.execute(files_id, args=["put", "/tmp/small", str(MiB // 2)])
-    assert os.listdir(scratch_root(wasi_service)) == []
+    assert scratch_contents(wasi_service) == []
 
 
 def test_a_module_writing_on_past_the_cap_is_stopped_while_it_runs(wasi_service, files_id):
@@ -184,7 +191,7 @@ def test_a_module_writing_on_past_the_cap_is_stopped_while_it_runs(wasi_service,
             client.execute(files_id, args=["put", "/tmp/flood", str(10**9)], timeout_ms=60_000)
         assert MiB < err.value.details["scratch_bytes"] < 10**9 // 4
         assert client.execute(files_id, args=["args"]).output == b"wasi_files\nargs\n"
-    assert os.listdir(scratch_root(wasi_service)) == []
+    assert scratch_contents(wasi_service) == []
 
 
 def test_arguments_to_a_module_without_wasi_are_refused(wasi_service):
@@ -312,3 +319,19 @@ def _scratch_limited(client, files_id: str) -> bool:
     except ScratchLimit:
         return True
     return False
+
+
+def test_a_dead_worker_scratch_directory_is_removed(wasi_service, files_id):
+    root = scratch_root(wasi_service)
+    with wasi_service.client() as client:
+        for _ in range(4):  # both workers have run a module with files by now, most likely
+            client.execute(files_id, args=["ls", "/tmp"])
+        kept = wait_for(lambda: os.listdir(root), 10, "a worker's scratch directory")
+        pid = int(kept[0][1:].split("-")[0])  # s<worker pid>-<random>
+        assert pid in {w.pid for w in client.stats().workers}
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: kept[0] not in os.listdir(root), 20, "the dead worker's directory gone")
+        # The replacement works, with a directory of its own.
+        wait_for(lambda: len([w for w in client.stats().workers if w.state == "idle"]) == 2,
+                 30, "the pool back to 2 workers")
+        assert client.execute(files_id, args=["ls", "/tmp"]).output == b""
