@@ -125,8 +125,8 @@ class WasiConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What a WASI module may do with files ([wasi]; docs/operations.md)."""
 
     # Each execution of a module that opens files gets a private, empty directory at /tmp,
-    # removed after it; leaving more than this in it fails the run with SCRATCH_LIMIT.
-    # 0: no scratch directory.
+    # emptied after it; more than this in it stops the run with SCRATCH_LIMIT (measured
+    # every 10 ms and at the end). 0: no scratch directory.
     scratch_mb: int = 16
 
 
