@@ -141,6 +141,7 @@ class Sandbox:
         self._closed = True
         self._ticker.stop()
         self._cache.clear()
+        self._scratch_dirs.close()
 
     def __enter__(self) -> Sandbox:
         return self

@@ -92,6 +92,15 @@ class ScratchDirs:
     def give_back(self, root: str, path: str) -> None:
         self._empty[root] = path
 
+    def close(self) -> None:
+        """Remove the kept directories (empty by construction)."""
+        for path in self._empty.values():
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        self._empty.clear()
+
 
 class Scratch:
     """One execution's /tmp: empty at the start, measured, and emptied when it ends."""
