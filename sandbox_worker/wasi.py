@@ -115,11 +115,11 @@ class Scratch:
     def finish(self) -> ScratchLimit | None:
         """Empty the directory (and hand it back for the next execution only if that
         worked); the error to report if the module put too much in it."""
-        used = 0
         try:
             used = max(scratch_usage(self.path), self.seen)
         finally:
-            if used == 0 or _emptied(self.path):
+            # Handed out again only when seen empty: never on a measurement's word alone.
+            if _emptied(self.path):
                 self._dirs.give_back(self._root, self.path)
             else:
                 shutil.rmtree(self.path, ignore_errors=True)
@@ -134,12 +134,15 @@ class Scratch:
 def _emptied(path: str) -> bool:
     """Remove everything in `path` (not `path` itself); whether it is empty now."""
     try:
-        with os.scandir(path) as entries:
-            for entry in list(entries):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    os.unlink(entry.path)
+        with os.scandir(path) as found:
+            entries = list(found)
+        if not entries:
+            return True
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
         return not os.listdir(path)
     except OSError:
         return False

@@ -335,3 +335,21 @@ def test_a_dead_worker_scratch_directory_is_removed(wasi_service, files_id):
         wait_for(lambda: len([w for w in client.stats().workers if w.state == "idle"]) == 2,
                  30, "the pool back to 2 workers")
         assert client.execute(files_id, args=["ls", "/tmp"]).output == b""
+
+
+def test_a_scratch_directory_is_handed_out_again_only_once_seen_empty(tmp_path, monkeypatch):
+    from wasmcore.sandbox_worker import wasi
+
+    dirs = wasi.ScratchDirs()
+    first = wasi.Scratch(dirs, str(tmp_path), MiB)
+    (Path(first.path) / "left").write_text("secret")
+    (Path(first.path) / "sub").mkdir()
+    monkeypatch.setattr(wasi, "scratch_usage", lambda path: 0)  # a measurement that erred
+    assert first.finish() is None
+    second = wasi.Scratch(dirs, str(tmp_path), MiB)
+    assert os.listdir(second.path) == []
+    monkeypatch.setattr(wasi, "_emptied", lambda path: False)  # cannot be emptied: dropped
+    assert second.finish() is None
+    third = wasi.Scratch(dirs, str(tmp_path), MiB)
+    assert third.path != second.path and not os.path.exists(second.path)
+    dirs.close()
