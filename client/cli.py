@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fuel cap (default: none, fuel is only metered)")
         cmd.add_argument("--env", action="append", default=[], metavar="K=V",
                          help="environment entry for the plugin (repeatable)")
+        cmd.add_argument("--arg", action="append", default=[], dest="args", metavar="ARG",
+                         help="argument for a WASI module, argv[1], argv[2]... in order "
+                         "(repeatable; argv[0] is the binary's name)")
 
     sub.add_parser("list", help="list your binaries")
     unload = sub.add_parser("unload", help="remove a binary")
@@ -197,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
             case "execute":
                 result = client.execute(args.binary_id, _input_bytes(args),
                                         timeout_ms=args.timeout, memory_mb=args.memory,
-                                        fuel=args.fuel, env=_env(args.env), entry=args.entry)
+                                        fuel=args.fuel, env=_env(args.env), entry=args.entry,
+                                        args=args.args)
                 if args.json:
                     _print_json({**_output_fields(result.output),
                                  "logs": result.logs, "metering": result.metering,
@@ -212,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
             case "chain":
                 ids = [i.strip() for i in args.binary_ids.split(",") if i.strip()]
                 chained = client.chain(ids, _input_bytes(args), timeout_ms=args.timeout,
-                                       memory_mb=args.memory, fuel=args.fuel, env=_env(args.env))
+                                       memory_mb=args.memory, fuel=args.fuel, env=_env(args.env),
+                                       args=args.args)
                 if args.json:
                     _print_json({**_output_fields(chained.output), "steps": chained.steps})
                 else:

@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -172,26 +172,30 @@ class Client:
 
     def execute(self, binary_id: str, input: bytes | str = b"", *, timeout_ms: int | None = None,
                 memory_mb: int | None = None, fuel: int | None = None,
-                env: Mapping[str, str] | None = None, entry: str | None = None) -> Execution:
+                env: Mapping[str, str] | None = None, entry: str | None = None,
+                args: Sequence[str] | None = None) -> Execution:
+        """`args`: a WASI module's arguments, argv[1:] (argv[0] is the binary's name)."""
         return self._run(operations.execute(self._shared_memory(), self.tenant, self.timeout_s,
                                             binary_id, input, timeout_ms, memory_mb, fuel, env,
-                                            entry))
+                                            entry, args))
 
     def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
                       timeout_ms: int | None = None, memory_mb: int | None = None,
                       fuel: int | None = None, env: Mapping[str, str] | None = None,
-                      entry: str | None = None) -> list[Execution | WasmCoreError]:
+                      entry: str | None = None,
+                      args: Sequence[str] | None = None) -> list[Execution | WasmCoreError]:
         """One request, one result per input in order: an `Execution`, or the error of that
         input (returned, not raised, so one bad input does not hide the others' results)."""
         return self._run(operations.execute_batch(self.tenant, self.timeout_s, binary_id,
                                                   inputs, timeout_ms, memory_mb, fuel, env,
-                                                  entry))
+                                                  entry, args))
 
     def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
               timeout_ms: int | None = None, memory_mb: int | None = None,
-              fuel: int | None = None, env: Mapping[str, str] | None = None) -> ChainExecution:
+              fuel: int | None = None, env: Mapping[str, str] | None = None,
+              args: Sequence[str] | None = None) -> ChainExecution:
         return self._run(operations.chain(self.tenant, self.timeout_s, binary_ids, input,
-                                          timeout_ms, memory_mb, fuel, env))
+                                          timeout_ms, memory_mb, fuel, env, args))
 
     def list(self) -> list[p.BinaryInfo]:
         return self._run(operations.list_binaries(self.tenant, self.timeout_s))
@@ -503,16 +507,17 @@ class AsyncClient:
     def execute(self, binary_id: str, input: bytes | str = b"", *,
                 timeout_ms: int | None = None, memory_mb: int | None = None,
                 fuel: int | None = None, env: Mapping[str, str] | None = None,
-                entry: str | None = None) -> Awaitable[Execution]:
+                entry: str | None = None,
+                args: Sequence[str] | None = None) -> Awaitable[Execution]:
         """Send an execute now; await the returned future for its result. (A future rather
         than a coroutine: the request is queued at once, and gathering many costs no task
-        each.)"""
+        each.) `args`: a WASI module's arguments, argv[1:] (argv[0] is the binary's name)."""
         if self._shared is None:  # the first execute: hello first
             return _as_reply_future(self._execute_after_hello(
-                binary_id, input, timeout_ms, memory_mb, fuel, env, entry))
+                binary_id, input, timeout_ms, memory_mb, fuel, env, entry, args))
         try:
             op = operations.execute(self._shared, self.tenant, self.timeout_s, binary_id,
-                                    input, timeout_ms, memory_mb, fuel, env, entry)
+                                    input, timeout_ms, memory_mb, fuel, env, entry, args)
         except Exception as exc:  # noqa: BLE001 - raised where the caller awaits, as before
             failed: asyncio.Future[Execution] = ReplyFuture(loop=asyncio.get_running_loop())
             failed.set_exception(exc)
@@ -522,17 +527,20 @@ class AsyncClient:
     async def _execute_after_hello(self, binary_id: str, input: bytes | str,
                                    timeout_ms: int | None, memory_mb: int | None,
                                    fuel: int | None, env: Mapping[str, str] | None,
-                                   entry: str | None) -> Execution:
+                                   entry: str | None,
+                                   args: Sequence[str] | None) -> Execution:
         shared = self._shared or await self._shared_memory()
         return await self._submit(operations.execute(shared, self.tenant, self.timeout_s,
                                                      binary_id, input, timeout_ms, memory_mb,
-                                                     fuel, env, entry))
+                                                     fuel, env, entry, args))
 
     async def execute_many(self, binary_id: str, inputs: Iterable[bytes | str], *,
                            concurrency: int = 512, timeout_ms: int | None = None,
                            memory_mb: int | None = None, fuel: int | None = None,
                            env: Mapping[str, str] | None = None,
-                           entry: str | None = None) -> list[Execution | WasmCoreError]:
+                           entry: str | None = None,
+                           args: Sequence[str] | None = None,
+                           ) -> list[Execution | WasmCoreError]:
         """One execute per input, `concurrency` in flight, one result per input in order: an
         `Execution`, or the error of that input (returned, not raised).
 
@@ -552,7 +560,7 @@ class AsyncClient:
                 try:
                     results[index] = await self.execute(
                         binary_id, data, timeout_ms=timeout_ms, memory_mb=memory_mb,
-                        fuel=fuel, env=env, entry=entry)
+                        fuel=fuel, env=env, entry=entry, args=args)
                 except WasmCoreError as exc:
                     results[index] = exc
 
@@ -562,19 +570,21 @@ class AsyncClient:
     async def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
                             timeout_ms: int | None = None, memory_mb: int | None = None,
                             fuel: int | None = None, env: Mapping[str, str] | None = None,
-                            entry: str | None = None) -> list[Execution | WasmCoreError]:
+                            entry: str | None = None, args: Sequence[str] | None = None
+                            ) -> list[Execution | WasmCoreError]:
         """One request, one result per input in order: an `Execution`, or the error of that
         input (returned, not raised, so one bad input does not hide the others' results)."""
         return await self._run(operations.execute_batch(self.tenant, self.timeout_s, binary_id,
                                                         inputs, timeout_ms, memory_mb, fuel,
-                                                        env, entry))
+                                                        env, entry, args))
 
     async def chain(self, binary_ids: Iterable[str], input: bytes | str = b"", *,
                     timeout_ms: int | None = None, memory_mb: int | None = None,
                     fuel: int | None = None,
-                    env: Mapping[str, str] | None = None) -> ChainExecution:
+                    env: Mapping[str, str] | None = None,
+                    args: Sequence[str] | None = None) -> ChainExecution:
         return await self._run(operations.chain(self.tenant, self.timeout_s, binary_ids, input,
-                                                timeout_ms, memory_mb, fuel, env))
+                                                timeout_ms, memory_mb, fuel, env, args))
 
     async def list(self) -> list[p.BinaryInfo]:
         return await self._run(operations.list_binaries(self.tenant, self.timeout_s))

@@ -47,8 +47,13 @@ if ! command -v "$CLANG" >/dev/null 2>&1; then
     exit 1
 fi
 
+# C plugins get a 1 MiB shadow stack (in linear memory) instead of wasm-ld's 64 KiB:
+# a C program that overflows the default one silently corrupts its static data and fails
+# far away (docs/plugin-abi.md, "The C shadow stack").
+STACK="-Wl,-z,stack-size=1048576"
+
 # --- C plugin, ABI kind 1: bare core module, no libc, no WASI imports -------
-"$CLANG" --target=wasm32-unknown-unknown -O2 -nostdlib -mbulk-memory \
+"$CLANG" --target=wasm32-unknown-unknown -O2 -nostdlib -mbulk-memory "$STACK" \
     -Wl,--no-entry -Wl,--export=alloc -Wl,--export=process -Wl,--strip-all \
     -o wordfreq.wasm c/wordfreq.c
 echo "clang c/wordfreq.c -> wordfreq.wasm"
@@ -60,11 +65,16 @@ echo "clang c/wordfreq.c -> wordfreq.wasm"
 echo "clang c/visit_counter.c -> visit_counter.wasm"
 
 # --- C plugin, ABI kind 3: WASI preview 1 command (wasi-libc) ---------------
-"$CLANG" --target=wasm32-wasi -O2 -Wl,--strip-all \
+"$CLANG" --target=wasm32-wasi -O2 "$STACK" -Wl,--strip-all \
     -o wasi_upper.wasm c/wasi_upper.c
 echo "clang c/wasi_upper.c -> wasi_upper.wasm"
 
-chmod 644 wordfreq.wasm wasi_upper.wasm visit_counter.wasm   # wasm-ld marks its output executable
+# --- C plugin, ABI kind 3: WASI command with arguments and files ------------
+"$CLANG" --target=wasm32-wasi -O2 "$STACK" -Wl,--strip-all \
+    -o wasi_files.wasm c/wasi_files.c
+echo "clang c/wasi_files.c -> wasi_files.wasm"
+
+chmod 644 wordfreq.wasm wasi_upper.wasm wasi_files.wasm visit_counter.wasm   # wasm-ld marks its output executable
 
 # --- C plugin whose malloc fails under the memory limit (wasi-libc, reactor) --
 # A core module (alloc + process) built against wasi-libc: malloc grows memory, and when the

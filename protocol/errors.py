@@ -59,6 +59,13 @@ class OutputLimit(WasmCoreError):
     code = "OUTPUT_LIMIT"
 
 
+class ScratchLimit(WasmCoreError):
+    """A WASI module put more in its scratch directory (/tmp) than [wasi] scratch_mb allows:
+    details carry {"scratch_bytes": used, "limit": cap}."""
+
+    code = "SCRATCH_LIMIT"
+
+
 class Trap(WasmCoreError):
     code = "TRAP"
 
@@ -133,6 +140,7 @@ ERROR_CLASSES: dict[str, type[WasmCoreError]] = {
         StorageError,
         QuotaExceeded,
         Unauthenticated,
+        ScratchLimit,
     )
 }
 

@@ -48,6 +48,10 @@ MAX_PACK_EXECUTES = 8192
 MAX_ENV_ENTRIES = 256
 MAX_ENV_KEY_CHARS = 256
 MAX_ENV_VALUE_CHARS = 16_384
+# A WASI command's arguments (argv[1:]): at most 256 of at most 4096 characters each (and the
+# header as a whole stays under server.max_header_bytes).
+MAX_ARGS = 256
+MAX_ARG_CHARS = 4096
 
 Tenant = Annotated[str, msgspec.Meta(max_length=MAX_TENANT_CHARS)]
 BinaryId = Annotated[str, msgspec.Meta(max_length=MAX_BINARY_ID_CHARS)]
@@ -57,6 +61,8 @@ Env = Annotated[
          Annotated[str, msgspec.Meta(max_length=MAX_ENV_VALUE_CHARS)]],
     msgspec.Meta(max_length=MAX_ENV_ENTRIES),
 ]
+Args = Annotated[list[Annotated[str, msgspec.Meta(max_length=MAX_ARG_CHARS)]],
+                 msgspec.Meta(max_length=MAX_ARGS)]
 
 
 # --------------------------------------------------------------------------- client requests
@@ -74,12 +80,14 @@ class Load(msgspec.Struct, tag="load", kw_only=True):
 
 class RunOptions(msgspec.Struct, kw_only=True):
     """What every request that runs wasm may ask for: lower limits (None or 0: the
-    configured one) and the environment the plugin sees."""
+    configured one), the environment the plugin sees, and a WASI module's arguments
+    (argv[1:]; argv[0] is the binary's name)."""
 
     timeout_ms: int | None = None
     memory_mb: int | None = None
     fuel: int | None = None
     env: Env = {}
+    args: Args = []
 
 
 class Execute(RunOptions, tag="execute", kw_only=True):
@@ -367,6 +375,15 @@ class ModuleRef(msgspec.Struct, kw_only=True, array_like=True):
     artifact_path: str
 
 
+class WasiStep(msgspec.Struct, kw_only=True, array_like=True):
+    """What one module of a run job sees of the WASI world beyond stdin and env: its argv[0]
+    (the binary's name) and the directories the operator maps into it read-only
+    ({guest path: host path}, from the config only)."""
+
+    name: str
+    dirs: dict[str, str] = {}
+
+
 class RunJob(msgspec.Struct, tag="run", kw_only=True):
     """Execute (one module) or chain (several). The worker answers the client directly in
     the client's format, so the supervisor forwards the reply frames untouched."""
@@ -390,6 +407,9 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     # More entries to try, in order, when `entry` fails with a trap or a plugin error (the
     # binary's `entry_fallback`); empty: only `entry`.
     fallback_entries: list[str] = []
+    args: list[str] = []  # argv[1:] of every WASI module the job runs
+    wasi: list[WasiStep] = []  # one per module, in order; empty: argv[0] "plugin", no dirs
+    scratch_bytes: int = 0  # cap of each execution's scratch directory; 0: none is given
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):

@@ -73,3 +73,5 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     nice: int = 0  # added to the worker's CPU niceness at start (compile workers: lower priority)
     # Host methods at start: their targets are imported before the worker confines itself.
     host_methods: HostMethodTable = HostMethodTable()
+    # Where this worker creates its executions' WASI scratch directories; empty: none.
+    scratch_dir: str = ""

@@ -81,6 +81,7 @@ class CompiledModule:
         "initialize_index",
         "min_memory_bytes",
         "needs_wasi",
+        "opens_files",
         "verified",
         "probe_index",
     )
@@ -107,6 +108,8 @@ class CompiledModule:
         self.initialize_index: int | None = None
         self.min_memory_bytes = 0
         self.needs_wasi = False
+        # Imports WASI's path_open, the one way to open a file: it gets /tmp and mapped dirs.
+        self.opens_files = False
         # Export indices are checked against names on the first execution (see runtime).
         self.verified = False
         # The grow probe's global (grow_probe.py), when the module was instrumented.
@@ -183,6 +186,10 @@ def _unprovided(missing: list[tuple[str, str]], when: str) -> InvalidModule:
 
 def _shortened(name: str) -> str:
     return name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS - 1] + "…"
+
+
+def opens_files(module: wasmtime.Module) -> bool:
+    return any(imp.module == WASI_MODULE and imp.name == "path_open" for imp in module.imports)
 
 
 def check_imports(module: wasmtime.Module) -> bool:
@@ -266,9 +273,12 @@ def analyze(compiled: CompiledModule) -> None:
         compiled.exports = list(entries)
         return
     if start_index is not None:
+        # A command; `_start` is its default entry. Its other entries (`process`...) may be
+        # named too and follow the core ABI: wasm-ld wraps a command's exports so that each
+        # runs the C constructors first.
         compiled.kind = "wasi"
-        compiled.entries = {"_start": (EntryKind.VOID, start_index)}
-        compiled.exports = ["_start"]
+        compiled.entries = {"_start": (EntryKind.VOID, start_index), **entries}
+        compiled.exports = list(compiled.entries)
         return
 
     has_noarg = any(kind != EntryKind.ABI for kind, _ in entries.values())

@@ -51,6 +51,7 @@ from .module import (
     analyze,
     check_imports,
     link,
+    opens_files,
     precheck_imports,
 )
 from .outcome import (
@@ -64,7 +65,15 @@ from .outcome import (
     refused_grow_error,
 )
 from .ticker import Ticker, start_ticker
-from .wasi import StderrSink, make_wasi_config
+from .wasi import (
+    Scratch,
+    ScratchDirs,
+    ScratchWatch,
+    StderrSink,
+    WasiFiles,
+    check_args,
+    make_wasi_config,
+)
 
 __all__ = ["CompiledModule", "Sandbox", "SandboxConfig"]
 
@@ -123,6 +132,12 @@ class Sandbox:
         self._cache = ModuleCache(config.cache_size)
         self._closed = False
         self._component_runner: ComponentRunner | None = None  # made when first needed
+        # Scratch directories over their cap stop their execution as a timeout does: the
+        # epoch is pushed past the running store's deadline (only one store runs at a time).
+        self._deadline_ticks = 0
+        self._stop_requested = False  # set by the scratch watch; read by _deadline_reached
+        self._scratch_watch = ScratchWatch(self._stop_running)
+        self._scratch_dirs = ScratchDirs()
 
         # Preallocated out-parameters and the args/results array for raw calls. Reused by
         # every execution (single-threaded by contract), which avoids ~1 us of ctypes
@@ -166,6 +181,7 @@ class Sandbox:
         self._closed = True
         self._ticker.stop()
         self._cache.clear()
+        self._scratch_dirs.close()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -177,6 +193,15 @@ class Sandbox:
         ticker = getattr(self, "_ticker", None)
         if ticker is not None:
             ticker.stop()
+
+    def _stop_running(self) -> None:
+        """From the scratch watch's thread: end the running execution at its next epoch
+        check. Engine.increment_epoch is an atomic add, safe from any thread. A short
+        timeout's deadline callback would let the run go on until its clock deadline: the
+        flag tells it to stop now."""
+        self._stop_requested = True
+        for _ in range(self._deadline_ticks + 1):
+            self._engine.increment_epoch()
 
     # ------------------------------------------------------------------ compiling
 
@@ -278,6 +303,7 @@ class Sandbox:
             pre = link(self._linker, module)
         compiled = CompiledModule(sha256, size, module, pre)
         compiled.needs_wasi = needs_wasi
+        compiled.opens_files = needs_wasi and opens_files(module)
         analyze(compiled)
         return compiled
 
@@ -293,23 +319,35 @@ class Sandbox:
         limits: Limits | None = None,
         output_sink: OutputSink | None = None,
         tenant: str = "",
+        files: WasiFiles | None = None,
     ) -> ExecutionResult:
         """Run one execution in a fresh store. Raises a WasmCoreError subclass on failure;
         every error's details carry the metering so far and the logs produced so far.
         `tenant`: whose execution it is, for host methods (their allow lists, kv.* scope),
-        also those an Extism plugin calls as user functions."""
+        also those an Extism plugin calls as user functions. `files`: arguments and
+        directories for a module that imports WASI."""
         self._check_open()
         self._state.tenant = tenant
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
         if isinstance(module, CompiledComponent):
             return self._run_component(module, input, env or {}, entry, limits, output_sink)
-        if module.kind == "wasi" and type(input) is not bytes:
-            input = input.read_all()  # the WASI stdin copy takes bytes
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
         if entry is None and module.kind == "extism" and len(module.exports) == 1:
             name = module.exports[0]  # a one-function plugin needs no entry name
+        # A WASI command's `_start`: stdin is the input, stdout the output. Any other entry
+        # (a command may export `process` too) follows the core ABI.
+        command = module.kind == "wasi" and name == _START
+        if command and type(input) is not bytes:
+            input = input.read_all()  # the WASI stdin copy takes bytes
+        if files is not None and files.args:
+            if not module.needs_wasi:
+                raise _with_metering(BadRequest(
+                    "this module does not import WASI, so it cannot receive arguments: "
+                    "send them in the input or env instead, or build it for wasm32-wasi",
+                    {"args": len(files.args)}))
+            check_args(files.args)
         spec = module.entries.get(name)
         if spec is None:
             raise _with_metering(
@@ -334,7 +372,7 @@ class Sandbox:
             needed = len(input) + len(env_bytes) + module.min_memory_bytes
             if needed > lim.memory_bytes:
                 raise _with_metering(_too_big(len(input) + len(env_bytes), lim))
-        elif module.kind == "wasi":
+        elif command:
             encode_env(env)  # validation only: WASI gets the pairs
         elif module.kind == "extism":
             encode_env(env)  # validation only: the pairs are the plugin's config
@@ -350,7 +388,8 @@ class Sandbox:
                     {"memory_bytes": lim.memory_bytes},
                 )
             )
-        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink, tenant)
+        return self._run(module, kind, index, input, env_bytes, env, lim, output_sink,
+                         tenant, command, files)
 
     def _run_component(
         self,
@@ -385,6 +424,8 @@ class Sandbox:
         lim: Limits,
         sink: OutputSink | None = None,
         tenant: str = "",
+        command: bool = False,
+        files: WasiFiles | None = None,
     ) -> ExecutionResult:
         raw = _raw
         state = self._state
@@ -392,6 +433,7 @@ class Sandbox:
         trap = self._trap
         trap.value = None
         stderr: StderrSink | None = None
+        scratch: Scratch | None = None
         failure: WasmCoreError | None = None
         instantiated = False
         fuel_left = 0
@@ -405,20 +447,25 @@ class Sandbox:
             raw.store_limiter(store, lim.memory_bytes, -1, -1, -1, -1)
             raw.context_set_fuel(ctx, lim.fuel)
             self._timed_out = False
+            self._stop_requested = False
             if lim.timeout_ms < self._precise_below_ms:
                 # A short timeout: deadline at the first tick at or after it, by the clock
                 # (the tick count alone could stop it up to two ticks late).
                 self._deadline_ns = started + lim.timeout_ms * 1_000_000
                 raw.store_epoch_deadline_callback(store, self._on_deadline, None, None)
-                raw.context_set_epoch_deadline(ctx, max(1, math.ceil(lim.timeout_ms
-                                                                     / self._tick_ms)))
+                self._deadline_ticks = max(1, math.ceil(lim.timeout_ms / self._tick_ms))
             else:
                 # +1: the first tick may come right after this call; never time out early.
-                raw.context_set_epoch_deadline(ctx, deadline_ticks(lim.timeout_ms,
-                                                                   self._tick_ms))
+                self._deadline_ticks = deadline_ticks(lim.timeout_ms, self._tick_ms)
+            raw.context_set_epoch_deadline(ctx, self._deadline_ticks)
             if cm.kind == "wasi" or cm.needs_wasi:
                 stderr = StderrSink(state)
-                self._install_wasi(ctx, cm, state, env, data, stderr)
+                if (files is not None and files.scratch_bytes > 0 and files.scratch_root
+                        and cm.opens_files):
+                    scratch = Scratch(self._scratch_dirs, files.scratch_root,
+                                      files.scratch_bytes)
+                    self._scratch_watch.watch(scratch)
+                self._install_wasi(ctx, cm, state, env, data, stderr, command, files, scratch)
 
             if cm.kind == "extism":
                 self._extism.instantiate(ctx, cm.module_addr, data, env, tenant, lim,
@@ -464,6 +511,8 @@ class Sandbox:
         except WasmCoreError as exc:
             failure = exc
         finally:
+            if scratch is not None:
+                self._scratch_watch.unwatch()
             if state.failure is not None:
                 # The host decided (output cap): that explains whatever happened next.
                 failure = state.failure
@@ -480,7 +529,9 @@ class Sandbox:
             state.detach()
             if cm.kind == "extism":
                 self._extism.detach()
-            raw.store_delete(store)
+            raw.store_delete(store)  # closes the module's files: its scratch can go
+            if scratch is not None:
+                failure = scratch.finish() or failure
         metering = Metering(
             fuel_consumed=max(0, lim.fuel - fuel_left),
             wall_time_us=(time.perf_counter_ns() - started) // 1000,
@@ -587,14 +638,19 @@ class Sandbox:
         env: dict[str, str],
         data: bytes,
         stderr: StderrSink,
+        is_command: bool,
+        files: WasiFiles | None,
+        scratch: Scratch | None,
     ) -> None:
-        is_command = cm.kind == "wasi"
         config = make_wasi_config(
             state,
             env if is_command else {},
             data if is_command else b"",
             stderr,
             stdout_is_output=is_command,
+            files=files,
+            scratch=scratch,
+            map_dirs=cm.opens_files,
         )
         # The store takes ownership of the config (and frees it with the store).
         error = _raw.give_wasi_config(ctx, config)
@@ -622,6 +678,8 @@ class Sandbox:
         """The epoch deadline callback of a short timeout: stop (an error the call fails
         with; `_run` reports TIMEOUT) once the clock has reached the deadline, else wait one
         more tick."""
+        if self._stop_requested:  # the scratch watch: its SCRATCH_LIMIT is the answer
+            return _raw.error_new(b"execution stopped: scratch directory over its cap") or 0
         if time.perf_counter_ns() >= self._deadline_ns:
             self._timed_out = True
             return _raw.error_new(b"execution exceeded its time limit") or 0

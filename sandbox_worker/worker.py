@@ -44,11 +44,13 @@ from wasmcore.protocol.settings import (
 )
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.sandbox_worker import os_sandbox
+from wasmcore.sandbox_worker.component import CompiledComponent
 from wasmcore.sandbox_worker.host_methods import HostMethods
 from wasmcore.sandbox_worker.imports_scan import WASM_MAGIC
 from wasmcore.sandbox_worker.module import precheck_imports
 from wasmcore.sandbox_worker.outcome import ExecutionResult
-from wasmcore.sandbox_worker.runtime import CompiledModule, Sandbox
+from wasmcore.sandbox_worker.runtime import Compiled, CompiledModule, Sandbox
+from wasmcore.sandbox_worker.wasi import ARGV0, WasiFiles
 
 _PR_SET_PDEATHSIG = 1
 
@@ -337,6 +339,18 @@ class Worker:
             )
         return limits
 
+    def _files_for(self, job: p.RunJob, index: int, module: Compiled) -> WasiFiles | None:
+        """Arguments, /tmp and the operator's read-only dirs, for a module that imports WASI
+        (or arguments it cannot take, which the sandbox refuses). Components get none of
+        them yet (their WASI view is the request's env only)."""
+        if isinstance(module, CompiledComponent) or (not module.needs_wasi and not job.args):
+            return None
+        step = job.wasi[index] if index < len(job.wasi) else None
+        return WasiFiles(args=tuple(job.args), argv0=step.name if step else ARGV0,
+                         dirs=tuple(step.dirs.items()) if step else (),
+                         scratch_root=self.settings.scratch_dir,
+                         scratch_bytes=job.scratch_bytes)
+
     def _run_on(self, job: p.RunJob, payload: bytes | shm.SegmentReader) -> None:
         limits = self._limits_for(job)
         self._flush_before([ref.sha256 for ref in job.modules])
@@ -356,13 +370,15 @@ class Worker:
                 if job.chain:  # timeout_ms is the whole chain's: each step gets what is left
                     limits = _time_left(limits, job.timeout_ms, started - chain_started)
                 module = self._module(ref)
+                files = self._files_for(job, index, module)
                 if job.fallback_entries:
-                    result = self._execute_with_fallback(module, data, job, limits, started)
+                    result = self._execute_with_fallback(module, data, job, limits, started,
+                                                         files)
                 else:
                     result = self.sandbox.execute(
                         module, data, env=job.env, entry=job.entry, limits=limits,
                         output_sink=sink if index == len(job.modules) - 1 else None,
-                        tenant=job.tenant,
+                        tenant=job.tenant, files=files,
                     )
             except WasmCoreError as exc:
                 if sink is not None:
@@ -438,7 +454,8 @@ class Worker:
         self._send_run_reply(done, p.encode(header), data)
 
     def _execute_with_fallback(self, module: CompiledModule, data: Any, job: p.RunJob,
-                               limits: Limits, started: float) -> ExecutionResult:
+                               limits: Limits, started: float,
+                               files: WasiFiles | None) -> ExecutionResult:
         """The binary's `entry_fallback`: try `job.entry`, then each fallback entry in turn
         while the one tried fails with a trap or a plugin error; each in a fresh store, all
         within the one timeout. Any other failure (a limit) ends the request. The output of a
@@ -450,7 +467,7 @@ class Worker:
                 return self.sandbox.execute(
                     module, data, env=job.env, entry=entry,
                     limits=_time_left(limits, job.timeout_ms, time.perf_counter() - started),
-                    tenant=job.tenant)
+                    tenant=job.tenant, files=files)
             except WasmCoreError as exc:
                 attempts.append({"entry": entry, "code": exc.code, "message": exc.message})
                 if index == len(entries) - 1 or exc.code not in (Trap.code, PluginError.code):
@@ -471,14 +488,17 @@ class Worker:
         except WasmCoreError as exc:
             self._reply_error(job, exc.code, exc.message, dict(exc.details))
             return
+        files = self._files_for(job, 0, module)
         for data in inputs:
             started = time.perf_counter()
             try:
                 if job.fallback_entries:
-                    result = self._execute_with_fallback(module, data, job, limits, started)
+                    result = self._execute_with_fallback(module, data, job, limits, started,
+                                                         files)
                 else:
                     result = self.sandbox.execute(module, data, env=job.env, entry=job.entry,
-                                                  limits=limits, tenant=job.tenant)
+                                                  limits=limits, tenant=job.tenant,
+                                                  files=files)
             except WasmCoreError as exc:
                 items.append(p.BatchItem(code=exc.code, message=exc.message,
                                          details=dict(exc.details)))

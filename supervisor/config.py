@@ -132,6 +132,18 @@ class BinaryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # With `entries`: when the entry tried fails (a trap or a plugin error), try the next one
     # on the list that the binary exports, instead of answering the failure.
     entry_fallback: bool = False
+    # Host directories mapped read-only into this binary's WASI view, {guest path: host
+    # path}, both absolute (e.g. {"/models" = "/srv/models"}). Only ever from this file.
+    dirs: dict[str, str] = {}
+
+
+class WasiConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a WASI module may do with files ([wasi]; docs/operations.md)."""
+
+    # Each execution of a module that opens files gets a private, empty directory at /tmp,
+    # emptied after it; more than this in it stops the run with SCRATCH_LIMIT (measured
+    # every 10 ms and at the end). 0: no scratch directory.
+    scratch_mb: int = 16
 
 
 class OsSandboxConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -222,6 +234,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     compile: CompileConfig = msgspec.field(default_factory=CompileConfig)
     # Host methods plugins call with host.call, by name (docs/plugin-abi.md, section 5).
     host_methods: dict[str, HostMethodConfig] = {}
+    wasi: WasiConfig = msgspec.field(default_factory=WasiConfig)
 
     def max_memory_bytes(self) -> int:
         """The most memory any request may get: the size of a worker's pool memory slot."""
@@ -348,6 +361,16 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
             (f"{key}.max_request_bytes", method.max_request_bytes > 0, "must be > 0"),
             (f"{key}.max_response_bytes", method.max_response_bytes > 0, "must be > 0"),
         ]
+    checks.append(("wasi.scratch_mb", config.wasi.scratch_mb >= 0, "must be >= 0"))
+    per_binary = [(f"binaries.{name}", binary) for name, binary in config.binaries.items()]
+    per_binary += [(f"tenants.{tenant}.binaries.{name}", binary)
+                   for tenant, table in config.tenants.items()
+                   for name, binary in table.binaries.items()]
+    for key, binary in per_binary:
+        for guest, host in binary.dirs.items():
+            checks.append((f"{key}.dirs", _valid_mapping(guest, host),
+                           f"maps {guest!r} to {host!r}: both must be absolute paths, the "
+                           "guest one normalised and not / or /tmp (the scratch directory)"))
     endpoint = config.server.endpoint
     checks.append(
         (
@@ -360,6 +383,11 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         if not ok:
             raise ConfigError(_with_line(f"{source}: `{key}` {why}", key, text))
     return config
+
+
+def _valid_mapping(guest: str, host: str) -> bool:
+    return (guest.startswith("/") and os.path.normpath(guest) == guest
+            and guest not in ("/", "/tmp") and os.path.isabs(host) and "\0" not in host)
 
 
 def _locate(message: str, text: str, source: str) -> str:

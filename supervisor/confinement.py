@@ -5,8 +5,9 @@ as root, the unprivileged user they switch to and the access that user needs.
 A worker running as `sandbox.user` must still reach: its two ipc sockets (connect needs write
 permission on the socket file), the artifact directory (it writes compiled modules there and
 maps them), the shared-memory directory (it reads clients' input segments and writes output
-segments), the blob store (it compiles from it) and the key-value state's directory (its
-SQLite database, which workers create and write). All of it through a group, the sandbox
+segments), the blob store (it compiles from it), the key-value state's directory (its
+SQLite database, which workers create and write) and the WASI scratch root (it creates
+its executions' /tmp directories there). All of it through a group, the sandbox
 group: the supervisor gives that group access to the service's own directories, setgid, so
 what is created in them later belongs to the group too; it runs with umask 027 from then on
 (files readable by their group, nobody else); clients make their segments group-readable and
@@ -142,7 +143,8 @@ class Confinement:
         )
 
     def grant(self, *, sockets: list[str], data_dir: str, artifact_dir: str,
-              shm_dir: str | None, state_dir: str | None = None) -> None:
+              shm_dir: str | None, state_dir: str | None = None,
+              scratch_dir: str | None = None) -> None:
         """Give the sandbox group what workers need, then check that they can get there.
         Called once the sockets are bound. When workers keep the service's user, only makes
         the supervisor not dumpable."""
@@ -181,6 +183,9 @@ class Confinement:
                     os.chown(entry.path, -1, user.gid, follow_symlinks=False)
                     os.chmod(entry.path, 0o660)
             self._reach[state_dir] = "rwx"
+        if scratch_dir:  # workers create their executions' WASI scratch directories in it
+            _share(Path(scratch_dir), user.gid, _SHARED_DIR_MODE)
+            self._reach[scratch_dir] = "wx"
         for path, modes in self._reach.items():
             blocked = _first_blocking(Path(path), modes, user)
             if blocked is not None:

@@ -113,6 +113,8 @@ class Requests:
         # run_limits per (tenant, binary name, what was asked): building them costs more than
         # the rest of routing a quick execute; emptied when the config changes.
         self._limits: dict[tuple[Any, ...], Limits] = {}
+        # WASI view (argv[0], read-only dirs) per (tenant, binary name): from the config.
+        self._wasi: dict[tuple[str, str], list[p.WasiStep]] = {}
         self._binaries = binaries
         self._shm_dir = shm_dir
         self._submit = submit
@@ -128,6 +130,7 @@ class Requests:
     def config(self, config: Config) -> None:
         self._config = config
         self._limits.clear()
+        self._wasi.clear()
 
     def _run_limits(self, tenant: str, binary_name: str, wanted: p.RunOptions) -> Limits:
         key = (tenant, binary_name, wanted.timeout_ms, wanted.fuel, wanted.memory_mb)
@@ -138,6 +141,31 @@ class Requests:
                 self._limits.clear()
             self._limits[key] = limits
         return limits
+
+    def _wasi_step(self, binary: p.BinaryInfo) -> list[p.WasiStep]:
+        """[the binary's WASI view], cached as a one-element list that a one-module job
+        uses as it is (this runs for every execute)."""
+        key = (binary.tenant, binary.name)
+        step = self._wasi.get(key)
+        if step is None:
+            per = self._config.binary(binary.tenant, binary.name)
+            step = [p.WasiStep(name=binary.name, dirs=dict(per.dirs) if per is not None else {})]
+            if len(self._wasi) >= _LIMITS_KEPT:
+                self._wasi.clear()
+            self._wasi[key] = step
+        return step
+
+    def _wasi_fields(self, req: p.RunOptions, binaries: list[p.BinaryInfo]) -> dict[str, Any]:
+        """What a run job's WASI modules see: the request's arguments, the operator's
+        directories and the scratch cap (never a path from the client)."""
+        for arg in req.args:
+            if "\0" in arg:
+                raise BadRequest("an argument contains a NUL character, which WASI cannot pass",
+                                 {"arg": arg[:64]})
+        steps = (self._wasi_step(binaries[0]) if len(binaries) == 1
+                 else [self._wasi_step(b)[0] for b in binaries])
+        return {"args": req.args, "wasi": steps,
+                "scratch_bytes": self._config.wasi.scratch_mb * MiB}
 
     def handle(self, envelope: list[bytes], request: Any, payload: Any, admin: bool) -> None:
         """One decoded request (its payload frame, or for a batch the list of input frames)
@@ -202,7 +230,8 @@ class Requests:
                        timeout_ms=limits.timeout_ms, fuel=limits.fuel,
                        memory_bytes=limits.memory_bytes, env=req.env, entry=entry,
                        report_pid=admin, tenant=req.tenant,
-                       fallback_entries=self._fallbacks(binary, req.entry, entry), **fields)
+                       fallback_entries=self._fallbacks(binary, req.entry, entry), **fields,
+                       **self._wasi_fields(req, [binary]))
         return job, binary
 
     def _execute(self, envelope: list[bytes], req: p.Execute, payload: Any,
@@ -262,6 +291,7 @@ class Requests:
             chain=True,
             report_pid=admin,
             tenant=req.tenant,
+            **self._wasi_fields(req, binaries),
         )
         # timeout_ms is the whole chain's budget: the worker gives each step what is left.
         self._queue(envelope, req, job, payload, job.timeout_ms / 1000,

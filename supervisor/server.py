@@ -75,6 +75,7 @@ from wasmcore.supervisor.rate_limit import RateLimits
 from wasmcore.supervisor.registry import Registry
 from wasmcore.supervisor.requests import Requests, offered_limits
 from wasmcore.supervisor.scheduler import LaneState, Scheduler
+from wasmcore.supervisor.scratch import ScratchSweep, prepare_scratch_root
 from wasmcore.supervisor.watcher import FileWatcher
 from wasmcore.supervisor.worker_info import describe_workers
 from wasmcore.supervisor.worker_pool import EXIT_POOL_FAILED, WorkerPool
@@ -134,6 +135,7 @@ class Supervisor:
         self.back_endpoint, self.pub_endpoint = internal_endpoints(self.endpoint, runtime_dir)
         artifact_dir = Path(config.server.artifact_dir)
         artifact_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.scratch_dir = prepare_scratch_root(config)
         self.shm_dir: str | None = None
         if config.server.shm_dir != "off":
             Path(config.server.shm_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -159,6 +161,7 @@ class Supervisor:
         self._packers: set[bytes] = set()
         self._next_tick = 0.0
         self._next_sweep = 0.0
+        self._next_scratch_sweep = 0.0
         self._turn_end = time.monotonic()  # when the loop last finished a turn
         self._next_collect = 0.0
         # Tokens of the jobs submitted and not ended yet, oldest first: a replaced module
@@ -170,6 +173,7 @@ class Supervisor:
         self.auth: FrontAuth | None = None
         self._peer = ANONYMOUS
         self.offloop = OffLoop()
+        self.scratch_sweep = ScratchSweep(self.scratch_dir, self.offloop.run)
 
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
@@ -300,7 +304,8 @@ class Supervisor:
         self.confinement.grant(sockets=[self.back_endpoint, self.pub_endpoint],
                                data_dir=self.config.server.data_dir,
                                artifact_dir=self.config.server.artifact_dir, shm_dir=self.shm_dir,
-                               state_dir=str(kv_dir(self.config)))
+                               state_dir=str(kv_dir(self.config)),
+                               scratch_dir=self.scratch_dir)
         self.install_signals()
         self.pool.start(time.monotonic())
         self.compile_lane.start(time.monotonic())
@@ -382,6 +387,9 @@ class Supervisor:
             removed = shm.sweep(self.shm_dir)
             if removed:
                 log.info("removed %d payload segments of exited processes", removed)
+        if now >= self._next_scratch_sweep:
+            self._next_scratch_sweep = now + _SWEEP_S
+            self.scratch_sweep.sweep()  # dead workers' WASI scratch directories
         self._check_pool(now)
         if self.draining is not None and self.exit_code is None:
             self._drain_step(now)

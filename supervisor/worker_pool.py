@@ -33,6 +33,7 @@ from wasmcore.supervisor.config import Config
 from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.host_methods import method_table
 from wasmcore.supervisor.restart_policy import RestartPolicy
+from wasmcore.supervisor.scratch import scratch_root
 from wasmcore.supervisor.worker_process import RestartCause, WorkerHandle, WorkerState, spawn_worker
 
 log = logging.getLogger("wasmcore.supervisor")
@@ -322,6 +323,7 @@ class WorkerPool:
             # Compile workers run no plugin: they call no host method.
             host_methods=(method_table(self._config) if self._role == ROLE_EXECUTE
                           else p.HostMethodTable()),
+            scratch_dir=scratch_root(self._config) if self._role == ROLE_EXECUTE else "",
         )
         try:
             handle = spawn_worker(slot, self._generation, settings, pool.python or None,

@@ -27,7 +27,7 @@ def test_shipped_config_lists_every_default():
     shipped = load_config(ROOT / "config" / "wasm-core.toml")
     assert msgspec.to_builtins(shipped) == msgspec.to_builtins(Config())
     text = (ROOT / "config" / "wasm-core.toml").read_text()
-    for table in ("server", "pool", "limits", "sandbox"):
+    for table in ("server", "pool", "limits", "sandbox", "wasi"):
         for key in msgspec.to_builtins(getattr(Config(), table)):
             assert re.search(rf"^{key} = ", text, re.M), f"{table}.{key} missing"
     tenant_keys = text.split("[tenants.default]", 1)[1]
