@@ -13,7 +13,6 @@ no arguments, no preopened directories, no network, stdout and stderr into the l
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -130,24 +129,8 @@ class ComponentRunner:
         output sink once large (one copy), else kept; refused past the output cap."""
         state = self._state
         try:
-            if state.output_len + length > state.output_cap:
-                if state.failure is None:
-                    state.failure = OutputLimit(
-                        f"plugin output exceeds the {state.output_cap}-byte limit",
-                        {"output_bytes": state.output_cap})
+            if not state.add_output(address, length, self._sink):
                 return -errno.EFBIG
-            sink = self._sink
-            if sink is not None and (state.sink_active
-                                     or state.output_len + length >= sink.threshold):
-                if not state.sink_active:
-                    for chunk in state.output:
-                        sink.write_bytes(chunk)
-                    state.output = []
-                    state.sink_active = True
-                sink.write(address, length)
-            else:
-                state.output.append(ctypes.string_at(address, length))
-            state.output_len += length
             return length
         except BaseException as exc:  # must never unwind into wasm
             state.failure = InternalError(f"stdout failed: {exc!r}")

@@ -109,6 +109,29 @@ class HostState:
             data = data[:-1]
         self.logs.append(data.decode("utf-8", "replace"))
 
+    def add_output(self, address: int, length: int, sink: OutputSink | None) -> bool:
+        """Take `length` bytes at host `address` as output: into `sink` once the output is
+        large (straight from guest memory, one copy; what was buffered so far goes first),
+        else kept. False, with OUTPUT_LIMIT as the execution's failure, past the output cap."""
+        if self.output_len + length > self.output_cap:
+            if self.failure is None:
+                self.failure = OutputLimit(
+                    f"plugin output exceeds the {self.output_cap}-byte limit",
+                    {"output_bytes": self.output_cap},
+                )
+            return False
+        if sink is not None and (self.sink_active or self.output_len + length >= sink.threshold):
+            if not self.sink_active:
+                for chunk in self.output:
+                    sink.write_bytes(chunk)
+                self.output = []
+                self.sink_active = True
+            sink.write(address, length)
+        else:
+            self.output.append(ctypes.string_at(address, length))
+        self.output_len += length
+        return True
+
     def add_log_stream(self, data: bytes) -> None:
         """Append a byte stream (WASI stderr) as lines, with the same budget as `add_log`."""
         for line in data.splitlines():
@@ -217,27 +240,8 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
             found = locate(caller, args)
             if found is None:
                 return _trap("host.output: pointer/length outside the plugin's memory")
-            address, length = found
-            if state.output_len + length > state.output_cap:
-                state.failure = OutputLimit(
-                    f"plugin output exceeds the {state.output_cap}-byte limit",
-                    {"output_bytes": state.output_cap},
-                )
+            if not state.add_output(found[0], found[1], state.sink):
                 return _trap("output limit exceeded")
-            sink = state.sink
-            if sink is not None and (state.sink_active
-                                     or state.output_len + length >= sink.threshold):
-                # Large output: straight from guest memory into the sink (one copy, no
-                # intermediate bytes object); what was buffered so far goes first.
-                if not state.sink_active:
-                    for chunk in state.output:
-                        sink.write_bytes(chunk)
-                    state.output = []
-                    state.sink_active = True
-                sink.write(address, length)
-            else:
-                state.output.append(string_at(address, length))
-            state.output_len += length
             return 0
         except BaseException as exc:  # must never unwind into wasm
             state.failure = InternalError(f"host.output failed: {exc!r}")
