@@ -61,6 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cli("chain", "--binary-ids", f"{upper},{rot13}", "--input", "hello chain",
              endpoint=ep)
         _cli("--json", "execute", "--binary-id", upper, "--input", "metered", endpoint=ep)
+        # Other languages and kinds: Rust (core ABI), an Extism PDK plugin, a WASI command
+        # with arguments, and a plugin keeping per-tenant state through host methods (kv.*).
+        textkit = _cli("load", "--path", str(_sample("rust/textkit.wasm")), endpoint=ep)
+        _cli("execute", "--binary-id", textkit, "--input", "the cat saw the hat", endpoint=ep)
+        greet = _cli("load", "--path", str(_sample("extism/c/greet.wasm")), endpoint=ep)
+        _cli("execute", "--binary-id", greet, "--entry", "greet", "--input", "extism",
+             "--env", "greeting=Hello", endpoint=ep)
+        wasi = _cli("load", "--path", str(_sample("wasi_files.wasm")), endpoint=ep)
+        _cli("execute", "--binary-id", wasi, "--arg", "args", "--arg", "from the demo",
+             endpoint=ep)
+        visits = _cli("load", "--path", str(_sample("visit_counter.wasm")), endpoint=ep)
+        for _ in range(2):
+            _cli("execute", "--binary-id", visits, "--input", "demo", endpoint=ep)
         _cli("list", endpoint=ep)
         _cli("stats", endpoint=ep)
         print("demo finished: the service answered every request; stopping it (SIGTERM)")
