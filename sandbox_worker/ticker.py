@@ -16,12 +16,14 @@ Two implementations:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import ctypes.util
 import sys
 import threading
 import time
+import weakref
 from typing import Protocol
 
 import wasmtime
@@ -117,6 +119,26 @@ def _keep_alive_briefly(engine: wasmtime.Engine) -> None:
         _retired_engines.append((now + _LATE_NOTIFY_GRACE_S, engine))
 
 
+_live_timers: weakref.WeakSet[PosixEpochTimer] = weakref.WeakSet()
+# At exit, how long to let notifications already handed to timer threads land (a late one is
+# a thread that was about to call increment_epoch; it needs microseconds, not the full grace).
+_EXIT_GRACE_S = 0.1
+
+
+def _stop_timers_at_exit() -> None:
+    """Interpreter exit frees objects in no particular order, so an engine could go before a
+    timer still calling into it (seen as a segfault at exit of a process that never closed its
+    Sandbox). Stop every timer first, and let notifications in flight land."""
+    for timer in list(_live_timers):
+        timer.stop()
+    with _retired_lock:
+        last = max((deadline for deadline, _ in _retired_engines), default=0.0)
+    time.sleep(min(_EXIT_GRACE_S, max(0.0, last - time.monotonic())))
+
+
+atexit.register(_stop_timers_at_exit)
+
+
 class PosixEpochTimer:
     """A periodic POSIX timer calling wasmtime_engine_increment_epoch(engine) with no GIL.
 
@@ -148,6 +170,7 @@ class PosixEpochTimer:
             self._timer_delete(self._timer)
             raise OSError(errno, "timer_settime failed")
         self._armed = True
+        _live_timers.add(self)
 
     def stop(self) -> None:
         if self._armed:
