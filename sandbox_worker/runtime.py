@@ -280,10 +280,17 @@ class Sandbox:
 
     def _components(self) -> ComponentRunner:
         if self._component_runner is None:
-            tick_ms = self._tick_ms
             self._component_runner = ComponentRunner(
-                self._engine, lambda timeout_ms: deadline_ticks(timeout_ms, tick_ms))
+                self._engine, self._component_deadline, self._scratch_dirs,
+                self._scratch_watch)
         return self._component_runner
+
+    def _component_deadline(self, timeout_ms: int) -> int:
+        """A component's epoch deadline in ticks, remembered (as `_run` does) for the scratch
+        watch, which stops an execution by pushing the epoch past it."""
+        self._stop_requested = False
+        self._deadline_ticks = deadline_ticks(timeout_ms, self._tick_ms)
+        return self._deadline_ticks
 
     def cached(self, sha256: str) -> Compiled | None:
         """The module compiled or loaded under `sha256`, if the cache still holds it."""
@@ -331,7 +338,8 @@ class Sandbox:
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
         if isinstance(module, CompiledComponent):
-            return self._run_component(module, input, env or {}, entry, limits, output_sink)
+            return self._run_component(module, input, env or {}, entry, limits, output_sink,
+                                       files)
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
         if entry is None and module.kind == "extism" and len(module.exports) == 1:
@@ -399,15 +407,18 @@ class Sandbox:
         entry: str | None,
         limits: Limits | None,
         sink: OutputSink | None,
+        files: WasiFiles | None = None,
     ) -> ExecutionResult:
         try:
             encode_env(env)  # the same rules for env entries as every other kind
+            if files is not None:
+                check_args(files.args)  # every component has WASI: it can take arguments
             data = input if type(input) is bytes else input.read_all()
         except BadRequest as exc:
             raise _with_metering(exc) from None
         lim = limits if limits is not None else self._default_limits
         try:
-            return self._components().execute(component, data, env, entry, lim, sink)
+            return self._components().execute(component, data, env, entry, lim, sink, files)
         except (BadRequest, PayloadTooLarge) as exc:
             if "logs" not in exc.details:  # refused before anything ran
                 _with_metering(exc)
