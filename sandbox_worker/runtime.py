@@ -332,7 +332,7 @@ class Sandbox:
         every error's details carry the metering so far and the logs produced so far.
         `tenant`: whose execution it is, for host methods (their allow lists, kv.* scope),
         also those an Extism plugin calls as user functions. `files`: arguments and
-        directories for a module that imports WASI."""
+        directories for a module that imports WASI, or a component."""
         self._check_open()
         self._state.tenant = tenant
         if type(input) is not bytes and not hasattr(input, "copy_to"):
