@@ -74,6 +74,9 @@ _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
 _TRAP_TEXTS = (("wasm trap: interrupt", _INTERRUPT), ("all fuel consumed", _OUT_OF_FUEL))
 _OVER_MEMORY_LIMIT = "exceeds memory limits"
 _FILESYSTEM = "wasi:filesystem/"  # a component that imports it can open files
+# host.call: (method name, JSON request) -> (ok, JSON response or error), for the execution's
+# tenant (HostMethods.call with the tenant bound by the Sandbox).
+HostCall = Callable[[str, bytes], tuple[bool, bytes]]
 
 
 def is_component(wasm: bytes | memoryview) -> bool:
@@ -128,8 +131,10 @@ class ComponentRunner:
     """Compiles and runs components on the Sandbox's engine (its epoch ticker, its thread)."""
 
     def __init__(self, engine: wasmtime.Engine, deadline_ticks: Callable[[int], int],
-                 scratch_dirs: ScratchDirs, scratch_watch: ScratchWatch) -> None:
+                 scratch_dirs: ScratchDirs, scratch_watch: ScratchWatch,
+                 host_call: HostCall) -> None:
         self._engine = engine
+        self._host_call = host_call  # host.call: the Sandbox's host methods, its tenant
         # timeout in ms -> epoch ticks; the Sandbox's, which also remembers them so that its
         # scratch watch can stop this run through the epoch.
         self._deadline_ticks = deadline_ticks
@@ -140,6 +145,7 @@ class ComponentRunner:
         self._linker.add_wasip2()
         with self._linker.root() as root, root.add_instance(HOST_INTERFACE) as host:
             host.add_func("log", self._log)
+            host.add_func("call", self._call)
         self._stdout = _raw.STDOUT_CALLBACK(self._on_stdout)  # kept: stores call it
         self._sink: OutputSink | None = None
 
@@ -157,6 +163,15 @@ class ComponentRunner:
 
     def _log(self, _store: object, message: str) -> None:
         self._state.add_log(message.encode())
+
+    def _call(self, _store: object, name: str, request: str) -> wc.Variant:
+        """host.call: the method's JSON answer as ok, its JSON error as err."""
+        try:
+            ok, body = self._host_call(name, request.encode())
+        except BaseException as exc:  # HostMethods.call never raises: a bug of ours
+            self._state.failure = InternalError(f"host.call failed: {exc!r}")
+            raise
+        return wc.Variant("ok" if ok else "err", body.decode("utf-8", "replace"))
 
     # ------------------------------------------------------------------ compiling
 

@@ -282,8 +282,16 @@ class Sandbox:
         if self._component_runner is None:
             self._component_runner = ComponentRunner(
                 self._engine, self._component_deadline, self._scratch_dirs,
-                self._scratch_watch)
+                self._scratch_watch, self._component_host_call)
         return self._component_runner
+
+    def _component_host_call(self, name: str, request: bytes) -> tuple[bool, bytes]:
+        """A component's host.call: the host methods `host.call` of a core module reaches,
+        for the running execution's tenant."""
+        methods = self._state.methods
+        if methods is None:
+            return _no_host_methods(self._state.tenant, name, request)
+        return methods.call(self._state.tenant, name, request)
 
     def _component_deadline(self, timeout_ms: int) -> int:
         """A component's epoch deadline in ticks, remembered (as `_run` does) for the scratch

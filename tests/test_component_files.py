@@ -1,10 +1,12 @@
 """A component's WASI view through the real server, the WASI p1 policy: the request's
 arguments (argv[0] the binary's name), a private size-capped /tmp per execution (emptied after,
-SCRATCH_LIMIT over the cap) and the operator's read-only dirs. The component is the Python
-sample (plugins/components/python/app.py), driven by env OP."""
+SCRATCH_LIMIT over the cap) and the operator's read-only dirs; and host.call, the operator's
+host methods. The component is the Python sample (plugins/components/python/app.py), driven
+by env OP."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -41,6 +43,10 @@ def svc(dict_dir: Path) -> Iterator[RunningService]:
         "wasi": {"scratch_mb": 1},
         "compile": {"timeout_ms": 240_000},
         "binaries": {"upper_py": {"dirs": {'"/data"': str(dict_dir)}}},
+        "host_methods": {
+            "echo": {"target": "wasmcore.plugins.methods:echo", "tenants": "*"},
+            "whoami": {"target": "wasmcore.plugins.methods:whoami", "tenants": ["alice"]},
+        },
     })
     try:
         yield running
@@ -134,3 +140,28 @@ def test_a_component_writing_on_past_the_cap_is_stopped_while_it_runs(svc, py_id
         assert err.value.details["wall_time_us"] < 60_000_000
         assert client.execute(py_id, env={"OP": "ls", "PATH": "/tmp"}).output == b""
     assert scratch_contents(svc) == []
+
+
+def host_call(client, binary_id: str, method: str, request: str) -> tuple[str, object]:
+    """("ok" or "err", decoded JSON) of one host.call the Python sample makes."""
+    done = client.execute(binary_id, request.encode(), env={"OP": "call", "METHOD": method})
+    tag, _, body = bytes(done.output).decode().partition(" ")
+    return tag, json.loads(body)
+
+
+def test_host_call_reaches_the_operators_methods(svc, py_id):
+    request = {"text": "héllo", "n": [1, 2.5, None, True]}
+    with svc.client() as client:
+        assert host_call(client, py_id, "echo", json.dumps(request)) == ("ok", request)
+        tag, error = host_call(client, py_id, "nope", "{}")
+        assert tag == "err" and error["error"]["code"] == "NOT_FOUND"
+        tag, error = host_call(client, py_id, "echo", "not json")
+        assert tag == "err" and error["error"]["code"] == "BAD_REQUEST"
+        # whoami is alice's only: another tenant is refused
+        tag, error = host_call(client, py_id, "whoami", "{}")
+        assert tag == "err" and error["error"]["code"] == "NOT_ALLOWED"
+    with svc.client(tenant="alice", timeout_s=LOAD_TIMEOUT_S) as alice:
+        mine = alice.load(PLUGINS / "components" / "upper_py.wasm").binary_id
+        # The method is told the execution's tenant, never a name the plugin picks.
+        assert host_call(alice, mine, "whoami", "{}") == (
+            "ok", {"tenant": "alice", "method": "whoami"})

@@ -10,7 +10,8 @@ OP=read (the output is the file at PATH), OP=write (the input goes into the file
 the output says how many bytes, then what reading the file back gives), OP=ls (the names in
 the directory PATH, one a line), OP=fill (SIZE bytes of zeros into the file at PATH; without
 SIZE, without end), OP=args (the arguments, argv[0] first, one a line). A failing file
-operation is a PLUGIN_ERROR naming the error.
+operation is a PLUGIN_ERROR naming the error. OP=call calls the host method METHOD with the
+input as its JSON request: the output is `ok ` then its response, or `err ` then its error.
 
 It implements both entries of the world `plugin-with-stream` (wit/wasm-core.wit): `process`
 gets the input as a value, `process-stream` reads it from stdin and writes the output to
@@ -66,9 +67,14 @@ def files(op: str, input: bytes, env: dict[str, str]) -> bytes:
                 f.write(piece)
                 left -= len(piece) if left > 0 else 0
         return b"filled"
+    if op == "call":
+        try:
+            return b"ok " + host.call(env.get("METHOD", ""), input.decode()).encode()
+        except Err as err:
+            return b"err " + str(err.value).encode()
     if op == "args":
         return "".join(f"{arg}\n" for arg in sys.argv).encode()
-    raise Err(f"unknown OP {op!r}: read, write, ls, fill or args")
+    raise Err(f"unknown OP {op!r}: read, write, ls, fill, args or call")
 
 
 class WitWorld(wit_world.WitWorld):
