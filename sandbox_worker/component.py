@@ -7,8 +7,10 @@ same limits (timeout through the engine's epochs, fuel, memory per linear memory
 logs, chains with any other kind. What differs is the calling convention: the component
 exports `process(input: list<u8>, env: list<tuple<string, string>>) -> result<list<u8>,
 string>` (or other functions of that type, named as entries) and imports
-`wasm-core:plugin/host.log` and WASI preview 2, under the preview 1 policy: the request's env,
-no arguments, no preopened directories, no network, stdout and stderr into the logs.
+`wasm-core:plugin/host.log` and WASI preview 2, under the preview 1 policy (sandbox_worker/
+wasi.py): the request's env and arguments, no network, stdout and stderr into the logs, and for
+a component that imports wasi:filesystem a private size-capped scratch /tmp (the same Scratch,
+ScratchDirs and ScratchWatch as a WASI p1 module) and the operator's read-only dirs.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from wasmcore.protocol.limits import Limits, Metering
 from . import _raw
 from .host import HostState, OutputSink
 from .outcome import ExecutionResult, from_trap_code, split_trap_message
-from .wasi import StderrSink, make_wasi_config
+from .wasi import (
+    Scratch,
+    ScratchDirs,
+    ScratchWatch,
+    StderrSink,
+    WasiFiles,
+    make_wasi_config,
+)
 
 COMPONENT_VERSION = b"\x0d\x00\x01\x00"  # bytes 4-8 of a component: version 0x0d, layer 1
 HOST_INTERFACE = "wasm-core:plugin/host@0.1.0"
@@ -64,6 +73,10 @@ _OUT_OF_FUEL = wasmtime.TrapCode.OUT_OF_FUEL.value
 # wasmtime reports a component's traps as errors whose text names the trap.
 _TRAP_TEXTS = (("wasm trap: interrupt", _INTERRUPT), ("all fuel consumed", _OUT_OF_FUEL))
 _OVER_MEMORY_LIMIT = "exceeds memory limits"
+_FILESYSTEM = "wasi:filesystem/"  # a component that imports it can open files
+# host.call: (method name, JSON request) -> (ok, JSON response or error), for the execution's
+# tenant (HostMethods.call with the tenant bound by the Sandbox).
+HostCall = Callable[[str, bytes], tuple[bool, bytes]]
 
 
 def is_component(wasm: bytes | memoryview) -> bool:
@@ -73,10 +86,11 @@ def is_component(wasm: bytes | memoryview) -> bool:
 class CompiledComponent:
     """A compiled component and its entries; the same public face as CompiledModule."""
 
-    __slots__ = ("sha256", "kind", "exports", "size", "module", "entries", "verified")
+    __slots__ = ("sha256", "kind", "exports", "size", "module", "entries", "verified",
+                 "opens_files")
 
     def __init__(self, sha256: str, size: int, component: wc.Component,
-                 entries: dict[str, str]) -> None:
+                 entries: dict[str, str], opens_files: bool = False) -> None:
         self.sha256 = sha256
         self.kind = "component"
         self.size = size
@@ -84,6 +98,9 @@ class CompiledComponent:
         self.entries = entries  # entry name -> shape, "bytes" or "stream"
         self.exports = list(entries)
         self.verified = True
+        # Imports wasi:filesystem: gets /tmp and the operator's dirs (as `opens_files` of a
+        # WASI p1 module that imports path_open); others get no directory at all.
+        self.opens_files = opens_files
 
     def __repr__(self) -> str:
         return f"CompiledComponent(sha256={self.sha256[:12]}…, exports={self.exports!r})"
@@ -113,14 +130,22 @@ def _signature(func_type: wc.FuncType) -> str:
 class ComponentRunner:
     """Compiles and runs components on the Sandbox's engine (its epoch ticker, its thread)."""
 
-    def __init__(self, engine: wasmtime.Engine, deadline_ticks: Callable[[int], int]) -> None:
+    def __init__(self, engine: wasmtime.Engine, deadline_ticks: Callable[[int], int],
+                 scratch_dirs: ScratchDirs, scratch_watch: ScratchWatch,
+                 host_call: HostCall) -> None:
         self._engine = engine
-        self._deadline_ticks = deadline_ticks  # timeout in ms -> epoch ticks (the Sandbox's)
+        self._host_call = host_call  # host.call: the Sandbox's host methods, its tenant
+        # timeout in ms -> epoch ticks; the Sandbox's, which also remembers them so that its
+        # scratch watch can stop this run through the epoch.
+        self._deadline_ticks = deadline_ticks
+        self._scratch_dirs = scratch_dirs
+        self._scratch_watch = scratch_watch
         self._state = HostState()
         self._linker = wc.Linker(engine)
         self._linker.add_wasip2()
         with self._linker.root() as root, root.add_instance(HOST_INTERFACE) as host:
             host.add_func("log", self._log)
+            host.add_func("call", self._call)
         self._stdout = _raw.STDOUT_CALLBACK(self._on_stdout)  # kept: stores call it
         self._sink: OutputSink | None = None
 
@@ -138,6 +163,15 @@ class ComponentRunner:
 
     def _log(self, _store: object, message: str) -> None:
         self._state.add_log(message.encode())
+
+    def _call(self, _store: object, name: str, request: str) -> wc.Variant:
+        """host.call: the method's JSON answer as ok, its JSON error as err."""
+        try:
+            ok, body = self._host_call(name, request.encode())
+        except BaseException as exc:  # HostMethods.call never raises: a bug of ours
+            self._state.failure = InternalError(f"host.call failed: {exc!r}")
+            raise
+        return wc.Variant("ok" if ok else "err", body.decode("utf-8", "replace"))
 
     # ------------------------------------------------------------------ compiling
 
@@ -159,7 +193,8 @@ class ComponentRunner:
 
     def _prepare(self, sha256: str, size: int, component: wc.Component) -> CompiledComponent:
         ty = component.type
-        missing = [name for name in ty.imports(self._engine) if not _PROVIDED.fullmatch(name)]
+        imports = list(ty.imports(self._engine))
+        missing = [name for name in imports if not _PROVIDED.fullmatch(name)]
         if missing:
             raise InvalidModule(
                 f"component imports what the host does not provide: {', '.join(missing[:20])} "
@@ -179,13 +214,17 @@ class ComponentRunner:
                 "`process-stream: func(env: list<tuple<string, string>>) -> result<_, string>` "
                 "(the worlds in wit/wasm-core.wit)"
             )
-        return CompiledComponent(sha256, size, component, entries)
+        opens_files = any(name.startswith(_FILESYSTEM) for name in imports)
+        return CompiledComponent(sha256, size, component, entries, opens_files)
 
     # ------------------------------------------------------------------ executing
 
     def execute(self, cc: CompiledComponent, data: bytes, env: dict[str, str],
                 entry: str | None, lim: Limits,
-                sink: OutputSink | None = None) -> ExecutionResult:
+                sink: OutputSink | None = None,
+                files: WasiFiles | None = None) -> ExecutionResult:
+        """One execution in a fresh store. `files`: arguments, and for a component that
+        imports wasi:filesystem the scratch /tmp and the operator's dirs."""
         name = entry if entry is not None else next(
             (e for e in DEFAULT_ENTRIES if e in cc.entries), cc.exports[0])
         shape = cc.entries.get(name)
@@ -208,6 +247,7 @@ class ComponentRunner:
         failure: WasmCoreError | None = None
         output = b""
         fuel_left = 0
+        scratch: Scratch | None = None
         started = time.perf_counter_ns()
         store = wasmtime.Store(self._engine)
         try:
@@ -217,8 +257,13 @@ class ComponentRunner:
             streams = shape == "stream"
             # A stream entry reads the input from stdin and writes its output to stdout
             # (bounded by the output cap as it writes); otherwise stdout goes to the logs.
+            if (files is not None and files.scratch_bytes > 0 and files.scratch_root
+                    and cc.opens_files):
+                scratch = Scratch(self._scratch_dirs, files.scratch_root, files.scratch_bytes)
+                self._scratch_watch.watch(scratch)
             config = make_wasi_config(state, env, data if streams else b"", stderr,
-                                      stdout_is_output=streams)
+                                      stdout_is_output=streams, files=files,
+                                      scratch=scratch, map_dirs=cc.opens_files)
             if streams:
                 self._sink = sink
                 _raw.set_stdout_callback(config, self._stdout)
@@ -247,11 +292,16 @@ class ComponentRunner:
         except WasmCoreError as exc:
             failure = exc
         finally:
+            if scratch is not None:
+                self._scratch_watch.unwatch()
             if state.failure is not None:
                 failure = state.failure  # the host decided (output cap): it explains the rest
             self._sink = None
             stderr.flush()
-            store.close()
+            store.close()  # closes the component's files: its scratch can go
+            if scratch is not None:
+                # Over the cap: SCRATCH_LIMIT explains the rest (the watch stopped it).
+                failure = scratch.finish() or failure
         metering = Metering(
             fuel_consumed=max(0, lim.fuel - fuel_left),
             wall_time_us=(time.perf_counter_ns() - started) // 1000,

@@ -280,10 +280,25 @@ class Sandbox:
 
     def _components(self) -> ComponentRunner:
         if self._component_runner is None:
-            tick_ms = self._tick_ms
             self._component_runner = ComponentRunner(
-                self._engine, lambda timeout_ms: deadline_ticks(timeout_ms, tick_ms))
+                self._engine, self._component_deadline, self._scratch_dirs,
+                self._scratch_watch, self._component_host_call)
         return self._component_runner
+
+    def _component_host_call(self, name: str, request: bytes) -> tuple[bool, bytes]:
+        """A component's host.call: the host methods `host.call` of a core module reaches,
+        for the running execution's tenant."""
+        methods = self._state.methods
+        if methods is None:
+            return _no_host_methods(self._state.tenant, name, request)
+        return methods.call(self._state.tenant, name, request)
+
+    def _component_deadline(self, timeout_ms: int) -> int:
+        """A component's epoch deadline in ticks, remembered (as `_run` does) for the scratch
+        watch, which stops an execution by pushing the epoch past it."""
+        self._stop_requested = False
+        self._deadline_ticks = deadline_ticks(timeout_ms, self._tick_ms)
+        return self._deadline_ticks
 
     def cached(self, sha256: str) -> Compiled | None:
         """The module compiled or loaded under `sha256`, if the cache still holds it."""
@@ -325,13 +340,14 @@ class Sandbox:
         every error's details carry the metering so far and the logs produced so far.
         `tenant`: whose execution it is, for host methods (their allow lists, kv.* scope),
         also those an Extism plugin calls as user functions. `files`: arguments and
-        directories for a module that imports WASI."""
+        directories for a module that imports WASI, or a component."""
         self._check_open()
         self._state.tenant = tenant
         if type(input) is not bytes and not hasattr(input, "copy_to"):
             input = bytes(input)  # any other buffer; an InputSource copies itself in place
         if isinstance(module, CompiledComponent):
-            return self._run_component(module, input, env or {}, entry, limits, output_sink)
+            return self._run_component(module, input, env or {}, entry, limits, output_sink,
+                                       files)
         lim = limits if limits is not None else self._default_limits
         name = entry if entry is not None else (_START if module.kind == "wasi" else DEFAULT_ENTRY)
         if entry is None and module.kind == "extism" and len(module.exports) == 1:
@@ -399,15 +415,18 @@ class Sandbox:
         entry: str | None,
         limits: Limits | None,
         sink: OutputSink | None,
+        files: WasiFiles | None = None,
     ) -> ExecutionResult:
         try:
             encode_env(env)  # the same rules for env entries as every other kind
+            if files is not None:
+                check_args(files.args)  # every component has WASI: it can take arguments
             data = input if type(input) is bytes else input.read_all()
         except BadRequest as exc:
             raise _with_metering(exc) from None
         lim = limits if limits is not None else self._default_limits
         try:
-            return self._components().execute(component, data, env, entry, lim, sink)
+            return self._components().execute(component, data, env, entry, lim, sink, files)
         except (BadRequest, PayloadTooLarge) as exc:
             if "logs" not in exc.details:  # refused before anything ran
                 _with_metering(exc)

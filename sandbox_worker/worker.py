@@ -341,9 +341,9 @@ class Worker:
 
     def _files_for(self, job: p.RunJob, index: int, module: Compiled) -> WasiFiles | None:
         """Arguments, /tmp and the operator's read-only dirs, for a module that imports WASI
-        (or arguments it cannot take, which the sandbox refuses). Components get none of
-        them yet (their WASI view is the request's env only)."""
-        if isinstance(module, CompiledComponent) or (not module.needs_wasi and not job.args):
+        or a component (or arguments it cannot take, which the sandbox refuses)."""
+        if (not isinstance(module, CompiledComponent) and not module.needs_wasi
+                and not job.args):
             return None
         step = job.wasi[index] if index < len(job.wasi) else None
         return WasiFiles(args=tuple(job.args), argv0=step.name if step else ARGV0,
