@@ -410,6 +410,9 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     args: list[str] = []  # argv[1:] of every WASI module the job runs
     wasi: list[WasiStep] = []  # one per module, in order; empty: argv[0] "plugin", no dirs
     scratch_bytes: int = 0  # cap of each execution's scratch directory; 0: none is given
+    # A chain's entry per step, from each binary's configured `entries`; empty: `entry` (the
+    # module's default) for every step.
+    step_entries: list[str | None] = []
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):

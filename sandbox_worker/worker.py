@@ -371,12 +371,14 @@ class Worker:
                     limits = _time_left(limits, job.timeout_ms, started - chain_started)
                 module = self._module(ref)
                 files = self._files_for(job, index, module)
+                entry = job.step_entries[index] if index < len(job.step_entries) else job.entry
                 if job.fallback_entries:
                     result = self._execute_with_fallback(module, data, job, limits, started,
                                                          files)
                 else:
                     result = self.sandbox.execute(
-                        module, data, env=job.env, entry=job.entry, limits=limits,
+                        module, data, env=job.env,
+                        entry=entry, limits=limits,
                         output_sink=sink if index == len(job.modules) - 1 else None,
                         tenant=job.tenant, files=files,
                     )

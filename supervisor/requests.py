@@ -280,6 +280,9 @@ class Requests:
                 {"steps": len(req.binary_ids), "limit": limit})
         binaries = [self._binaries.owned(req.tenant, binary_id) for binary_id in req.binary_ids]
         limits = [self._run_limits(req.tenant, b.name, req) for b in binaries]
+        # Each step runs its binary's configured entry, as an execute would (a chain names no
+        # entry, so one the operator did not allow is never reached through a chain).
+        entries = [self._entry_for(b, None) for b in binaries]
         job = p.RunJob(
             token=self._next_token(),
             request_id=req.id,
@@ -291,6 +294,7 @@ class Requests:
             chain=True,
             report_pid=admin,
             tenant=req.tenant,
+            step_entries=entries if any(e is not None for e in entries) else [],
             **self._wasi_fields(req, binaries),
         )
         # timeout_ms is the whole chain's budget: the worker gives each step what is left.
