@@ -86,8 +86,10 @@ shm_refs = either(st.none() | st.tuples(st.text(max_size=40), st.integers(-5, 10
 pids = either(st.sampled_from([0, os.getpid(), 1, 2**31]))
 shm_names = either(st.just("") | st.text(max_size=40))
 
+args = either(st.lists(st.text(max_size=8), max_size=4) | st.just(["x" * 5000])
+              | st.just(["a"] * 300) | st.just(["nul\x00"]))
 RUN_OPTIONS = {"timeout_ms": small_ints, "memory_mb": small_ints, "fuel": small_ints,
-               "env": envs}
+               "env": envs, "args": args}
 FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "execute": {"binary_id": binary_ids, "entry": entries, "input_shm": shm_refs,
                 "output_shm_pid": pids, "output_shm_into": shm_names, **RUN_OPTIONS},
