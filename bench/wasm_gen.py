@@ -7,19 +7,9 @@ wasm-bindgen, Go js/wasm or emscripten module).
 
 from __future__ import annotations
 
+from wasmcore.sandbox_worker.grow_probe import uleb
+
 _I32 = 0x7F
-
-
-def uleb(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def sleb(value: int) -> bytes:

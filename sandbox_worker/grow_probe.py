@@ -72,7 +72,8 @@ class _Reader:
         self.pos += length
 
 
-def _uleb(value: int) -> bytes:
+def uleb(value: int) -> bytes:
+    """`value` as an unsigned LEB128 (the wasm binary format's integers)."""
     out = bytearray()
     while True:
         low = value & 0x7F
@@ -225,7 +226,7 @@ def _sections(wasm: bytes) -> list[tuple[int, bytes]]:
 
 
 def _vector(count: int, items: bytes) -> bytes:
-    return _uleb(count) + items
+    return uleb(count) + items
 
 
 def _count_and_rest(content: bytes) -> tuple[int, bytes]:
@@ -297,7 +298,7 @@ def _instrument(wasm: bytes) -> bytes | None:
                 _valtype(r)
     probe_func = imported_funcs + func_count
     probe_global = imported_globals + global_count
-    call = b"\x10" + _uleb(probe_func)
+    call = b"\x10" + uleb(probe_func)
 
     r = _Reader(by_id[_CODE])
     bodies: list[bytes] = []
@@ -310,7 +311,7 @@ def _instrument(wasm: bytes) -> bytes | None:
             new = _rewrite_body(body, call)
             changed = changed or new != body
             body = new
-        bodies.append(_uleb(len(body)) + body)
+        bodies.append(uleb(len(body)) + body)
     if not changed:
         return None
 
@@ -318,15 +319,15 @@ def _instrument(wasm: bytes) -> bytes | None:
     #   local.get 0  memory.grow 0  local.tee 1  i32.const -1  i32.eq
     #   if  local.get 0  global.set $probe  end  local.get 1)
     probe_body = (b"\x01\x01\x7f" + b"\x20\x00\x40\x00\x22\x01\x41\x7f\x46\x04\x40\x20\x00"
-                  + b"\x24" + _uleb(probe_global) + b"\x0b\x20\x01\x0b")
-    bodies.append(_uleb(len(probe_body)) + probe_body)
+                  + b"\x24" + uleb(probe_global) + b"\x0b\x20\x01\x0b")
+    bodies.append(uleb(len(probe_body)) + probe_body)
     name = PROBE_EXPORT.encode()
     replaced = {
         _TYPE: _vector(type_count + 1, type_rest + b"\x60\x01\x7f\x01\x7f"),
-        _FUNCTION: _vector(func_count + 1, func_rest + _uleb(type_count)),
+        _FUNCTION: _vector(func_count + 1, func_rest + uleb(type_count)),
         _GLOBAL: _vector(global_count + 1, global_rest + b"\x7f\x01\x41\x00\x0b"),
-        _EXPORT: _vector(export_count + 1, export_rest + _uleb(len(name)) + name + b"\x03"
-                         + _uleb(probe_global)),
+        _EXPORT: _vector(export_count + 1, export_rest + uleb(len(name)) + name + b"\x03"
+                         + uleb(probe_global)),
         _CODE: _vector(len(bodies), b"".join(bodies)),
     }
     out = bytearray(_MAGIC)
@@ -347,5 +348,5 @@ def _instrument(wasm: bytes) -> bytes | None:
 
 
 def _section(section_id: int, content: bytes) -> bytes:
-    return bytes([section_id]) + _uleb(len(content)) + content
+    return bytes([section_id]) + uleb(len(content)) + content
 
