@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +34,21 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, what: str) -> T:
             return last
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def readable_dir(prefix: str, files: dict[str, str]) -> Iterator[Path]:
+    """A directory of text files that the workers can read (they run as nobody when the tests
+    run as root), for mapping into a plugin's view; removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        os.chmod(directory, 0o755)
+        for name, text in files.items():
+            (directory / name).write_text(text)
+            os.chmod(directory / name, 0o644)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

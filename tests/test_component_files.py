@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol.errors import PluginError, ScratchLimit
 from wasmcore.protocol.limits import MiB
 
-from .conftest import PLUGINS
+from .conftest import PLUGINS, readable_dir
 
 WORDS = "cat\nmat\non\nsat\nthe\n"
 LOAD_TIMEOUT_S = 240.0  # the sample's compile takes ~15 s on a busy machine
@@ -28,13 +26,8 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def dict_dir() -> Iterator[Path]:
-    # Where the workers (nobody, when the tests run as root) can read it.
-    directory = Path(tempfile.mkdtemp(prefix="wccdict", dir="/tmp"))
-    os.chmod(directory, 0o755)
-    (directory / "words.txt").write_text(WORDS)
-    os.chmod(directory / "words.txt", 0o644)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    with readable_dir("wccdict", {"words.txt": WORDS}) as directory:
+        yield directory
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from tests.conftest import PLUGINS, exchange, raw_dealer, wait_for
+from tests.conftest import PLUGINS, exchange, raw_dealer, readable_dir, wait_for
 from wasmcore.client import AsyncClient
 from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol import messages as p
@@ -82,13 +81,8 @@ REACTOR_WAT = """
 
 @pytest.fixture(scope="module")
 def dict_dir() -> Iterator[Path]:
-    # Where the workers (nobody, when the tests run as root) can read it.
-    directory = Path(tempfile.mkdtemp(prefix="wcdict", dir="/tmp"))
-    os.chmod(directory, 0o755)
-    (directory / "words.txt").write_text(WORDS)
-    os.chmod(directory / "words.txt", 0o644)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    with readable_dir("wcdict", {"words.txt": WORDS}) as directory:
+        yield directory
 
 
 @pytest.fixture(scope="module")
