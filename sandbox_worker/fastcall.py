@@ -37,8 +37,9 @@ ABI_VERSION = 1
 DISABLE_ENV = "WASMCORE_NATIVE"  # "0": never use the native path (A/B runs, tests)
 LIBRARY = Path(__file__).parent / "native" / f"fastcall-{sys.platform}-{platform.machine()}.so"
 
-# fc_execute's results (fastcall.c)
+# fc_execute's results (fastcall.c): OK carries flags (the low four bits are the status)
 OK, CODE, FAILED, VERIFY = 0, 1, 2, 3
+STATUS_BITS, OK_LOGS, OK_TRUNCATED, OK_SINK = 15, 16, 32, 64
 # where a failure happened (fastcall.c's STAGE_*)
 STAGE_SETUP, STAGE_INSTANTIATE, STAGE_EXPORT, STAGE_INITIALIZE = 1, 2, 3, 4
 STAGE_ALLOC_INPUT, STAGE_PLACE_INPUT, STAGE_ALLOC_ENV, STAGE_PLACE_ENV, STAGE_CALL = 5, 6, 7, 8, 9
@@ -54,6 +55,7 @@ class Results(ctypes.Structure):
         ("stage", c_int64), ("missing_index", c_int64), ("alloc_ptr", c_uint64),
         ("alloc_len", c_uint64), ("error", c_void_p), ("trap", c_void_p), ("store", c_void_p),
         ("ctx", c_void_p), ("out_buf", c_void_p), ("out_len", c_uint64), ("out_total", c_uint64),
+        ("out_capacity", c_uint64),
         ("log_buf", c_void_p), ("log_used", c_uint64), ("log_count", c_uint64),
         ("log_len", c_uint64), ("has_memory", c_uint8), ("sink_active", c_uint8),
         ("output_limit", c_uint8), ("logs_truncated", c_uint8), ("timed_out", c_uint8),
@@ -158,7 +160,10 @@ class NativeRunner:
             c_int, c_void_p, c_void_p, ctypes.c_char_p, c_uint64, ctypes.c_char_p,
             c_uint64)(("fc_continue", lib))
         self.state = self._state_addr
-        self._limits: dict[int, tuple[Limits, _Limits, int]] = {}
+        self.limits_cache: dict[int, tuple[Limits, int, _Limits]] = {}
+        # A bytes view of the output buffer, remade when the C side moves it.
+        self._view_addr = 0
+        self._view = memoryview(b"")
 
     def close(self) -> None:
         if self._state_addr:
@@ -190,24 +195,29 @@ class NativeRunner:
         return plans[index]
 
     def limits(self, lim: Limits, deadline_ticks: int, precise_timeout_ns: int) -> int:
-        """The address of a C copy of `lim` (cached by identity: Limits are frozen and the
-        worker reuses them)."""
-        found = self._limits.get(id(lim))
-        if found is not None and found[0] is lim:
-            return found[2]
-        if len(self._limits) >= 256:
-            self._limits.clear()
+        """The address of a C copy of `lim`, cached in `limits_cache` by identity (Limits
+        are frozen and the worker reuses them; the hot path looks the cache up itself)."""
+        if len(self.limits_cache) >= 256:
+            self.limits_cache.clear()
         struct = _Limits(memory_bytes=lim.memory_bytes, fuel=lim.fuel,
                          output_cap=lim.output_bytes, log_cap=lim.log_bytes,
                          deadline_ticks=deadline_ticks, precise_timeout_ns=precise_timeout_ns)
         address = ctypes.addressof(struct)
-        self._limits[id(lim)] = (lim, struct, address)
+        self.limits_cache[id(lim)] = (lim, address, struct)
         return address
 
     def output(self) -> bytes:
+        """The output kept by the last execution (empty when it went to the sink)."""
         r = self.results
         n = r.out_len
-        return ctypes.string_at(r.out_buf, n) if n else b""
+        if not n:
+            return b""
+        address = r.out_buf
+        if address != self._view_addr or n > len(self._view):
+            capacity = r.out_capacity
+            self._view = memoryview((ctypes.c_ubyte * capacity).from_address(address)).cast("B")
+            self._view_addr = address
+        return self._view[:n].tobytes()
 
     def logs(self) -> list[str]:
         r = self.results

@@ -612,12 +612,16 @@ class Sandbox:
             state.call_result = b""
         state.sink = sink
         state.sink_active = False
-        timeout_ms = lim.timeout_ms
-        if timeout_ms < self._precise_below_ms:
-            ticks = max(1, math.ceil(timeout_ms / self._tick_ms))
-            limits = native.limits(lim, ticks, timeout_ms * 1_000_000)
+        found = native.limits_cache.get(id(lim))
+        if found is not None and found[0] is lim:
+            limits = found[1]
         else:
-            limits = native.limits(lim, deadline_ticks(timeout_ms, self._tick_ms), -1)
+            timeout_ms = lim.timeout_ms
+            if timeout_ms < self._precise_below_ms:  # the clock decides, as in `_run`
+                ticks = max(1, math.ceil(timeout_ms / self._tick_ms))
+                limits = native.limits(lim, ticks, timeout_ms * 1_000_000)
+            else:
+                limits = native.limits(lim, deadline_ticks(timeout_ms, self._tick_ms), -1)
         plan, plan_addr = native.plan(cm, kind, index)
         verify = not cm.verified
         if verify:
@@ -633,18 +637,18 @@ class Sandbox:
                 return self._native_failed(native, cm, status, lim, started, exc)
             status = native.resume(native.state, plan_addr, data, len(data), env_bytes,
                                    len(env_bytes))
-        r = native.results
-        if status == fastcall.OK:
+        if not status & fastcall.STATUS_BITS:  # OK, with flags
+            r = native.results
             return ExecutionResult(
                 output=native.output(),
-                logs=native.logs(),
+                logs=native.logs() if status & fastcall.OK_LOGS else [],
                 metering=Metering(
                     fuel_consumed=max(0, lim.fuel - r.fuel_left),
                     wall_time_us=(time.perf_counter_ns() - started) // 1000,
                     peak_memory_bytes=r.memory_size,
                 ),
-                logs_truncated=bool(r.logs_truncated),
-                output_in_sink=bool(r.sink_active),
+                logs_truncated=bool(status & fastcall.OK_TRUNCATED),
+                output_in_sink=bool(status & fastcall.OK_SINK),
             )
         return self._native_failed(native, cm, status, lim, started)
 

@@ -100,7 +100,9 @@ typedef struct {
 
 /* Results Python reads after a call (fc_state's public head: keep in sync with native.py). */
 enum {
-    FC_OK = 0, FC_CODE = 1, FC_FAILED = 2, FC_VERIFY = 3
+    FC_OK = 0, FC_CODE = 1, FC_FAILED = 2, FC_VERIFY = 3,
+    /* flags on FC_OK, so that the common case reads no field it does not need */
+    FC_OK_LOGS = 16, FC_OK_TRUNCATED = 32, FC_OK_SINK = 64
 };
 enum {
     STAGE_NONE = 0, STAGE_SETUP = 1, STAGE_INSTANTIATE = 2, STAGE_EXPORT = 3,
@@ -118,7 +120,7 @@ typedef struct {
     wasmtime_store_t *store;
     wasmtime_context_t *ctx;
     uint8_t *out_buf;
-    uint64_t out_len, out_total;
+    uint64_t out_len, out_total, out_capacity;
     uint8_t *log_buf;
     uint64_t log_used, log_count, log_len;
     uint8_t has_memory, sink_active, output_limit, logs_truncated, timed_out, pad[3];
@@ -130,7 +132,7 @@ typedef struct {
     py_call_fn py_call;
     py_call_result_fn py_call_result;
     /* private */
-    uint64_t out_cap_alloc, log_cap_alloc;
+    uint64_t log_cap_alloc;
     const fc_limits *limits;
     uint64_t sink_threshold; /* 0: no output sink for this execution */
     int64_t deadline_ns;
@@ -178,6 +180,17 @@ int fc_init(void *const *funcs, size_t n) {
     return 0;
 }
 
+static int grow(uint8_t **buf, uint64_t *cap, uint64_t need) {
+    if (need <= *cap) return 1;
+    uint64_t size = *cap ? *cap : 4096;
+    while (size < need) size *= 2;
+    uint8_t *p = realloc(*buf, size);
+    if (!p) return 0;
+    *buf = p;
+    *cap = size;
+    return 1;
+}
+
 fc_state *fc_state_new(wasm_engine_t *engine, wasmtime_instance_t *instance,
                        wasmtime_extern_t *memory, py_sink_fn sink, py_call_fn call,
                        py_call_result_fn call_result) {
@@ -189,6 +202,10 @@ fc_state *fc_state_new(wasm_engine_t *engine, wasmtime_instance_t *instance,
     s->py_sink = sink;
     s->py_call = call;
     s->py_call_result = call_result;
+    if (!grow(&s->out_buf, &s->out_capacity, 64 * 1024)) { /* most outputs fit: one view */
+        free(s);
+        return NULL;
+    }
     return s;
 }
 
@@ -220,16 +237,6 @@ static uint8_t *locate(fc_state *s, wasmtime_caller_t *caller, uint32_t ptr, uin
     return memory_data(s->ctx, &s->memory->of.memory) + ptr;
 }
 
-static int grow(uint8_t **buf, uint64_t *cap, uint64_t need) {
-    if (need <= *cap) return 1;
-    uint64_t size = *cap ? *cap : 4096;
-    while (size < need) size *= 2;
-    uint8_t *p = realloc(*buf, size);
-    if (!p) return 0;
-    *buf = p;
-    *cap = size;
-    return 1;
-}
 
 /* host.output(ptr, len): kept in out_buf, or written to the sink once the output is large
  * (what was buffered first), as HostState.add_output does. */
@@ -253,7 +260,7 @@ wasm_trap_t *fc_host_output(void *env, wasmtime_caller_t *caller, wasmtime_val_r
         }
         if (s->py_sink(src, len)) return trap("host function failed");
     } else {
-        if (!grow(&s->out_buf, &s->out_cap_alloc, s->out_len + len))
+        if (!grow(&s->out_buf, &s->out_capacity, s->out_len + len))
             return trap("host function failed");
         memcpy(s->out_buf + s->out_len, src, len);
         s->out_len += len;
@@ -427,10 +434,11 @@ static int run(fc_state *s, const fc_plan *p, const uint8_t *data, uint64_t data
     s->ctx = NULL;
     s->store = NULL;
     store_delete(store);
-    return FC_OK;
+    return FC_OK | (s->log_count ? FC_OK_LOGS : 0) | (s->logs_truncated ? FC_OK_TRUNCATED : 0) |
+           (s->sink_active ? FC_OK_SINK : 0);
 }
 
-/* Returns FC_OK (store deleted, results set), FC_CODE (the entry returned s->code != 0),
+/* Returns FC_OK with flags (store deleted, results set), FC_CODE (the entry returned s->code != 0),
  * FC_FAILED (s->stage says where; s->error / s->trap are owned by the caller now) or, when
  * the plan asks, FC_VERIFY right after instantiating (then fc_continue goes on). In every
  * case but FC_OK the store is alive (s->store, s->ctx); after FC_CODE / FC_FAILED Python
@@ -453,10 +461,11 @@ int fc_execute(fc_state *s, const fc_plan *p, const fc_limits *l, const uint8_t 
     s->memory_size = 0;
     s->limits = l;
     s->sink_threshold = sink_threshold;
-    if (s->out_cap_alloc > (1 << 20)) { /* do not keep a large output's buffer around */
+    if (s->out_capacity > (1 << 20)) { /* do not keep a large output's buffer around */
         free(s->out_buf);
         s->out_buf = NULL;
-        s->out_cap_alloc = 0;
+        s->out_capacity = 0;
+        grow(&s->out_buf, &s->out_capacity, 64 * 1024); /* on failure: grown when needed */
     }
 
     int64_t started = l->precise_timeout_ns >= 0 ? now_ns() : 0;
