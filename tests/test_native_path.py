@@ -198,6 +198,18 @@ def test_the_committed_library_loads() -> None:
     assert fastcall.library() is not None
 
 
+def test_the_committed_library_is_built_from_the_committed_source() -> None:
+    """Editing fastcall.c means running sandbox_worker/native/build.sh and committing both."""
+    if not COMMITTED:
+        pytest.skip("the library is committed for linux x86_64 only")
+    import hashlib
+
+    lib = ctypes.CDLL(str(fastcall.LIBRARY))
+    lib.fc_source_sha256.restype = ctypes.c_char_p
+    source = fastcall.LIBRARY.parent / "fastcall.c"
+    assert lib.fc_source_sha256().decode() == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
 def test_disabled_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fastcall.DISABLE_ENV, "0")
     with Sandbox() as sandbox:
@@ -223,3 +235,41 @@ def test_a_missing_library_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert fastcall.library() is None
     with Sandbox() as sandbox:
         assert sandbox._native is None
+
+
+def _through_the_service() -> list[tuple[Any, ...]]:
+    """Outcomes through a real service: output, a trap, fuel, the grow probe's details."""
+    from wasmcore.client.launcher import start_service
+
+    outcomes: list[tuple[Any, ...]] = []
+    svc = start_service(workers=1)
+    try:
+        with svc.client() as c:
+            upper = c.load(PLUGINS / "uppercase.wasm").binary_id
+            result = c.execute(upper, b"through the wire")
+            outcomes.append((bytes(result.output), result.metering.fuel_consumed))
+            for plugin, data, kwargs in (
+                ("hostile/grow16.wat", b"x", {"memory_mb": 16}),
+                ("hostile/trap.wat", b"", {}),
+                ("hostile/loop.wat", b"", {"fuel": 100_000}),
+            ):
+                binary = c.load(PLUGINS / plugin).binary_id
+                with pytest.raises(WasmCoreError) as failed:
+                    c.execute(binary, data, **kwargs)
+                details = {k: v for k, v in failed.value.details.items()
+                           if k not in ("wall_time_us", "worker_pid")}
+                outcomes.append((failed.value.code, failed.value.message, details))
+    finally:
+        svc.cleanup()
+    return outcomes
+
+
+def test_both_paths_through_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker runs whichever path its environment selects; the wire cannot tell them
+    apart."""
+    native = _through_the_service()
+    monkeypatch.setenv(fastcall.DISABLE_ENV, "0")
+    plain = _through_the_service()
+    assert native == plain
+    assert native[0][0] == b"THROUGH THE WIRE"
+    assert [o[0] for o in native[1:]] == ["MEMORY_LIMIT", "TRAP", "OUT_OF_FUEL"]

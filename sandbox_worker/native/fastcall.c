@@ -140,7 +140,14 @@ typedef struct {
     wasmtime_val_raw_t args[4];
 } fc_state;
 
+#ifndef FC_SOURCE_SHA256
+#define FC_SOURCE_SHA256 "unknown"
+#endif
+
 int fc_version(void) { return FC_ABI_VERSION; }
+
+/* The sha256 of the fastcall.c it was built from (build.sh): a test catches a stale build. */
+const char *fc_source_sha256(void) { return FC_SOURCE_SHA256; }
 
 /* sizes and offsets this file assumes, for Python to compare with wasmtime-py's and its own */
 void fc_layout(int64_t *out) {
