@@ -174,6 +174,8 @@ class NativeRunner:
         """Link `compiled` (a core module without WASI) to the native host functions."""
         compiled.native_pre = link(self.linker, compiled.module)
         compiled.native_pre_addr = _raw.addr(compiled.native_pre)
+        # Its host functions write to this runner's C state: no other runner may run it.
+        compiled.native_owner = self
 
     @staticmethod
     def plan(compiled: CompiledModule, kind: EntryKind, index: int) -> tuple[Any, int]:

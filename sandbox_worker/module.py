@@ -87,6 +87,7 @@ class CompiledModule:
         "native_pre",
         "native_pre_addr",
         "native_plans",
+        "native_owner",
     )
 
     def __init__(
@@ -122,6 +123,7 @@ class CompiledModule:
         self.native_pre: wasmtime.InstancePre | None = None
         self.native_pre_addr = 0
         self.native_plans: dict[int, tuple[object, int]] | None = None
+        self.native_owner: object = None  # the NativeRunner (of one Sandbox) it is linked to
 
     def __repr__(self) -> str:
         return (

@@ -462,8 +462,9 @@ class Sandbox:
         command: bool = False,
         files: WasiFiles | None = None,
     ) -> ExecutionResult:
-        if cm.native_pre_addr and type(data) is bytes and self._native is not None:
-            return self._run_native(self._native, cm, kind, index, data, env_bytes, lim, sink)
+        native = self._native
+        if native is not None and cm.native_owner is native and type(data) is bytes:
+            return self._run_native(native, cm, kind, index, data, env_bytes, lim, sink)
         raw = _raw
         state = self._state
         i32 = self._i32
