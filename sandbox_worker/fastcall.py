@@ -39,7 +39,7 @@ LIBRARY = Path(__file__).parent / "native" / f"fastcall-{sys.platform}-{platform
 
 # fc_execute's results (fastcall.c): OK carries flags (the low four bits are the status)
 OK, CODE, FAILED, VERIFY = 0, 1, 2, 3
-STATUS_BITS, OK_LOGS, OK_TRUNCATED, OK_SINK = 15, 16, 32, 64
+STATUS_BITS, OK_LOGS, OK_TRUNCATED, OK_SINK, OK_KEPT = 15, 16, 32, 64, 128
 # where a failure happened (fastcall.c's STAGE_*)
 STAGE_SETUP, STAGE_INSTANTIATE, STAGE_EXPORT, STAGE_INITIALIZE = 1, 2, 3, 4
 STAGE_ALLOC_INPUT, STAGE_PLACE_INPUT, STAGE_ALLOC_ENV, STAGE_PLACE_ENV, STAGE_CALL = 5, 6, 7, 8, 9
@@ -59,7 +59,7 @@ class Results(ctypes.Structure):
         ("log_buf", c_void_p), ("log_used", c_uint64), ("log_count", c_uint64),
         ("log_len", c_uint64), ("has_memory", c_uint8), ("sink_active", c_uint8),
         ("output_limit", c_uint8), ("logs_truncated", c_uint8), ("timed_out", c_uint8),
-        ("pad", c_uint8 * 3),
+        ("kept", c_uint8), ("pad", c_uint8 * 2),
     ]
 
 
@@ -75,7 +75,7 @@ class _Limits(ctypes.Structure):
                 ("precise_timeout_ns", c_int64)]
 
 
-SINK_CALLBACK = ctypes.CFUNCTYPE(c_int, c_void_p, c_size_t)
+SINK_CALLBACK = ctypes.CFUNCTYPE(c_int, c_void_p, c_size_t)  # also the `keep` callback
 CALL_CALLBACK = ctypes.CFUNCTYPE(c_int, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p)
 CALL_RESULT_CALLBACK = ctypes.CFUNCTYPE(c_int, c_void_p, c_size_t, c_void_p)
 
@@ -120,7 +120,7 @@ def _load() -> Any:
     if lib.fc_init(ctypes.addressof(table), len(functions)) != 0:
         raise RuntimeError("libwasmtime lacks a function the native path needs")
     lib.fc_state_new.restype = c_void_p
-    lib.fc_state_new.argtypes = [c_void_p] * 6
+    lib.fc_state_new.argtypes = [c_void_p] * 7
     lib.fc_state_free.restype = None
     lib.fc_state_free.argtypes = [c_void_p]
     return lib
@@ -138,7 +138,9 @@ class NativeRunner:
         # The ctypes callback objects must outlive the C state: kept here.
         self._callbacks = (SINK_CALLBACK(callbacks["sink_write"]),
                            CALL_CALLBACK(callbacks["call"]),
-                           CALL_RESULT_CALLBACK(callbacks["call_result"]))
+                           CALL_RESULT_CALLBACK(callbacks["call_result"]),
+                           SINK_CALLBACK(callbacks["keep"]))
+        self._state = state
         self._state_addr: int = lib.fc_state_new(
             _raw.addr(engine), instance_addr, state.memory_extern_addr,
             *(ctypes.cast(cb, c_void_p).value for cb in self._callbacks))
@@ -208,8 +210,13 @@ class NativeRunner:
         self.limits_cache[id(lim)] = (lim, address, struct)
         return address
 
-    def output(self) -> bytes:
-        """The output kept by the last execution (empty when it went to the sink)."""
+    def output(self, kept: bool = False) -> bytes:
+        """The output of the last execution (empty when it went to the sink); `kept`: the
+        status said Python holds its first pieces (HostState.output)."""
+        if kept:
+            pieces = self._state.output
+            self._state.output = []
+            return b"".join([*pieces, self.output()])
         r = self.results
         n = r.out_len
         if not n:

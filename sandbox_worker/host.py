@@ -351,7 +351,15 @@ def make_native_callbacks(state: HostState) -> dict[str, Any]:
             state.failure = InternalError(f"host.call_result failed: {exc!r}")
             return 1
 
-    return {"sink_write": sink_write, "call": call, "call_result": call_result}
+    def keep(address: int, length: int) -> int:
+        try:
+            state.output.append(string_at(address, length))
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.output failed: {exc!r}")
+            return 1
+
+    return {"sink_write": sink_write, "call": call, "call_result": call_result, "keep": keep}
 
 
 _I32 = wasmtime.ValType.i32()

@@ -613,6 +613,8 @@ class Sandbox:
             state.call_result = b""
         state.sink = sink
         state.sink_active = False
+        if state.output:  # pieces of a large output (host.make_native_callbacks' `keep`)
+            state.output = []
         found = native.limits_cache.get(id(lim))
         if found is not None and found[0] is lim:
             limits = found[1]
@@ -641,7 +643,7 @@ class Sandbox:
         if not status & fastcall.STATUS_BITS:  # OK, with flags
             r = native.results
             return ExecutionResult(
-                output=native.output(),
+                output=native.output(bool(status & fastcall.OK_KEPT)),
                 logs=native.logs() if status & fastcall.OK_LOGS else [],
                 metering=Metering(
                     fuel_consumed=max(0, lim.fuel - r.fuel_left),
@@ -712,7 +714,7 @@ class Sandbox:
             _raw.store_delete(store)
         if failure is None:  # nothing failed after all (as `_run` would report it)
             return ExecutionResult(
-                output=native.output(), logs=native.logs(),
+                output=native.output(bool(r.kept)), logs=native.logs(),
                 metering=Metering(fuel_consumed=max(0, lim.fuel - fuel_left),
                                   wall_time_us=(time.perf_counter_ns() - started) // 1000,
                                   peak_memory_bytes=memory_size),

@@ -96,6 +96,48 @@ def test_env_and_entries(pair) -> None:
     assert same(pair, PLUGINS / "multi_entry.wasm", entry="fail")[2] == "PLUGIN_ERROR"
 
 
+# Echoes its input with one host.output per `step` bytes (step = the env's length, or 40,000),
+# so that a large output crosses the native path's 64 KiB buffer in the middle of the stream.
+CHUNKED_ECHO = b"""
+(module
+  (import "host" "output" (func $output (param i32 i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "alloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (local.get $p) (local.get $n)))
+    (if (i32.gt_u (global.get $heap) (i32.shl (memory.size) (i32.const 16)))
+      (then (if (i32.eq (memory.grow (i32.add (i32.shr_u (i32.sub (global.get $heap)
+                  (i32.shl (memory.size) (i32.const 16))) (i32.const 16)) (i32.const 1)))
+                (i32.const -1)) (then unreachable))))
+    (local.get $p))
+  (func (export "process") (param $in i32) (param $len i32) (param $env i32) (param $env_len i32)
+        (result i32)
+    (local $i i32) (local $n i32) (local $step i32)
+    (local.set $step (select (local.get $env_len) (i32.const 40000) (local.get $env_len)))
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
+        (local.set $n (i32.sub (local.get $len) (local.get $i)))
+        (if (i32.gt_u (local.get $n) (local.get $step)) (then (local.set $n (local.get $step))))
+        (call $output (i32.add (local.get $in) (local.get $i)) (local.get $n))
+        (local.set $i (i32.add (local.get $i) (local.get $n)))
+        (br $next)))
+    (i32.const 0)))
+"""
+
+
+@pytest.mark.parametrize("size", [65_536, 65_537, 200_000, 1_000_003])
+def test_large_outputs_keep_their_order(pair, size: int) -> None:
+    data = bytes(i * 7 % 251 for i in range(size))
+    assert same(pair, PLUGINS / "uppercase.wasm", data)[1] == data.upper()  # one output call
+    assert same(pair, CHUNKED_ECHO, data)[1] == data  # 40,000-byte calls
+    assert same(pair, CHUNKED_ECHO, data, env={"S": "x" * 9_000})[1] == data  # 9,003 each
+    small = Limits(output_bytes=size - 1)
+    assert same(pair, CHUNKED_ECHO, data, limits=small)[2] == "OUTPUT_LIMIT"
+
+
 def test_traps(pair) -> None:
     for name in ("trap.wasm", "trap_divzero.wasm", "recursion.wasm", "nonzero.wasm"):
         assert same(pair, HOSTILE / name, b"abc", limits=TIGHT)[0] == "error"

@@ -74,6 +74,7 @@ static wasm_trap_t *(*trap_new)(const char *, size_t);
 /* Python callbacks (ctypes CFUNCTYPE objects kept alive by native.py). Each returns 0 on
  * success; non-zero means Python recorded the failure (state.failure) and the call traps. */
 typedef int (*py_sink_fn)(const uint8_t *addr, size_t len);
+typedef int (*py_keep_fn)(const uint8_t *addr, size_t len);
 typedef int (*py_call_fn)(const uint8_t *name, size_t name_len, const uint8_t *req,
                           size_t req_len, int64_t *result);
 typedef int (*py_call_result_fn)(uint8_t *dst, size_t dst_len, int32_t *copied);
@@ -102,7 +103,7 @@ typedef struct {
 enum {
     FC_OK = 0, FC_CODE = 1, FC_FAILED = 2, FC_VERIFY = 3,
     /* flags on FC_OK, so that the common case reads no field it does not need */
-    FC_OK_LOGS = 16, FC_OK_TRUNCATED = 32, FC_OK_SINK = 64
+    FC_OK_LOGS = 16, FC_OK_TRUNCATED = 32, FC_OK_SINK = 64, FC_OK_KEPT = 128
 };
 enum {
     STAGE_NONE = 0, STAGE_SETUP = 1, STAGE_INSTANTIATE = 2, STAGE_EXPORT = 3,
@@ -123,12 +124,13 @@ typedef struct {
     uint64_t out_len, out_total, out_capacity;
     uint8_t *log_buf;
     uint64_t log_used, log_count, log_len;
-    uint8_t has_memory, sink_active, output_limit, logs_truncated, timed_out, pad[3];
+    uint8_t has_memory, sink_active, output_limit, logs_truncated, timed_out, kept, pad[2];
     /* set once */
     wasm_engine_t *engine;
     wasmtime_instance_t *instance;  /* Python's InstanceSlot */
     wasmtime_extern_t *memory;      /* Python's HostState memory extern */
     py_sink_fn py_sink;
+    py_keep_fn py_keep; /* output pieces past out_buf's capacity, kept by Python */
     py_call_fn py_call;
     py_call_result_fn py_call_result;
     /* private */
@@ -200,16 +202,19 @@ static int grow(uint8_t **buf, uint64_t *cap, uint64_t need) {
 
 fc_state *fc_state_new(wasm_engine_t *engine, wasmtime_instance_t *instance,
                        wasmtime_extern_t *memory, py_sink_fn sink, py_call_fn call,
-                       py_call_result_fn call_result) {
+                       py_call_result_fn call_result, py_keep_fn keep) {
     fc_state *s = calloc(1, sizeof(fc_state));
     if (!s) return NULL;
     s->engine = engine;
     s->instance = instance;
     s->memory = memory;
     s->py_sink = sink;
+    s->py_keep = keep;
     s->py_call = call;
     s->py_call_result = call_result;
-    if (!grow(&s->out_buf, &s->out_capacity, 64 * 1024)) { /* most outputs fit: one view */
+    /* Fixed: most outputs fit; larger ones go to Python in pieces (one copy, as on the ctypes
+     * path) rather than through a growing buffer (copies and page faults). */
+    if (!grow(&s->out_buf, &s->out_capacity, 64 * 1024)) {
         free(s);
         return NULL;
     }
@@ -267,10 +272,18 @@ wasm_trap_t *fc_host_output(void *env, wasmtime_caller_t *caller, wasmtime_val_r
         }
         if (s->py_sink(src, len)) return trap("host function failed");
     } else {
-        if (!grow(&s->out_buf, &s->out_capacity, s->out_len + len))
-            return trap("host function failed");
-        memcpy(s->out_buf + s->out_len, src, len);
-        s->out_len += len;
+        if (s->out_len + len > s->out_capacity) { /* Python keeps what is buffered, in order */
+            if (s->out_len && s->py_keep(s->out_buf, s->out_len))
+                return trap("host function failed");
+            s->out_len = 0;
+            s->kept = 1;
+        }
+        if (len > s->out_capacity) {
+            if (s->py_keep(src, len)) return trap("host function failed");
+        } else {
+            memcpy(s->out_buf + s->out_len, src, len);
+            s->out_len += len;
+        }
     }
     s->out_total += len;
     return NULL;
@@ -442,7 +455,7 @@ static int run(fc_state *s, const fc_plan *p, const uint8_t *data, uint64_t data
     s->store = NULL;
     store_delete(store);
     return FC_OK | (s->log_count ? FC_OK_LOGS : 0) | (s->logs_truncated ? FC_OK_TRUNCATED : 0) |
-           (s->sink_active ? FC_OK_SINK : 0);
+           (s->sink_active ? FC_OK_SINK : 0) | (s->kept ? FC_OK_KEPT : 0);
 }
 
 /* Returns FC_OK with flags (store deleted, results set), FC_CODE (the entry returned s->code != 0),
@@ -462,19 +475,13 @@ int fc_execute(fc_state *s, const fc_plan *p, const fc_limits *l, const uint8_t 
     s->output_limit = 0;
     s->logs_truncated = 0;
     s->timed_out = 0;
+    s->kept = 0;
     s->out_len = s->out_total = 0;
     s->log_used = s->log_count = s->log_len = 0;
     s->fuel_left = 0;
     s->memory_size = 0;
     s->limits = l;
     s->sink_threshold = sink_threshold;
-    if (s->out_capacity > (1 << 20)) { /* do not keep a large output's buffer around */
-        free(s->out_buf);
-        s->out_buf = NULL;
-        s->out_capacity = 0;
-        grow(&s->out_buf, &s->out_capacity, 64 * 1024); /* on failure: grown when needed */
-    }
-
     int64_t started = l->precise_timeout_ns >= 0 ? now_ns() : 0;
     wasmtime_store_t *store = store_new(s->engine, NULL, NULL);
     wasmtime_context_t *ctx = store_context(store);
