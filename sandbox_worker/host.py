@@ -321,9 +321,14 @@ def make_native_callbacks(state: HostState) -> dict[str, Any]:
 
     def sink_write(address: int, length: int) -> int:
         try:
-            assert state.sink is not None
-            state.sink.write(address, length)
-            state.sink_active = True
+            sink = state.sink
+            assert sink is not None
+            if not state.sink_active:  # pieces `keep` took first: they come first
+                for piece in state.output:
+                    sink.write_bytes(piece)
+                state.output = []
+                state.sink_active = True
+            sink.write(address, length)
             return 0
         except BaseException as exc:  # must never unwind into wasm
             state.failure = InternalError(f"host.output failed: {exc!r}")

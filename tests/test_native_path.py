@@ -205,6 +205,14 @@ def test_output_sink(pair) -> None:
                for s, sink in zip(pair, sinks, strict=True)]
         assert got[0] == got[1] and sinks[0].data == sinks[1].data
         assert bytes(sinks[0].data) + got[0][1] == data.upper()
+    # a sink whose threshold is past the native path's 64 KiB buffer: pieces kept by Python
+    # before the sink takes over must reach it first
+    data = bytes(i * 7 % 251 for i in range(1_000_003))
+    sinks = [Sink(100_000), Sink(100_000)]
+    got = [outcome(s, CHUNKED_ECHO, data, output_sink=sink)
+           for s, sink in zip(pair, sinks, strict=True)]
+    assert got[0] == got[1] and got[0][6] is True
+    assert bytes(sinks[0].data) == bytes(sinks[1].data) == data
     failing = [outcome(s, wasm, b"c" * 5000, output_sink=Sink(1000, fail=True)) for s in pair]
     assert failing[0] == failing[1] and failing[0][2] == InternalError.code
 
