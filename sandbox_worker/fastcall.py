@@ -40,6 +40,7 @@ LIBRARY = Path(__file__).parent / "native" / f"fastcall-{sys.platform}-{platform
 # fc_execute's results (fastcall.c): OK carries flags (the low four bits are the status)
 OK, CODE, FAILED, VERIFY = 0, 1, 2, 3
 STATUS_BITS, OK_LOGS, OK_TRUNCATED, OK_SINK, OK_KEPT = 15, 16, 32, 64, 128
+NO_SINK = 2**64 - 1  # fc_execute's sink threshold when there is no sink (never reached)
 # where a failure happened (fastcall.c's STAGE_*)
 STAGE_SETUP, STAGE_INSTANTIATE, STAGE_EXPORT, STAGE_INITIALIZE = 1, 2, 3, 4
 STAGE_ALLOC_INPUT, STAGE_PLACE_INPUT, STAGE_ALLOC_ENV, STAGE_PLACE_ENV, STAGE_CALL = 5, 6, 7, 8, 9

@@ -631,7 +631,8 @@ class Sandbox:
             plan.verify = 1
         started = time.perf_counter_ns()
         status = native.execute(native.state, plan_addr, limits, data, len(data), env_bytes,
-                                len(env_bytes), sink.threshold if sink is not None else 0)
+                                len(env_bytes),
+                                sink.threshold if sink is not None else fastcall.NO_SINK)
         if status == fastcall.VERIFY:  # the module's first execution: check export indices
             plan.verify = 0
             try:

@@ -199,8 +199,8 @@ class Sink:
 
 def test_output_sink(pair) -> None:
     wasm = (PLUGINS / "uppercase.wasm").read_bytes()
-    for data in (b"a" * 5000, b"b" * 10):
-        sinks = [Sink(1000), Sink(1000)]
+    for data, threshold in ((b"a" * 5000, 1000), (b"b" * 10, 1000), (b"c" * 10, 0)):
+        sinks = [Sink(threshold), Sink(threshold)]
         got = [outcome(s, wasm, data, output_sink=sink)
                for s, sink in zip(pair, sinks, strict=True)]
         assert got[0] == got[1] and sinks[0].data == sinks[1].data

@@ -136,7 +136,7 @@ typedef struct {
     /* private */
     uint64_t log_cap_alloc;
     const fc_limits *limits;
-    uint64_t sink_threshold; /* 0: no output sink for this execution */
+    uint64_t sink_threshold; /* UINT64_MAX: no output sink for this execution */
     int64_t deadline_ns;
     wasmtime_extern_t func;
     wasmtime_val_raw_t args[4];
@@ -262,8 +262,7 @@ wasm_trap_t *fc_host_output(void *env, wasmtime_caller_t *caller, wasmtime_val_r
         s->output_limit = 1;
         return trap("output limit exceeded");
     }
-    uint64_t threshold = s->sink_threshold;
-    if (threshold && (s->sink_active || s->out_total + len >= threshold)) {
+    if (s->sink_active || s->out_total + len >= s->sink_threshold) {
         if (!s->sink_active) {
             if (s->out_len && s->py_sink(s->out_buf, s->out_len))
                 return trap("host function failed");
