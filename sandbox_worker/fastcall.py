@@ -169,9 +169,10 @@ class NativeRunner:
         self._view = memoryview(b"")
 
     def close(self) -> None:
+        """Free the C state (the Sandbox is closed: nothing runs through it any more)."""
         if self._state_addr:
             self._lib.fc_state_free(self._state_addr)
-            self._state_addr = 0
+            self._state_addr = self.state = 0
 
     def prepare(self, compiled: CompiledModule) -> None:
         """Link `compiled` (a core module without WASI) to the native host functions."""
