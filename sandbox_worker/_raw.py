@@ -273,6 +273,59 @@ def enable_pooling(
         _pool_delete(pc)
 
 
+# --- the native fast path (fastcall.py, sandbox_worker/native/fastcall.c) --------------------
+# The C file takes libwasmtime's functions as addresses from the library wasmtime-py loaded
+# (nothing linked at build time) and assumes the layouts below; fastcall.py refuses the native
+# path unless the C file reports exactly these.
+NATIVE_FUNCTIONS = (
+    "wasmtime_store_new", "wasmtime_store_context", "wasmtime_store_delete",
+    "wasmtime_store_limiter", "wasmtime_context_set_fuel", "wasmtime_context_get_fuel",
+    "wasmtime_context_set_epoch_deadline", "wasmtime_store_epoch_deadline_callback",
+    "wasmtime_error_new", "wasmtime_instance_pre_instantiate", "wasmtime_instance_export_nth",
+    "wasmtime_func_call_unchecked", "wasmtime_memory_data", "wasmtime_memory_data_size",
+    "wasmtime_caller_export_get", "wasmtime_trap_new",
+)
+# (sizeof wasmtime_extern_t, offset of its union, sizeof wasmtime_instance_t,
+#  sizeof wasmtime_val_raw_t, sizeof wasmtime_memory_t, sizeof wasmtime_func_t,
+#  WASMTIME_EXTERN_MEMORY)
+NATIVE_LAYOUT = (
+    ctypes.sizeof(ffi.wasmtime_extern_t), _EXTERN_UNION_OFFSET,
+    ctypes.sizeof(ffi.wasmtime_instance_t), VAL_RAW_SIZE, ctypes.sizeof(ffi.wasmtime_memory_t),
+    ctypes.sizeof(ffi.wasmtime_func_t), _EXTERN_MEMORY,
+)
+
+
+def native_function_addresses() -> list[int]:
+    """The addresses of NATIVE_FUNCTIONS in the loaded libwasmtime (0 where one is missing)."""
+    found: list[int] = []
+    for name in NATIVE_FUNCTIONS:
+        try:
+            found.append(ctypes.cast(getattr(_DLL, name), c_void_p).value or 0)
+        except AttributeError:
+            found.append(0)
+    return found
+
+
+_linker_define_func_native = _holding(
+    "wasmtime_linker_define_func_unchecked", c_void_p, c_void_p, ctypes.c_char_p, c_size_t,
+    ctypes.c_char_p, c_size_t, c_void_p, c_void_p, c_void_p, c_void_p,
+)
+
+
+def define_func_native(
+    linker: wasmtime.Linker, module: bytes, name: bytes, func_type: wasmtime.FuncType,
+    callback_addr: int, env_addr: int,
+) -> None:
+    """Define `module.name` on `linker` as the C unchecked callback at `callback_addr`, which
+    gets `env_addr` as its env (both must outlive the linker)."""
+    error = _linker_define_func_native(
+        addr(linker), module, len(module), name, len(name), addr(func_type), callback_addr,
+        env_addr, None,
+    )
+    if error:
+        raise take_error(error)
+
+
 # --- components: the call of a plugin's `process` with bytes moved in bulk ------------------
 # wasmtime-py lowers a `list<u8>` one element at a time in Python (a wasmtime_component_val_t
 # per byte, built by a Python loop: about 2 s per MiB). The C API still wants one 32-byte val

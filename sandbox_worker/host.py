@@ -115,10 +115,7 @@ class HostState:
         else kept. False, with OUTPUT_LIMIT as the execution's failure, past the output cap."""
         if self.output_len + length > self.output_cap:
             if self.failure is None:
-                self.failure = OutputLimit(
-                    f"plugin output exceeds the {self.output_cap}-byte limit",
-                    {"output_bytes": self.output_cap},
-                )
+                self.failure = output_limit_error(self.output_cap)
             return False
         if sink is not None and (self.sink_active or self.output_len + length >= sink.threshold):
             if not self.sink_active:
@@ -168,6 +165,22 @@ class OutputSink(Protocol):
         """Copy `length` bytes at host `address` (guest memory, valid only now)."""
 
     def write_bytes(self, data: bytes) -> None: ...
+
+
+def output_limit_error(cap: int) -> OutputLimit:
+    return OutputLimit(f"plugin output exceeds the {cap}-byte limit", {"output_bytes": cap})
+
+
+def call_host_method(state: HostState, name: bytes, request: bytes) -> int:
+    """host.call's work: run the method, keep its response (or error) for host.call_result;
+    returns what the guest gets, the body's length (minus it for an error)."""
+    methods = state.methods
+    if methods is None:
+        ok, body = False, b'{"error":{"code":"NOT_FOUND","message":"no host methods"}}'
+    else:
+        ok, body = methods.call(state.tenant, name.decode("utf-8", "replace"), request)
+    state.call_result = body
+    return len(body) if ok else -len(body)
 
 
 def _trap(message: str) -> int:
@@ -265,15 +278,7 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
             found = read_two(caller, args)
             if found is None:
                 return _trap("host.call: pointer/length outside the plugin's memory")
-            name = found[0].decode("utf-8", "replace")
-            request = found[1]
-            methods = state.methods
-            if methods is None:
-                ok, body = False, b'{"error":{"code":"NOT_FOUND","message":"no host methods"}}'
-            else:
-                ok, body = methods.call(state.tenant, name, request)
-            state.call_result = body
-            i64_at(args).value = len(body) if ok else -len(body)
+            i64_at(args).value = call_host_method(state, found[0], found[1])
             return 0
         except BaseException as exc:  # must never unwind into wasm
             state.failure = InternalError(f"host.call failed: {exc!r}")
@@ -303,6 +308,63 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
         "call": _raw.UNCHECKED_CALLBACK(call),
         "call_result": _raw.UNCHECKED_CALLBACK(call_result),
     }
+
+
+def make_native_callbacks(state: HostState) -> dict[str, Any]:
+    """What the native fast path (fastcall.c) calls back into Python for, as plain functions
+    taking host addresses (the C side has checked them against guest memory). Each returns 0,
+    or 1 after recording the failure in `state` (the guest then traps)."""
+    string_at = ctypes.string_at
+    i64_at = ctypes.c_int64.from_address
+    i32_at = ctypes.c_int32.from_address
+    memmove = ctypes.memmove
+
+    def sink_write(address: int, length: int) -> int:
+        try:
+            sink = state.sink
+            assert sink is not None
+            if not state.sink_active:  # pieces `keep` took first: they come first
+                for piece in state.output:
+                    sink.write_bytes(piece)
+                state.output = []
+                state.sink_active = True
+            sink.write(address, length)
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.output failed: {exc!r}")
+            return 1
+
+    def call(name: int, name_len: int, request: int, request_len: int, result: int) -> int:
+        try:
+            i64_at(result).value = call_host_method(
+                state, string_at(name, name_len) if name_len else b"",
+                string_at(request, request_len) if request_len else b"")
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.call failed: {exc!r}")
+            return 1
+
+    def call_result(target: int, length: int, copied: int) -> int:
+        try:
+            body = state.call_result
+            n = min(length, len(body))
+            if n:
+                memmove(target, body, n)
+            i32_at(copied).value = n
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.call_result failed: {exc!r}")
+            return 1
+
+    def keep(address: int, length: int) -> int:
+        try:
+            state.output.append(string_at(address, length))
+            return 0
+        except BaseException as exc:  # must never unwind into wasm
+            state.failure = InternalError(f"host.output failed: {exc!r}")
+            return 1
+
+    return {"sink_write": sink_write, "call": call, "call_result": call_result, "keep": keep}
 
 
 _I32 = wasmtime.ValType.i32()

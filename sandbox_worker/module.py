@@ -84,6 +84,10 @@ class CompiledModule:
         "opens_files",
         "verified",
         "probe_index",
+        "native_pre",
+        "native_pre_addr",
+        "native_plans",
+        "native_owner",
     )
 
     def __init__(
@@ -114,6 +118,12 @@ class CompiledModule:
         self.verified = False
         # The grow probe's global (grow_probe.py), when the module was instrumented.
         self.probe_index: int | None = None
+        # The native fast path (fastcall.py): an InstancePre linked to its C host functions,
+        # and the C plan of each entry used so far (by export index). None: not eligible.
+        self.native_pre: wasmtime.InstancePre | None = None
+        self.native_pre_addr = 0
+        self.native_plans: dict[int, tuple[object, int]] | None = None
+        self.native_owner: object = None  # the NativeRunner (of one Sandbox) it is linked to
 
     def __repr__(self) -> str:
         return (

@@ -37,11 +37,18 @@ from wasmcore.protocol.errors import (
 from wasmcore.protocol.limits import WASM_PAGE, Limits, Metering
 from wasmcore.protocol.settings import SandboxConfig
 
-from . import _raw
+from . import _raw, fastcall
 from .component import CompiledComponent, ComponentRunner, is_component
 from .extism import ExtismHost, UserCall, UserKnown, is_extism
 from .grow_probe import instrument
-from .host import HostState, InputSource, OutputSink, define_host_functions, make_host_callbacks
+from .host import (
+    HostState,
+    InputSource,
+    OutputSink,
+    define_host_functions,
+    make_host_callbacks,
+    output_limit_error,
+)
 from .host_methods import HostMethods
 from .module import (
     DEFAULT_ENTRY,
@@ -102,6 +109,7 @@ class Sandbox:
         methods: HostMethods | None = None,
         user_call: UserCall | None = None,
         user_known: UserKnown | None = None,
+        native: bool | None = None,
     ) -> None:
         """`methods`: what plugins reach with `host.call` (none: every call is answered
         NOT_FOUND). `user_call(tenant, name, request) -> (ok, response)` resolves Extism
@@ -109,7 +117,9 @@ class Sandbox:
         function is a host method of the same name; with no methods, every call answers
         NOT_FOUND, as `host.call` does). `user_known(name)`, if given, is asked at load: a
         name it denies is refused then (without it, any name links, since methods come and go
-        with config reloads, and an unknown one fails when called)."""
+        with config reloads, and an unknown one fails when called). `native`: run core modules
+        without WASI through the native fast path (fastcall.py) when its library loads; None
+        means yes unless WASMCORE_NATIVE=0 is set, False keeps the ctypes path."""
         if user_call is None:
             user_call = methods.call if methods is not None else _no_host_methods
         self.config = config
@@ -161,6 +171,8 @@ class Sandbox:
         self._i32 = self._args.i32
         self._u32_0 = self._args.u32_0
         self._export, self._call = self._make_call_helpers()
+        self._native = fastcall.make_runner(self._engine, self._instance_addr, self._state,
+                                            native)
 
         # Short timeouts: the epoch deadline callback checks the clock (see `_run`).
         self._deadline_ns = 0
@@ -182,6 +194,8 @@ class Sandbox:
         self._ticker.stop()
         self._cache.clear()
         self._scratch_dirs.close()
+        if self._native is not None:
+            self._native.close()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -320,6 +334,8 @@ class Sandbox:
         compiled.needs_wasi = needs_wasi
         compiled.opens_files = needs_wasi and opens_files(module)
         analyze(compiled)
+        if self._native is not None and compiled.kind == "core" and not needs_wasi:
+            self._native.prepare(compiled)
         return compiled
 
     # ------------------------------------------------------------------ executing
@@ -446,6 +462,9 @@ class Sandbox:
         command: bool = False,
         files: WasiFiles | None = None,
     ) -> ExecutionResult:
+        native = self._native
+        if native is not None and cm.native_owner is native and type(data) is bytes:
+            return self._run_native(native, cm, kind, index, data, env_bytes, lim, sink)
         raw = _raw
         state = self._state
         i32 = self._i32
@@ -572,6 +591,143 @@ class Sandbox:
             logs_truncated=state.logs_truncated,
             output_in_sink=state.sink_active,
         )
+
+    def _run_native(
+        self,
+        native: fastcall.NativeRunner,
+        cm: CompiledModule,
+        kind: EntryKind,
+        index: int,
+        data: bytes,
+        env_bytes: bytes,
+        lim: Limits,
+        sink: OutputSink | None,
+    ) -> ExecutionResult:
+        """`_run` for a core module without WASI, in one native call (fastcall.py). The same
+        guarantees: a fresh store, fuel, the epoch deadline (the clock for short timeouts),
+        the memory limit, the output and log caps; failures come back with the store alive
+        and are classified here exactly as `_run` does."""
+        state = self._state
+        state.failure = None
+        if state.call_result:
+            state.call_result = b""
+        state.sink = sink
+        state.sink_active = False
+        if state.output:  # pieces of a large output (host.make_native_callbacks' `keep`)
+            state.output = []
+        found = native.limits_cache.get(id(lim))
+        if found is not None and found[0] is lim:
+            limits = found[1]
+        else:
+            timeout_ms = lim.timeout_ms
+            if timeout_ms < self._precise_below_ms:  # the clock decides, as in `_run`
+                ticks = max(1, math.ceil(timeout_ms / self._tick_ms))
+                limits = native.limits(lim, ticks, timeout_ms * 1_000_000)
+            else:
+                limits = native.limits(lim, deadline_ticks(timeout_ms, self._tick_ms), -1)
+        plan, plan_addr = native.plan(cm, kind, index)
+        verify = not cm.verified
+        if verify:
+            plan.verify = 1
+        started = time.perf_counter_ns()
+        status = native.execute(native.state, plan_addr, limits, data, len(data), env_bytes,
+                                len(env_bytes),
+                                sink.threshold if sink is not None else fastcall.NO_SINK)
+        if status == fastcall.VERIFY:  # the module's first execution: check export indices
+            plan.verify = 0
+            try:
+                self._verify_exports(native.results.ctx or 0, cm)
+            except WasmCoreError as exc:
+                return self._native_failed(native, cm, status, lim, started, exc)
+            status = native.resume(native.state, plan_addr, data, len(data), env_bytes,
+                                   len(env_bytes))
+        if not status & fastcall.STATUS_BITS:  # OK, with flags
+            r = native.results
+            return ExecutionResult(
+                output=native.output(bool(status & fastcall.OK_KEPT)),
+                logs=native.logs() if status & fastcall.OK_LOGS else [],
+                metering=Metering(
+                    fuel_consumed=max(0, lim.fuel - r.fuel_left),
+                    wall_time_us=(time.perf_counter_ns() - started) // 1000,
+                    peak_memory_bytes=r.memory_size,
+                ),
+                logs_truncated=bool(status & fastcall.OK_TRUNCATED),
+                output_in_sink=bool(status & fastcall.OK_SINK),
+            )
+        return self._native_failed(native, cm, status, lim, started)
+
+    def _native_failed(self, native: fastcall.NativeRunner, cm: CompiledModule, status: int,
+                       lim: Limits, started: int,
+                       failure: WasmCoreError | None = None) -> ExecutionResult:
+        """The end of a native execution that did not simply succeed (its store is still
+        alive): the failure classified as `_run` classifies it, the metering, the store
+        deleted. `failure`: one already decided here (the export check)."""
+        state = self._state
+        r = native.results
+        store, ctx = r.store or 0, r.ctx or 0
+        state.ctx = ctx
+        state.has_memory = bool(r.has_memory)  # the C side filled state.memory_extern
+        stage = r.stage
+        instantiated = status != fastcall.FAILED or stage not in (
+            fastcall.STAGE_SETUP, fastcall.STAGE_INSTANTIATE)
+        try:
+            if failure is not None:
+                pass
+            elif status == fastcall.CODE:
+                failure = plugin_code_error(r.code, lim, state.memory_size())
+            elif stage == fastcall.STAGE_EXPORT:
+                failure = InternalError(f"export #{r.missing_index} missing from the instance")
+            else:
+                failed = _Failed(r.error or 0, r.trap or 0)
+                if stage in fastcall.ALLOC_STAGES:
+                    n = r.alloc_len
+                    if state.memory_size() + n > lim.memory_bytes:
+                        self._discard(failed)
+                        raise _too_big(n, lim)
+                elif stage in fastcall.PLACE_STAGES:
+                    n, ptr, size = r.alloc_len, r.alloc_ptr, state.memory_size()
+                    if memory_at_cap(size, lim) or size + n > lim.memory_bytes:
+                        raise _too_big(n, lim)
+                    raise Trap(
+                        f"alloc({n}) returned {ptr:#x}, outside the plugin's memory",
+                        {"trap_code": None},
+                    )
+                raise failed
+        except _Failed as failed:
+            failure = self._classify(failed, lim)
+            if r.timed_out:  # the deadline callback stopped it
+                failure = from_trap_code(INTERRUPT, lim.timeout_ms, lim.fuel)
+        except WasmCoreError as exc:
+            failure = exc
+        finally:
+            if r.output_limit and state.failure is None:
+                state.failure = output_limit_error(lim.output_bytes)
+            if state.failure is not None:
+                # The host decided (output cap): that explains whatever happened next.
+                failure = state.failure
+            elif (failure is not None and instantiated and cm.probe_index is not None
+                  and isinstance(failure, _AFTER_REFUSED_GROW)):
+                failure = self._refused_grow(ctx, cm, lim, failure)
+            _raw.context_get_fuel(ctx, self._fuel_addr)
+            fuel_left = self._fuel.value
+            memory_size = state.memory_size()
+            state.detach()
+            _raw.store_delete(store)
+        if failure is None:  # nothing failed after all (as `_run` would report it)
+            return ExecutionResult(
+                output=native.output(bool(r.kept)), logs=native.logs(),
+                metering=Metering(fuel_consumed=max(0, lim.fuel - fuel_left),
+                                  wall_time_us=(time.perf_counter_ns() - started) // 1000,
+                                  peak_memory_bytes=memory_size),
+                logs_truncated=bool(r.logs_truncated), output_in_sink=bool(r.sink_active))
+        failure.details.update(
+            fuel_consumed=max(0, lim.fuel - fuel_left),
+            wall_time_us=(time.perf_counter_ns() - started) // 1000,
+            peak_memory_bytes=memory_size,
+            logs=native.logs(),
+            logs_truncated=bool(r.logs_truncated),
+        )
+        raise failure
 
     # ------------------------------------------------------------------ raw helpers
 

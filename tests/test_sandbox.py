@@ -92,9 +92,10 @@ NOARG_ONLY_WAT = """
 """
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox() as sb:
+@pytest.fixture(scope="module", params=[True, False], ids=["native", "ctypes"])
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """Every test on both execution paths: the native one (fastcall.py) and ctypes."""
+    with Sandbox(native=request.param) as sb:
         yield sb
 
 
