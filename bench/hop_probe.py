@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 ENV = "WASMCORE_HOP_PROBE"
+FUNCS_ENV = "WASMCORE_HOP_PROBE_FUNCS"
 _FLUSH_EVERY = 256
 
 _events: list[tuple[int, str, str]] = []
@@ -31,6 +32,7 @@ _fd = -1
 _role = "client"
 _main = threading.main_thread().ident
 _labels: dict[int, str] = {}
+_wrapped: list[bool] = []
 
 
 def _flush() -> None:
@@ -44,6 +46,8 @@ def _flush() -> None:
 
 
 def _note(kind: str, label: str, t: int | None = None) -> None:
+    if _fd < 0:
+        return
     _events.append((time.monotonic_ns() if t is None else t, kind, label))
     if len(_events) >= _FLUSH_EVERY:
         _flush()
@@ -118,16 +122,60 @@ def _wrap_sandbox() -> None:
     Sandbox.execute = probed_execute  # type: ignore[method-assign]
 
 
+def _wrap_functions(specs: str) -> None:
+    """`role|module:Class.method` or `role|module:function`, comma-separated: each call of
+    those of this process's role is timed (events `f0:<name>` / `f1:<name>`)."""
+    import importlib
+
+    for spec in filter(None, specs.split(",")):
+        role, _, target = spec.partition("|")
+        if role != _role:
+            continue
+        module_name, _, qualname = target.partition(":")
+        owner: Any = importlib.import_module(module_name)
+        *path, name = qualname.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+        label = qualname.rsplit(".", 1)[-1]
+
+        def timed(*args: Any, __original: Any = original, __label: str = label,
+                  **kwargs: Any) -> Any:
+            if threading.get_ident() != _main:
+                return __original(*args, **kwargs)
+            _note("f0", __label)
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                _note("f1", __label)
+
+        setattr(owner, name, timed)
+
+
 def install(directory: str, role: str | None = None) -> None:
     global _fd, _role
     argv = " ".join(sys.orig_argv)
     _role = role or ("worker" if "sandbox_worker" in argv
-                     else "supervisor" if "cli_server" in argv else "other")
+                     else "supervisor" if "cli_server" in argv
+                     else "echo" if "bench.echo" in argv else "other")
     if _role == "other":
         return
     _fd = os.open(os.path.join(directory, f"{os.getpid()}.hops"),
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if _wrapped:
+        return
+    _wrapped.append(True)
     _wrap_zmq()
     if _role == "worker":
         _wrap_sandbox()
+    _wrap_functions(os.environ.get(FUNCS_ENV, ""))
     atexit.register(_flush)
+
+
+def uninstall() -> None:
+    """Flush and stop recording in this process (its wraps stay, recording nothing)."""
+    global _fd
+    _flush()
+    if _fd >= 0:
+        os.close(_fd)
+        _fd = -1

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import select
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,17 +106,78 @@ def pipe_pingpong(rounds: int) -> list[float]:
     return samples[len(samples) // 10:]  # the first tenth warms up
 
 
-def echo_roundtrips(payload: bytes, rounds: int) -> list[float]:
-    with tempfile.TemporaryDirectory(prefix="wc-echo-") as tmp:
-        with EchoServer(f"ipc://{tmp}/e.sock") as echo, BlockingEcho(echo.endpoint) as client:
+ECHO_SEGMENTS = [
+    ("client: send_multipart begins", "C.call", "C.send0"),
+    ("hop 1 client -> echo (ZeroMQ + wake-up)", "C.send0", "E.recv"),
+    ("echo: received -> send begins", "E.recv", "E.send0"),
+    ("hop 2 echo -> client (ZeroMQ + wake-up)", "E.send0", "C.poll"),
+    ("client: poll returns -> reply received", "C.poll", "C.recv"),
+    ("client: returns", "C.recv", "C.ret"),
+]
+
+
+def echo_roundtrips(payload: bytes, rounds: int, probe_dir: Path) -> tuple[
+        list[float], dict[str, list[float]]]:
+    """The bare echo's round trips (us) without the probe, then its breakdown with the probe
+    in both processes (a separate series: the probe adds its own ~1 us per event)."""
+    endpoint = f"ipc://{probe_dir}/e.sock"
+    with EchoServer(endpoint) as echo, BlockingEcho(echo.endpoint) as client:
+        for _ in range(min(500, rounds)):
+            client.call(payload)
+        plain = []
+        for _ in range(rounds):
+            began = time.perf_counter_ns()
+            client.call(payload)
+            plain.append((time.perf_counter_ns() - began) / 1000)
+    hops = probe_dir / "echo-hops"
+    hops.mkdir()
+    env = {**os.environ, hop_probe.ENV: str(hops), "PYTHONPATH": os.pathsep.join(
+        [str(probe_dir / "site"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    endpoint = f"ipc://{probe_dir}/e2.sock"
+    server = subprocess.Popen([sys.executable, "-m", "bench.echo", endpoint], env=env,
+                              cwd=ROOT, stdin=subprocess.DEVNULL)
+    try:
+        hop_probe.install(str(hops), role="client")
+        with BlockingEcho(endpoint) as client:
+            if client.call(b"ping", timeout_ms=20_000) is None:
+                raise RuntimeError("the probed echo server did not answer")
             for _ in range(min(500, rounds)):
                 client.call(payload)
-            samples = []
             for _ in range(rounds):
-                began = time.perf_counter_ns()
+                hop_probe.mark("call")
                 client.call(payload)
-                samples.append((time.perf_counter_ns() - began) / 1000)
-            return samples
+                hop_probe.mark("ret")
+        hop_probe._flush()
+    finally:
+        server.terminate()
+        server.wait(10)
+    hop_probe.uninstall()
+    return plain, echo_breakdown(load_events(hops, ""))
+
+
+def echo_breakdown(events: dict[str, list[tuple[int, str]]]) -> dict[str, list[float]]:
+    client, echo = events["C"], events["E"]
+    times = {who: [t for t, _ in series] for who, series in events.items()}
+    calls = [t for t, k in client if k == "call"]
+    rets = [t for t, k in client if k == "ret"]
+    durations: dict[str, list[float]] = defaultdict(list)
+    for call, ret in zip(calls, rets, strict=True):
+        found: dict[str, int | None] = {"C.call": call, "C.ret": ret}
+        found["C.send0"] = first_after(client, times["C"], "send0", call, ret)
+        if found["C.send0"] is not None:
+            found["E.recv"] = first_after(echo, times["E"], "recv", found["C.send0"], ret)
+        if found.get("E.recv") is not None:
+            found["E.send0"] = first_after(echo, times["E"], "send0", found["E.recv"], ret)
+        if found.get("E.send0") is not None:
+            found["C.recv"] = first_after(client, times["C"], "recv", found["E.send0"], ret)
+            found["C.poll"] = (None if found["C.recv"] is None else last_before(
+                client, times["C"], "poll", found["E.send0"], found["C.recv"]))
+        if any(found.get(end) is None for _, _, end in ECHO_SEGMENTS):
+            continue
+        for name, start, end in ECHO_SEGMENTS:
+            durations[name].append((found[end] - found[start]) / 1000)  # type: ignore[operator]
+        durations["total"].append((ret - call) / 1000)
+    return durations
 
 
 def load_events(directory: Path, front: str) -> dict[str, list[tuple[int, str]]]:
@@ -124,10 +186,12 @@ def load_events(directory: Path, front: str) -> dict[str, list[tuple[int, str]]]
     for path in directory.glob("*.hops"):
         for line in path.read_text().splitlines():
             _pid, role, kind, label, t = line.split(" ")
-            who = {"client": "C", "supervisor": "S", "worker": "W"}[role]
+            who = {"client": "C", "supervisor": "S", "worker": "W", "echo": "E"}[role]
             if label.startswith("inproc://"):  # the client's handshake monitor
                 continue
-            if who == "S" and kind != "poll":
+            if kind in ("f0", "f1"):
+                kind = f"{kind}:{who}.{label}"
+            elif who == "S" and kind != "poll":
                 kind += "_front" if label == front else "_back"
             events[who].append((int(t), kind))
     for series in events.values():
@@ -212,8 +276,6 @@ def breakdown(events: dict[str, list[tuple[int, str]]]) -> tuple[dict[str, list[
 def run_service(args: argparse.Namespace, payload: bytes, probe_dir: Path) -> tuple[
         dict[str, list[float]], int]:
     site = probe_dir / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     hops = probe_dir / "hops"
     hops.mkdir(mode=0o777)
     hops.chmod(0o777)  # a worker that switched users still writes through its open file
@@ -235,7 +297,26 @@ def run_service(args: argparse.Namespace, payload: bytes, probe_dir: Path) -> tu
     finally:
         service.cleanup()
     time.sleep(0.5)
-    return breakdown(load_events(hops, service.endpoint))
+    events = load_events(hops, service.endpoint)
+    durations, dropped = breakdown(events)
+    for name, samples in function_times(events).items():
+        durations[f"calls of {name}"] = samples
+    return durations, dropped
+
+
+def function_times(events: dict[str, list[tuple[int, str]]]) -> dict[str, list[float]]:
+    """Per function wrapped with --funcs, the duration (us) of each outermost call."""
+    durations: dict[str, list[float]] = defaultdict(list)
+    for series in events.values():
+        open_calls: dict[str, list[int]] = defaultdict(list)
+        for t, kind in series:
+            if kind.startswith("f0:"):
+                open_calls[kind[3:]].append(t)
+            elif kind.startswith("f1:") and open_calls[kind[3:]]:
+                began = open_calls[kind[3:]].pop()
+                if not open_calls[kind[3:]]:
+                    durations[kind[3:]].append((t - began) / 1000)
+    return durations
 
 
 def show(label: str, samples: list[float]) -> str:
@@ -248,13 +329,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--iterations", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--funcs", default="", help=(
+        "also time these calls: comma-separated `supervisor|module:Class.method` or "
+        "`worker|module:function` (e.g. supervisor|wasmcore.supervisor.server:Supervisor._flush)"))
     args = parser.parse_args(argv)
     payload = make_input(100)
+    if args.funcs:
+        os.environ[hop_probe.FUNCS_ENV] = args.funcs
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}; nproc "
           f"{os.cpu_count()}; {args.iterations} requests one at a time, {args.workers} workers")
     pipe = pipe_pingpong(args.iterations)
-    echo = echo_roundtrips(payload, args.iterations)
     with tempfile.TemporaryDirectory(prefix="wc-hops-") as tmp:
+        site = Path(tmp) / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        echo, echo_parts = echo_roundtrips(payload, args.iterations, Path(tmp))
         durations, dropped = run_service(args, payload, Path(tmp))
     kept = len(durations.get("total (client call -> return)", []))
     print(f"requests with every event in order: {kept} (dropped {dropped})\n")
@@ -270,8 +359,17 @@ def main(argv: list[str] | None = None) -> None:
     print(show("  of which everything else (Python, zmq calls)",
                [t - h for t, h in zip(durations["total (client call -> return)"], hop_sum,
                                       strict=True)]))
+    calls = sorted(name for name in durations if name.startswith("calls of "))
+    if calls:
+        print("\ntimed calls (each outermost call; includes the probe's own ~1 us)")
+        for name in calls:
+            print(show(f"{name} (x{len(durations[name])})", durations[name]))
     print("\nbaselines in the same run")
     print(show("bare ZeroMQ echo round trip (2 hops)", echo))
+    print(f"the echo with the probe ({len(echo_parts['total'])} round trips):")
+    for name, _, _ in ECHO_SEGMENTS:
+        print(show("  " + name, echo_parts[name]))
+    print(show("  total", echo_parts["total"]))
     print(show("pipe ping-pong round trip, poll(2) (2 OS wake-ups)", pipe))
     print(f"\nper hop, medians: service {statistics.median(hop_sum) / 4:.1f} us, echo "
           f"{statistics.median(echo) / 2:.1f} us, pipe {statistics.median(pipe) / 2:.1f} us")
