@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 ENV = "WASMCORE_HOP_PROBE"
@@ -31,7 +32,8 @@ _events: list[tuple[int, str, str]] = []
 _fd = -1
 _role = "client"
 _main = threading.main_thread().ident
-_labels: dict[int, str] = {}
+# By socket, not by id(): a closed socket's id can come back for a new one.
+_labels: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _wrapped: list[bool] = []
 
 
@@ -60,8 +62,7 @@ def mark(kind: str) -> None:
 
 def _label(sock: Any) -> str:
     """The socket's endpoint (bound or connected), read once per socket."""
-    key = id(sock)
-    label = _labels.get(key)
+    label = _labels.get(sock)
     if label is None:
         import zmq
 
@@ -71,7 +72,7 @@ def _label(sock: Any) -> str:
             label = "?"
         label = label.replace(" ", "_")
         if label != "?":
-            _labels[key] = label
+            _labels[sock] = label
     return label
 
 

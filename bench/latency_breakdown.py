@@ -260,6 +260,8 @@ def breakdown(events: dict[str, list[tuple[int, str]]]) -> tuple[dict[str, list[
                  "S_front": ("S", "send1_front", found["S.send0_front"])}
         if any(v is None for v in found.values()):
             dropped += 1
+            missing = next(k for k, v in found.items() if v is None)
+            durations[f"missing {missing}"].append(0.0)
             continue
         for name, start, end in SEGMENTS:
             durations[name].append((found[end] - found[start]) / 1000)  # type: ignore[operator]
@@ -346,7 +348,11 @@ def main(argv: list[str] | None = None) -> None:
         echo, echo_parts = echo_roundtrips(payload, args.iterations, Path(tmp))
         durations, dropped = run_service(args, payload, Path(tmp))
     kept = len(durations.get("total (client call -> return)", []))
-    print(f"requests with every event in order: {kept} (dropped {dropped})\n")
+    print(f"requests with every event in order: {kept} (dropped {dropped})")
+    lost = {k[8:]: len(v) for k, v in durations.items() if k.startswith("missing ")}
+    if lost:
+        print(f"  first event not found, by event: {lost}")
+    print()
     print(f"{'segment (us)':<52}{'median':>9}{'p90':>9}{'p99':>9}")
     for name, _, _ in SEGMENTS:
         print(show(name, durations[name]))
