@@ -150,7 +150,11 @@ def echo_roundtrips(payload: bytes, rounds: int, probe_dir: Path) -> tuple[
         hop_probe._flush()
     finally:
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:  # seen once in a while with the probe loaded
+            server.kill()
+            server.wait(5)
     hop_probe.uninstall()
     return plain, echo_breakdown(load_events(hops, ""))
 
