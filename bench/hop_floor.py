@@ -130,19 +130,20 @@ def direct(front: str, execute: bool) -> None:
 
 
 class Topology:
-    """Server-side processes of one row, started in spawned processes, and a client."""
+    """Server-side processes of one row (forked) and a client."""
 
     def __init__(self, name: str, tmp: Path) -> None:
         self.name = name
-        spawn = multiprocessing.get_context("spawn")
+        # fork for every row, so that the rows differ by their topology only (the socketpair's
+        # descriptors can reach the children only through fork); each child makes its own
+        # ZeroMQ context.
+        fork = multiprocessing.get_context("fork")
         self.endpoint = f"ipc://{tmp}/{name.replace(' ', '_').replace(',', '')}.sock"
         back = self.endpoint + ".back"
         execute = "execute" in name
         self.processes: list[Any] = []
         if name.startswith("relay, socketpair"):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            # The socketpair's descriptors reach the children only through fork.
-            fork = multiprocessing.get_context("fork")
             self.processes = [
                 fork.Process(target=relay, args=(self.endpoint, None, ours.fileno()),
                              daemon=True),
@@ -153,13 +154,13 @@ class Topology:
             theirs.close()
         elif name.startswith("relay"):
             self.processes = [
-                spawn.Process(target=relay, args=(self.endpoint, back, None), daemon=True),
-                spawn.Process(target=zmq_worker, args=(back, execute), daemon=True)]
+                fork.Process(target=relay, args=(self.endpoint, back, None), daemon=True),
+                fork.Process(target=zmq_worker, args=(back, execute), daemon=True)]
             for process in self.processes:
                 process.start()
         else:  # direct
-            self.processes = [spawn.Process(target=direct, args=(self.endpoint, execute),
-                                            daemon=True)]
+            self.processes = [fork.Process(target=direct, args=(self.endpoint, execute),
+                                           daemon=True)]
             self.processes[0].start()
         self.client = BlockingEcho(self.endpoint)
         if self.client.call(b"ping", timeout_ms=30_000) is None:
