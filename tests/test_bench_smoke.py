@@ -126,3 +126,28 @@ def test_payload_client_and_memory_benchmarks_run(command: list[str]) -> None:
             assert f"\n{pattern} " in proc.stdout, proc.stdout
     else:
         assert "artifact store" in proc.stdout and "`list` of 21 binaries" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_latency_breakdown_finds_every_hop_of_every_request() -> None:
+    """The probe rides into the supervisor and its workers (sitecustomize) and every request's
+    events are found in order; a behaviour of the tooling, no timing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.latency_breakdown", "-n", "40"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "requests with every event in order: 40 (dropped 0)" in proc.stdout, proc.stdout
+    assert "worker: Sandbox.execute" in proc.stdout
+    assert "Error in sitecustomize" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_hop_floor_runs_every_topology() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.hop_floor", "-n", "20", "--rounds", "1", "--no-service"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for row in ("relay + execute", "relay, socketpair link + execute", "direct + execute"):
+        assert row in proc.stdout, proc.stdout
