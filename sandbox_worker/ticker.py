@@ -4,13 +4,19 @@ Wasm code checks the epoch at function entries and loop back-edges; a store whos
 (in ticks) has passed traps with INTERRUPT, which is how wall-clock timeouts are enforced
 without signals or a watchdog process.
 
-Two implementations:
-* `PosixEpochTimer` (default on Linux/glibc): a POSIX timer (SIGEV_THREAD) whose notify
+Three implementations, the first that works is used:
+* `NativeEpochTicker` (default where the native library loads, sandbox_worker/fastcall.py):
+  one C thread of `native/fastcall.c` that sleeps on the monotonic clock and increments the
+  epoch; no Python, no GIL, no thread created per tick, and `stop()` returns only once the
+  thread has exited, so it never calls into an engine after that.
+* `PosixEpochTimer` (Linux/glibc): a POSIX timer (SIGEV_THREAD) whose notify
   function *is* `wasmtime_engine_increment_epoch`, with the engine pointer as its argument.
   No Python runs per tick, so the ticker never takes the GIL. Why it matters: a Python thread
   waking every 1 ms steals the GIL from the executing thread at its next ctypes call, and
   each handoff costs that execution tens of microseconds (measured p99 ~54 us vs ~22 us
-  for a 13 us execution; see docs/performance.md).
+  for a 13 us execution; see docs/performance.md). glibc starts a new thread for every
+  expiry, though (100 a second at 10 ms ticks), and an expiry already handed to its thread
+  may land after `timer_delete`: hence the grace period below.
 * `EpochTicker`: one daemon Python thread (portable fallback).
 """
 
@@ -20,11 +26,12 @@ import atexit
 import collections
 import ctypes
 import ctypes.util
+import os
 import sys
 import threading
 import time
 import weakref
-from typing import Protocol
+from typing import Any, Protocol
 
 import wasmtime
 
@@ -119,7 +126,7 @@ def _keep_alive_briefly(engine: wasmtime.Engine) -> None:
         _retired_engines.append((now + _LATE_NOTIFY_GRACE_S, engine))
 
 
-_live_timers: weakref.WeakSet[PosixEpochTimer] = weakref.WeakSet()
+_live_timers: weakref.WeakSet[PosixEpochTimer | NativeEpochTicker] = weakref.WeakSet()
 # At exit, how long to let notifications already handed to timer threads land (a late one is
 # a thread that was about to call increment_epoch; it needs microseconds, not the full grace).
 _EXIT_GRACE_S = 0.1
@@ -184,9 +191,56 @@ class PosixEpochTimer:
             self.stop()
 
 
+class NativeEpochTicker:
+    """The native library's ticker thread (fastcall.c's fc_ticker_*), calling
+    wasmtime_engine_increment_epoch(engine) every period with no GIL."""
+
+    def __init__(self, lib: Any, engine: wasmtime.Engine, period_s: float) -> None:
+        # The engine must outlive the thread: stop() joins it before this reference goes.
+        self._engine = engine
+        self._stop_fn = lib.fc_ticker_stop
+        self._handle = lib.fc_ticker_start(_raw.engine_increment_epoch_addr, _raw.addr(engine),
+                                           max(1, int(period_s * 1e9)))
+        if not self._handle:
+            raise OSError("fc_ticker_start failed")
+        _live_timers.add(self)
+
+    def stop(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle:
+            self._stop_fn(handle)  # returns after the thread has exited
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None):
+            self.stop()
+
+
+def _native_library() -> Any:
+    """The native library when it loads and has the ticker, else None."""
+    from . import fastcall  # imported late: fastcall imports the host functions
+
+    if os.environ.get(fastcall.DISABLE_ENV, "1") == "0":
+        return None
+    lib = fastcall.library()
+    if lib is None or not hasattr(lib, "fc_ticker_start"):
+        return None
+    lib.fc_ticker_start.restype = ctypes.c_void_p
+    lib.fc_ticker_start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.fc_ticker_stop.restype = None
+    lib.fc_ticker_stop.argtypes = [ctypes.c_void_p]
+    return lib
+
+
 def start_ticker(engine: wasmtime.Engine, period_s: float, native: bool = True) -> Ticker:
-    """The GIL-free POSIX timer when available (and `native`), else a Python thread."""
+    """With `native`: the native library's ticker thread, else the POSIX timer (both GIL-free);
+    a Python thread when neither is available."""
     if native:
+        lib = _native_library()
+        if lib is not None:
+            try:
+                return NativeEpochTicker(lib, engine, period_s)
+            except OSError:
+                pass
         try:
             return PosixEpochTimer(engine, period_s)
         except (OSError, AttributeError):

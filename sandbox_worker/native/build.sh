@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 CC="${CC:-$(command -v clang || command -v cc)}"
 out="fastcall-$(uname -s | tr 'A-Z' 'a-z')-$(uname -m).so"
 sha=$(sha256sum fastcall.c | cut -c1-64)
-"$CC" -O2 -fPIC -shared -Wall -Wextra -Wno-unused-parameter -Werror \
+"$CC" -O2 -fPIC -shared -pthread -Wall -Wextra -Wno-unused-parameter -Werror \
     -fno-strict-aliasing -DFC_SOURCE_SHA256="\"$sha\"" -o "$out.tmp" fastcall.c
 mv "$out.tmp" "$out"
 echo "built sandbox_worker/native/$out"

@@ -15,6 +15,8 @@
  * classifies what happened with the same code as its own path (the trap/error pointers, the
  * memory extern and the instance are where Python reads them), then deletes the store.
  */
+#include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -511,4 +513,97 @@ int fc_execute(fc_state *s, const fc_plan *p, const fc_limits *l, const uint8_t 
 int fc_continue(fc_state *s, const fc_plan *p, const uint8_t *data, uint64_t data_len,
                 const uint8_t *env, uint64_t env_len) {
     return run(s, p, data, data_len, env, env_len);
+}
+
+/* --- the epoch ticker ------------------------------------------------------------------------
+ * Why here: a POSIX timer with SIGEV_THREAD makes glibc start a new thread for every expiry
+ * (100 threads a second per worker at 10 ms ticks), and timer_delete does not wait for an
+ * expiry already handed to such a thread, which may then call into a freed engine. One thread
+ * of ours, asleep on a condition variable against the monotonic clock, ticks without creating
+ * threads, and fc_ticker_stop returns only after it has exited: no call into the engine after
+ * that. It runs no Python and blocks every signal (they stay with the interpreter's threads). */
+typedef struct {
+    void (*increment)(wasm_engine_t *);
+    wasm_engine_t *engine;
+    int64_t period_ns;
+    int stopping;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    pthread_t thread;
+} fc_ticker;
+
+static void add_ns(struct timespec *t, int64_t ns) {
+    int64_t total = (int64_t)t->tv_nsec + ns % 1000000000;
+    t->tv_sec += (time_t)(ns / 1000000000 + total / 1000000000);
+    t->tv_nsec = (long)(total % 1000000000);
+}
+
+static int reached(const struct timespec *now, const struct timespec *due) {
+    return now->tv_sec > due->tv_sec || (now->tv_sec == due->tv_sec && now->tv_nsec >= due->tv_nsec);
+}
+
+static void *ticker_main(void *arg) {
+    fc_ticker *t = arg;
+    struct timespec due, now;
+    clock_gettime(CLOCK_MONOTONIC, &due);
+    add_ns(&due, t->period_ns);
+    pthread_mutex_lock(&t->lock);
+    while (!t->stopping) {
+        pthread_cond_timedwait(&t->wake, &t->lock, &due);
+        if (t->stopping) break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        /* Woken late: catch up, so that the epoch follows wall time and a timeout never
+         * stretches by the oversleep. */
+        while (reached(&now, &due)) {
+            t->increment(t->engine);
+            add_ns(&due, t->period_ns);
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+    return NULL;
+}
+
+fc_ticker *fc_ticker_start(void (*increment)(wasm_engine_t *), wasm_engine_t *engine,
+                           int64_t period_ns) {
+    if (!increment || !engine || period_ns <= 0) return NULL;
+    fc_ticker *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->increment = increment;
+    t->engine = engine;
+    t->period_ns = period_ns;
+    pthread_condattr_t cond_attr;
+    pthread_condattr_init(&cond_attr);
+    pthread_condattr_setclock(&cond_attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&t->wake, &cond_attr);
+    pthread_condattr_destroy(&cond_attr);
+    pthread_mutex_init(&t->lock, NULL);
+
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    sigset_t all, before;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &before); /* the new thread inherits the full mask */
+    int failed = pthread_create(&t->thread, &attr, ticker_main, t);
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+    pthread_attr_destroy(&attr);
+    if (failed) {
+        pthread_cond_destroy(&t->wake);
+        pthread_mutex_destroy(&t->lock);
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+void fc_ticker_stop(fc_ticker *t) {
+    if (!t) return;
+    pthread_mutex_lock(&t->lock);
+    t->stopping = 1;
+    pthread_cond_signal(&t->wake);
+    pthread_mutex_unlock(&t->lock);
+    pthread_join(t->thread, NULL);
+    pthread_cond_destroy(&t->wake);
+    pthread_mutex_destroy(&t->lock);
+    free(t);
 }
