@@ -364,14 +364,17 @@ def _lift_bytes(val: Any) -> bytes:
 
 
 def call_component_func(
-    func: Any, store: wasmtime.Store, data: bytes | None, pairs: list[tuple[bytes, bytes]]
+    func: Any, store: wasmtime.Store, data: bytes | None, pairs: list[tuple[bytes, bytes]],
+    strings: tuple[bytes, ...] = (),
 ) -> tuple[bool, bytes]:
     """Call a component function typed `(list<u8>, list<tuple<string, string>>) ->
     result<list<u8>, string>`, or with `data` None one typed `(list<tuple<string, string>>)
-    -> result<_, string>` (the caller checked the type; wasmtime checks the values anyway).
+    -> result<_, string>`, or with `strings` too one that takes those strings (UTF-8) before
+    the pairs (the caller checked the type; wasmtime checks the values anyway).
     Returns (ok, the output bytes or the UTF-8 error message); ComponentCallFailed when the
     call traps or fails. The instance must not be called again (no post-return is run)."""
-    count = 1 if data is None else 2
+    first = 0 if data is None else 1
+    count = first + len(strings) + 1
     params = (_COMPONENT_VAL * count)()
     result = _COMPONENT_VAL()
     lowered = 0
@@ -379,6 +382,9 @@ def call_component_func(
         if data is not None:
             _lower_bytes(params[0], data)
             lowered = 1
+        for text in strings:
+            _set_string(params[lowered], text)
+            lowered += 1
         _lower_pairs(params[count - 1], pairs)
         lowered = count
         error = _component_func_call(

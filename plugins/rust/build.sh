@@ -7,7 +7,9 @@
 #
 #   textkit.wasm          core module (ABI kind 1), target wasm32-unknown-unknown
 #   upper_component.wasm  component (WASI preview 2), target wasm32-wasip2, world
-#                         plugin-with-stream of wit/wasm-core.wit ($WASM_CORE_WIT overrides)
+#                         plugin-with-files of wit/wasm-core.wit ($WASM_CORE_WIT overrides);
+#                         it also imports wasi:filesystem 0.2.4 itself (process-file), whose
+#                         WIT comes from the vendored `wasi` crate ($WASI_WIT overrides)
 #
 # Which toolchain: $CARGO and $RUSTC, defaulting to Debian's /usr/bin/cargo and /usr/bin/rustc
 # if they exist (the rustup proxies in ~/.cargo/bin usually come first on PATH), else whatever
@@ -124,8 +126,25 @@ build_upper_component() {
     fi
     # wasm-component-ld takes one world: a generated WIT file whose own package names it.
     local world="$CARGO_TARGET_DIR/upper-component-world.wit"
-    one_world_wit "$wit" plugin-with-stream > "$world"
+    one_world_wit "$wit" plugin-with-files > "$world"
     rustc_flags+=(-C "link-arg=--component-type=$world")
+    # process-file calls wasi:filesystem directly (one native call per read or write, where
+    # Rust's std goes through the preview 1 adapter in 4 KiB pieces): a world importing it,
+    # with the WIT packages it needs beside it.
+    local fs_world="$CARGO_TARGET_DIR/upper-component-fs"
+    local wasi_wit="${WASI_WIT:-}"
+    if [[ -z "$wasi_wit" ]]; then
+        wasi_wit="$(compgen -G "$LIBRARY/vendor/wasi-0.14.*/wit" | head -n 1 || true)"
+    fi
+    [[ -d "$wasi_wit/deps/filesystem" ]] \
+        || { skip "no wasi:filesystem WIT (the vendored wasi crate's wit/; set WASI_WIT): upper_component"; return; }
+    rm -rf "$fs_world" && mkdir -p "$fs_world/deps"
+    cp -r "$wasi_wit/deps/io" "$wasi_wit/deps/clocks" "$wasi_wit/deps/filesystem" "$fs_world/deps/"
+    local fs_version
+    fs_version="$(sed -n 's/^package wasi:filesystem@\([^;]*\);.*/\1/p' "$wasi_wit/deps/filesystem/types.wit")"
+    printf 'package wasm-core:rust-sample-fs;\n\nworld files {\n    import wasi:filesystem/types@%s;\n    import wasi:filesystem/preopens@%s;\n}\n' \
+        "$fs_version" "$fs_version" > "$fs_world/world.wit"
+    rustc_flags+=(-C "link-arg=--component-type=$fs_world")
     (cd "$HERE/upper_component" && "$CARGO" "${ARGS[@]}" -- "${rustc_flags[@]}")
     install_wasm "$target" upper_component
 }
