@@ -38,7 +38,7 @@ from wasmcore.protocol.errors import (
 from wasmcore.protocol.limits import Limits, Metering
 
 from . import _raw
-from .file_entry import INPUT_PATH, OUTPUT_PATH, FileExchange
+from .file_entry import OUTPUT_PATH, FileExchange
 from .host import HostState, OutputSink
 from .outcome import ExecutionResult, from_trap_code, split_trap_message
 from .wasi import (
@@ -53,11 +53,11 @@ from .wasi import (
 COMPONENT_VERSION = b"\x0d\x00\x01\x00"  # bytes 4-8 of a component: version 0x0d, layer 1
 HOST_INTERFACE = "wasm-core:plugin/host@0.1.0"
 # The entry shapes (wit/wasm-core.wit): bytes as values (convenient; wasmtime converts a
-# list<u8> one element at a time), as the component's stdin and stdout (in bulk, in 4-8 KiB
-# pieces), or as files in its scratch /tmp (in bulk, one native call each way).
+# list<u8> one element at a time), as the component's stdin and stdout (in bulk, stdout in
+# 4-8 KiB pieces), or as its stdin and a file it writes in its scratch /tmp (in bulk).
 BYTES_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, string>"
 STREAM_SIGNATURE = "(list<tuple<string, string>>) -> result<_, string>"
-FILE_SIGNATURE = "(string, string, list<tuple<string, string>>) -> result<_, string>"
+FILE_SIGNATURE = "(string, list<tuple<string, string>>) -> result<_, string>"
 _SHAPES = {BYTES_SIGNATURE: "bytes", STREAM_SIGNATURE: "stream", FILE_SIGNATURE: "file"}
 DEFAULT_ENTRIES = ("process", "process-stream")  # tried in order when a call names none
 # The largest input a bytes entry takes: a list<u8> value costs the host tens of bytes of
@@ -215,9 +215,8 @@ class ComponentRunner:
                 "component exports no entry function: expected `process: func(input: list<u8>, "
                 "env: list<tuple<string, string>>) -> result<list<u8>, string>` or "
                 "`process-stream: func(env: list<tuple<string, string>>) -> result<_, string>` "
-                "or `process-file: func(input-path: string, output-path: string, env: "
-                "list<tuple<string, string>>) -> result<_, string>` (the worlds in "
-                "wit/wasm-core.wit)"
+                "or `process-file: func(output-path: string, env: list<tuple<string, string>>) "
+                "-> result<_, string>` (the worlds in wit/wasm-core.wit)"
             )
         opens_files = any(name.startswith(_FILESYSTEM) for name in imports)
         return CompiledComponent(sha256, size, component, entries, opens_files)
@@ -248,8 +247,8 @@ class ComponentRunner:
         through_files = shape == "file"
         if through_files and (files is None or not files.scratch_root or not cc.opens_files):
             raise BadRequest(
-                f"the entry {name!r} takes its input and output as files in the execution's "
-                "scratch directory, which "
+                f"the entry {name!r} writes its output to a file in the execution's scratch "
+                "directory, which "
                 + ("this component cannot open (it does not import wasi:filesystem)"
                    if not cc.opens_files else "this execution has none (no scratch root)")
                 + "; call its `process-stream` entry instead",
@@ -272,20 +271,19 @@ class ComponentRunner:
             streams = shape == "stream"
             # A stream entry reads the input from stdin and writes its output to stdout
             # (bounded by the output cap as it writes); otherwise stdout goes to the logs.
+            # A file entry reads stdin too, and writes its output to a file.
             if through_files and files is not None:
-                # The input and output files are the host's transport, not the plugin's
-                # scratch space: /tmp holds them on top of [wasi] scratch_mb (even when that
-                # is 0), the output bounded by the output cap.
+                # The output file is the host's transport, not the plugin's scratch space:
+                # /tmp holds it on top of [wasi] scratch_mb (even when that is 0).
                 scratch = Scratch(self._scratch_dirs, files.scratch_root,
-                                  files.scratch_bytes + len(data) + lim.output_bytes)
+                                  files.scratch_bytes + lim.output_bytes)
                 exchange = FileExchange(scratch.path)
-                exchange.write_input(data)
                 self._scratch_watch.watch(scratch)
             elif (files is not None and files.scratch_bytes > 0 and files.scratch_root
                     and cc.opens_files):
                 scratch = Scratch(self._scratch_dirs, files.scratch_root, files.scratch_bytes)
                 self._scratch_watch.watch(scratch)
-            config = make_wasi_config(state, env, data if streams else b"", stderr,
+            config = make_wasi_config(state, env, b"" if shape == "bytes" else data, stderr,
                                       stdout_is_output=streams, files=files,
                                       scratch=scratch, map_dirs=cc.opens_files)
             if streams:
@@ -299,7 +297,7 @@ class ComponentRunner:
                     raise BadRequest(f"component has no function {name!r}", {"entry": name})
                 ok, payload = _raw.call_component_func(
                     func, store, data if shape == "bytes" else None, pairs,
-                    (INPUT_PATH.encode(), OUTPUT_PATH.encode()) if through_files else ())
+                    (OUTPUT_PATH.encode(),) if through_files else ())
             except _raw.ComponentCallFailed as failed:
                 failure = _classify(_raw.take_error(failed.error), lim)
             except wasmtime.WasmtimeError as exc:

@@ -1,10 +1,11 @@
-"""A component's `process-file` entry: the input and output as files in the execution's scratch
-directory (wit/wasm-core.wit, world `file-plugin`).
+"""A component's `process-file` entry: the input on stdin, the output a file the guest writes
+in the execution's scratch directory (wit/wasm-core.wit, world `file-plugin`).
 
-Why files: wasmtime's WASI streams (stdin/stdout) move 4-8 KiB per call at tens of
-microseconds each, and a `list<u8>` value crosses the C API one byte at a time; a
-`wasi:filesystem` `descriptor.read` or `.write` moves a whole buffer in one native call
-(docs/performance.md, "A 1 MiB round trip").
+Why a file: wasmtime's WASI stdout takes 4-8 KiB per call at tens of microseconds each, and a
+`list<u8>` value crosses the C API one byte at a time; a `wasi:filesystem` `descriptor.write`
+moves a whole buffer in one native call. (Stdin already moves in bulk: one `blocking-read`
+returns as much as the guest asks for. An input file was measured too: reading it back in
+the guest cost about 3x a stdin read, docs/performance.md, "A 1 MiB round trip".)
 
 What the host trusts of the guest: nothing. The guest can put anything at the output's name
 (a symlink to a host file, a directory, a file over the output cap), so the host opens it
@@ -21,23 +22,20 @@ import mmap
 import os
 import stat
 
-from wasmcore.protocol.errors import InternalError, OutputLimit, PluginError
+from wasmcore.protocol.errors import OutputLimit, PluginError
 
 from .host import HostState, OutputSink
 from .wasi import SCRATCH_GUEST_PATH
 
-INPUT_NAME = "input"
 OUTPUT_NAME = "output"
-INPUT_PATH = f"{SCRATCH_GUEST_PATH}/{INPUT_NAME}"  # what the guest is told
-OUTPUT_PATH = f"{SCRATCH_GUEST_PATH}/{OUTPUT_NAME}"
+OUTPUT_PATH = f"{SCRATCH_GUEST_PATH}/{OUTPUT_NAME}"  # what the guest is told
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: should anything but a regular file be there, opening it must not wait.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class FileExchange:
-    """The input and output files of one execution, in its (private, empty) scratch dir."""
+    """The output file of one execution, in its (private, empty) scratch dir."""
 
     def __init__(self, scratch_path: str) -> None:
         self._dir = os.open(scratch_path, _DIR_FLAGS)
@@ -46,21 +44,6 @@ class FileExchange:
         if self._dir >= 0:
             os.close(self._dir)
             self._dir = -1
-
-    def write_input(self, data: bytes) -> None:
-        try:
-            fd = os.open(INPUT_NAME, _NEW_FILE, 0o600, dir_fd=self._dir)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise InternalError(
-                f"cannot write the input file of a `process-file` execution: {exc.strerror}; "
-                "call the component's `process-stream` entry instead, or ask the operator to "
-                "check the disk of the scratch directory", {"input_bytes": len(data)}) from None
 
     def output_size(self) -> int:
         """The size of what is at the output's name now (0: nothing, or not a file)."""
