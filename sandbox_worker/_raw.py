@@ -234,14 +234,21 @@ def define_func_unchecked(
         raise take_error(error)
 
 
+_byte_vec_new = _holding("wasm_byte_vec_new", None, c_void_p, c_size_t, ctypes.c_char_p)
+_set_stdin_bytes = _holding("wasi_config_set_stdin_bytes", None, c_void_p, c_void_p)
+
+
 def set_stdin_bytes(config: wasmtime.WasiConfig, data: bytes) -> None:
     """WASI stdin reads `data` (wasmtime-py has no wrapper for wasi_config_set_stdin_bytes)."""
     # The C function moves the vector's contents into the config (`take()`), so the vector
-    # must not be deleted afterwards.
+    # must not be deleted afterwards. One copy, straight from `data` (c_char_p passes the
+    # bytes object's own buffer): a 1 MiB stdin costs about 0.1 ms, not the 0.6 ms of a
+    # ctypes array filled first.
+    if type(data) is not bytes:
+        data = bytes(data)  # c_char_p takes bytes only
     vec = ffi.wasm_byte_vec_t()
-    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buffer)
-    ffi.wasi_config_set_stdin_bytes(config.ptr(), ctypes.byref(vec))
+    _byte_vec_new(ctypes.addressof(vec), len(data), data)
+    _set_stdin_bytes(addr(config), ctypes.addressof(vec))
 
 
 def give_wasi_config(ctx: int, config: wasmtime.WasiConfig) -> int:
@@ -287,7 +294,7 @@ _vallist_new_uninit = _holding("wasmtime_component_vallist_new_uninit", None, c_
 _valtuple_new_uninit = _holding(
     "wasmtime_component_valtuple_new_uninit", None, c_void_p, c_size_t
 )
-_byte_vec_new = _holding("wasm_byte_vec_new", None, c_void_p, c_size_t, ctypes.c_char_p)
+
 _COMPONENT_VAL = ffi.wasmtime_component_val_t
 _COMPONENT_VAL_SIZE = ctypes.sizeof(_COMPONENT_VAL)
 _COMPONENT_VAL_OF = _COMPONENT_VAL.of.offset
