@@ -39,7 +39,7 @@ from wasmcore.protocol.limits import Limits, Metering
 
 from . import _raw
 from .file_entry import OUTPUT_PATH, FileExchange
-from .host import HostState, OutputSink
+from .host import HostState, InputSource, OutputSink
 from .outcome import ExecutionResult, from_trap_code, split_trap_message
 from .wasi import (
     Scratch,
@@ -223,7 +223,7 @@ class ComponentRunner:
 
     # ------------------------------------------------------------------ executing
 
-    def execute(self, cc: CompiledComponent, data: bytes, env: dict[str, str],
+    def execute(self, cc: CompiledComponent, data: bytes | InputSource, env: dict[str, str],
                 entry: str | None, lim: Limits,
                 sink: OutputSink | None = None,
                 files: WasiFiles | None = None) -> ExecutionResult:
@@ -244,6 +244,8 @@ class ComponentRunner:
                 "component a `process-stream` entry (input on stdin, output on stdout) and call "
                 "that one (docs/plugin-abi.md, section 6)",
                 {"input_bytes": len(data), "max_input_bytes": VALUES_MAX_BYTES, "entry": name})
+        if shape == "bytes" and type(data) is not bytes:
+            data = data.read_all()  # a list<u8> value is built from bytes
         through_files = shape == "file"
         if through_files and (files is None or not files.scratch_root or not cc.opens_files):
             raise BadRequest(

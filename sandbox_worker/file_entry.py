@@ -16,7 +16,6 @@ the output cap first.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -72,16 +71,14 @@ class FileExchange:
             if info.st_size > state.output_cap:
                 raise output_limit(state.output_cap)
             if info.st_size:
-                # Mapped copy-on-write (never written): the one copy is into the output
-                # segment or the output bytes, as for stdout.
-                with mmap.mmap(fd, info.st_size, flags=mmap.MAP_PRIVATE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE) as mapped:
-                    start = ctypes.c_char.from_buffer(mapped)
-                    try:
-                        added = state.add_output(ctypes.addressof(start), info.st_size, sink)
-                    finally:
-                        del start  # the map cannot close while exported
-                    if not added:
+                # Mapped read-only with MAP_POPULATE: the page cache's own pages, mapped in one
+                # go rather than a page fault per 4 KiB (on this VM those cost as much as the
+                # copy); the one copy is into the output segment or the output bytes. Nothing
+                # shrinks the file while it is mapped: the guest that wrote it cannot run
+                # again, and only this worker's thread touches its scratch directory.
+                with mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               prot=mmap.PROT_READ) as mapped, memoryview(mapped) as view:
+                    if not state.add_output_buffer(view, sink):
                         raise state.failure or output_limit(state.output_cap)
         finally:
             os.close(fd)
