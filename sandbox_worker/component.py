@@ -38,7 +38,8 @@ from wasmcore.protocol.errors import (
 from wasmcore.protocol.limits import Limits, Metering
 
 from . import _raw
-from .host import HostState, OutputSink
+from .file_entry import OUTPUT_PATH, FileExchange
+from .host import HostState, InputSource, OutputSink
 from .outcome import ExecutionResult, from_trap_code, split_trap_message
 from .wasi import (
     Scratch,
@@ -51,11 +52,13 @@ from .wasi import (
 
 COMPONENT_VERSION = b"\x0d\x00\x01\x00"  # bytes 4-8 of a component: version 0x0d, layer 1
 HOST_INTERFACE = "wasm-core:plugin/host@0.1.0"
-# The two entry shapes (wit/wasm-core.wit): bytes as values (convenient; wasmtime converts a
-# list<u8> one element at a time), or as the component's stdin and stdout (in bulk).
+# The entry shapes (wit/wasm-core.wit): bytes as values (convenient; wasmtime converts a
+# list<u8> one element at a time), as the component's stdin and stdout (in bulk, stdout in
+# 4-8 KiB pieces), or as its stdin and a file it writes in its scratch /tmp (in bulk).
 BYTES_SIGNATURE = "(list<u8>, list<tuple<string, string>>) -> result<list<u8>, string>"
 STREAM_SIGNATURE = "(list<tuple<string, string>>) -> result<_, string>"
-_SHAPES = {BYTES_SIGNATURE: "bytes", STREAM_SIGNATURE: "stream"}
+FILE_SIGNATURE = "(string, list<tuple<string, string>>) -> result<_, string>"
+_SHAPES = {BYTES_SIGNATURE: "bytes", STREAM_SIGNATURE: "stream", FILE_SIGNATURE: "file"}
 DEFAULT_ENTRIES = ("process", "process-stream")  # tried in order when a call names none
 # The largest input a bytes entry takes: a list<u8> value costs the host tens of bytes of
 # memory per byte while wasmtime converts it (and 0.2-0.7 s per MiB), and wasmtime refuses
@@ -212,14 +215,15 @@ class ComponentRunner:
                 "component exports no entry function: expected `process: func(input: list<u8>, "
                 "env: list<tuple<string, string>>) -> result<list<u8>, string>` or "
                 "`process-stream: func(env: list<tuple<string, string>>) -> result<_, string>` "
-                "(the worlds in wit/wasm-core.wit)"
+                "or `process-file: func(output-path: string, env: list<tuple<string, string>>) "
+                "-> result<_, string>` (the worlds in wit/wasm-core.wit)"
             )
         opens_files = any(name.startswith(_FILESYSTEM) for name in imports)
         return CompiledComponent(sha256, size, component, entries, opens_files)
 
     # ------------------------------------------------------------------ executing
 
-    def execute(self, cc: CompiledComponent, data: bytes, env: dict[str, str],
+    def execute(self, cc: CompiledComponent, data: bytes | InputSource, env: dict[str, str],
                 entry: str | None, lim: Limits,
                 sink: OutputSink | None = None,
                 files: WasiFiles | None = None) -> ExecutionResult:
@@ -240,6 +244,17 @@ class ComponentRunner:
                 "component a `process-stream` entry (input on stdin, output on stdout) and call "
                 "that one (docs/plugin-abi.md, section 6)",
                 {"input_bytes": len(data), "max_input_bytes": VALUES_MAX_BYTES, "entry": name})
+        if shape == "bytes" and type(data) is not bytes:
+            data = data.read_all()  # a list<u8> value is built from bytes
+        through_files = shape == "file"
+        if through_files and (files is None or not files.scratch_root or not cc.opens_files):
+            raise BadRequest(
+                f"the entry {name!r} writes its output to a file in the execution's scratch "
+                "directory, which "
+                + ("this component cannot open (it does not import wasi:filesystem)"
+                   if not cc.opens_files else "this execution has none (no scratch root)")
+                + "; call its `process-stream` entry instead",
+                {"entry": name})
         pairs = [(key.encode(), value.encode()) for key, value in env.items()]
         state = self._state
         state.reset(0, lim.output_bytes, lim.log_bytes)
@@ -248,6 +263,7 @@ class ComponentRunner:
         output = b""
         fuel_left = 0
         scratch: Scratch | None = None
+        exchange: FileExchange | None = None
         started = time.perf_counter_ns()
         store = wasmtime.Store(self._engine)
         try:
@@ -257,11 +273,19 @@ class ComponentRunner:
             streams = shape == "stream"
             # A stream entry reads the input from stdin and writes its output to stdout
             # (bounded by the output cap as it writes); otherwise stdout goes to the logs.
-            if (files is not None and files.scratch_bytes > 0 and files.scratch_root
+            # A file entry reads stdin too, and writes its output to a file.
+            if through_files and files is not None:
+                # The output file is the host's transport, not the plugin's scratch space:
+                # /tmp holds it on top of [wasi] scratch_mb (even when that is 0).
+                scratch = Scratch(self._scratch_dirs, files.scratch_root,
+                                  files.scratch_bytes + lim.output_bytes)
+                exchange = FileExchange(scratch.path)
+                self._scratch_watch.watch(scratch)
+            elif (files is not None and files.scratch_bytes > 0 and files.scratch_root
                     and cc.opens_files):
                 scratch = Scratch(self._scratch_dirs, files.scratch_root, files.scratch_bytes)
                 self._scratch_watch.watch(scratch)
-            config = make_wasi_config(state, env, data if streams else b"", stderr,
+            config = make_wasi_config(state, env, b"" if shape == "bytes" else data, stderr,
                                       stdout_is_output=streams, files=files,
                                       scratch=scratch, map_dirs=cc.opens_files)
             if streams:
@@ -274,7 +298,8 @@ class ComponentRunner:
                 if func is None:
                     raise BadRequest(f"component has no function {name!r}", {"entry": name})
                 ok, payload = _raw.call_component_func(
-                    func, store, None if streams else data, pairs)
+                    func, store, data if shape == "bytes" else None, pairs,
+                    (OUTPUT_PATH.encode(),) if through_files else ())
             except _raw.ComponentCallFailed as failed:
                 failure = _classify(_raw.take_error(failed.error), lim)
             except wasmtime.WasmtimeError as exc:
@@ -283,6 +308,9 @@ class ComponentRunner:
                 if not ok:
                     failure = _plugin_error(payload)
                 elif streams:
+                    output = b"".join(state.output)
+                elif exchange is not None:
+                    exchange.read_output(state, sink)
                     output = b"".join(state.output)
                 else:
                     output = payload
@@ -296,12 +324,18 @@ class ComponentRunner:
                 self._scratch_watch.unwatch()
             if state.failure is not None:
                 failure = state.failure  # the host decided (output cap): it explains the rest
+            over_output = False
+            if exchange is not None:
+                over_output = exchange.output_size() > lim.output_bytes
+                exchange.close()
             self._sink = None
             stderr.flush()
             store.close()  # closes the component's files: its scratch can go
             if scratch is not None:
                 # Over the cap: SCRATCH_LIMIT explains the rest (the watch stopped it).
                 failure = scratch.finish() or failure
+            if over_output:
+                failure = _output_limit(lim)  # not SCRATCH_LIMIT: as stdout does
         metering = Metering(
             fuel_consumed=max(0, lim.fuel - fuel_left),
             wall_time_us=(time.perf_counter_ns() - started) // 1000,

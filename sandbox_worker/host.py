@@ -129,6 +129,29 @@ class HostState:
         self.output_len += length
         return True
 
+    def add_output_buffer(self, data: bytes | memoryview, sink: OutputSink | None) -> bool:
+        """`add_output` for bytes the host holds (a component's output file, mapped): into
+        `sink` once large, else copied into bytes; the same cap."""
+        length = len(data)
+        if self.output_len + length > self.output_cap:
+            if self.failure is None:
+                self.failure = OutputLimit(
+                    f"plugin output exceeds the {self.output_cap}-byte limit",
+                    {"output_bytes": self.output_cap},
+                )
+            return False
+        if sink is not None and (self.sink_active or self.output_len + length >= sink.threshold):
+            if not self.sink_active:
+                for chunk in self.output:
+                    sink.write_bytes(chunk)
+                self.output = []
+                self.sink_active = True
+            sink.write_bytes(data)  # type: ignore[arg-type]  # a memoryview: os.write takes it
+        else:
+            self.output.append(bytes(data))
+        self.output_len += length
+        return True
+
     def add_log_stream(self, data: bytes) -> None:
         """Append a byte stream (WASI stderr) as lines, with the same budget as `add_log`."""
         for line in data.splitlines():

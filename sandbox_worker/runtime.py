@@ -437,7 +437,7 @@ class Sandbox:
             encode_env(env)  # the same rules for env entries as every other kind
             if files is not None:
                 check_args(files.args)  # every component has WASI: it can take arguments
-            data = input if type(input) is bytes else input.read_all()
+            data = input  # an InputSource is read where it goes (stdin, or a list<u8>)
         except BadRequest as exc:
             raise _with_metering(exc) from None
         lim = limits if limits is not None else self._default_limits

@@ -34,7 +34,7 @@ import wasmtime
 from wasmcore.protocol.errors import BadRequest, InternalError, OutputLimit, ScratchLimit
 
 from . import _raw
-from .host import HostState
+from .host import HostState, InputSource
 
 ARGV0 = "plugin"
 SCRATCH_GUEST_PATH = "/tmp"
@@ -252,7 +252,7 @@ class StderrSink:
 def make_wasi_config(
     state: HostState,
     env: dict[str, str],
-    stdin: bytes,
+    stdin: bytes | InputSource,
     stderr: StderrSink,
     *,
     stdout_is_output: bool,

@@ -90,8 +90,8 @@ def test_component_kind_and_entries(svc: RunningService, loaded: dict[str, str],
     with svc.client() as client:
         info = next(b for b in client.list() if b.binary_id == loaded[language])
     assert info.kind == "component"
-    assert info.exports == (["process", "process-stream"] if language == "python"
-                            else ["process"])
+    assert info.exports == (["process", "process-stream", "process-file"]
+                            if language == "python" else ["process"])
 
 
 def test_output_env_and_logs(svc: RunningService, loaded: dict[str, str], language: str) -> None:
@@ -165,6 +165,18 @@ def test_stream_entry_moves_large_payloads(svc: RunningService,
         assert small.output == b"HELLO"
         with pytest.raises(PluginError):
             client.execute(loaded["python"], b"fail", entry="process-stream")
+
+
+def test_file_entry_moves_large_payloads(svc: RunningService, loaded: dict[str, str]) -> None:
+    """`process-file`: the input is stdin, the output the file the plugin writes."""
+    data = bytes(range(97, 123)) * 80_000  # ~2 MiB of a-z
+    with svc.client() as client:
+        result = client.execute(loaded["python"], data, entry="process-file",
+                                env={"SUFFIX": "."})
+        assert result.output == data.upper() + b"."
+        assert client.execute(loaded["python"], b"", entry="process-file").output == b""
+        with pytest.raises(PluginError):
+            client.execute(loaded["python"], b"fail", entry="process-file")
 
 
 def test_stream_output_is_capped(loaded: dict[str, str]) -> None:

@@ -127,7 +127,7 @@ def test_component_kind_entries_output_env_and_logs(service, upper_component):
         info = next(b for b in c.list() if b.binary_id == upper_component)
         result = c.execute(upper_component, b"hello", env={"SUFFIX": "!"})
         plain = c.execute(upper_component, b"abc")
-    assert (info.kind, info.exports) == ("component", ["process", "process-stream"])
+    assert (info.kind, info.exports) == ("component", ["process", "process-stream", "process-file"])
     assert result.output == b"HELLO!"
     assert result.logs == ["rust plugin: 5 bytes in"]
     assert plain.output == b"ABC"

@@ -19,7 +19,7 @@ wit="$here/../../wit"
 what="${1:-all}"
 
 if [[ "$what" == all || "$what" == python ]]; then
-    "${COMPONENTIZE_PY:-componentize-py}" -d "$wit" -w plugin-with-stream componentize \
+    "${COMPONENTIZE_PY:-componentize-py}" -d "$wit" -w plugin-with-files componentize \
         -p "$here/python" app -o "$here/upper_py.wasm"
     echo "built $here/upper_py.wasm"
 fi

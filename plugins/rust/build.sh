@@ -7,7 +7,10 @@
 #
 #   textkit.wasm          core module (ABI kind 1), target wasm32-unknown-unknown
 #   upper_component.wasm  component (WASI preview 2), target wasm32-wasip2, world
-#                         plugin-with-stream of wit/wasm-core.wit ($WASM_CORE_WIT overrides)
+#                         plugin-with-files of wit/wasm-core.wit ($WASM_CORE_WIT overrides);
+#                         it also imports wasi:cli/stdin, wasi:io/streams and wasi:filesystem
+#                         0.2.x itself (process-file), whose WIT comes from the vendored `wasi`
+#                         crate ($WASI_WIT overrides)
 #
 # Which toolchain: $CARGO and $RUSTC, defaulting to Debian's /usr/bin/cargo and /usr/bin/rustc
 # if they exist (the rustup proxies in ~/.cargo/bin usually come first on PATH), else whatever
@@ -124,8 +127,26 @@ build_upper_component() {
     fi
     # wasm-component-ld takes one world: a generated WIT file whose own package names it.
     local world="$CARGO_TARGET_DIR/upper-component-world.wit"
-    one_world_wit "$wit" plugin-with-stream > "$world"
+    one_world_wit "$wit" plugin-with-files > "$world"
     rustc_flags+=(-C "link-arg=--component-type=$world")
+    # process-file calls WASI 0.2 directly (one native call to read stdin, one to write the
+    # output file, where Rust's std goes through the preview 1 adapter in 4 KiB pieces): a
+    # world importing those interfaces, with the WIT packages they need beside it.
+    local fs_world="$CARGO_TARGET_DIR/upper-component-fs"
+    local wasi_wit="${WASI_WIT:-}"
+    if [[ -z "$wasi_wit" ]]; then
+        wasi_wit="$(compgen -G "$LIBRARY/vendor/wasi-0.14.*/wit" | head -n 1 || true)"
+    fi
+    [[ -d "$wasi_wit/deps/filesystem" ]] \
+        || { skip "no wasi:filesystem WIT (the vendored wasi crate's wit/; set WASI_WIT): upper_component"; return; }
+    rm -rf "$fs_world" && mkdir -p "$fs_world/deps"
+    cp -r "$wasi_wit/deps/." "$fs_world/deps/"
+    local v  # the WASI version of those packages, e.g. 0.2.4 (the host takes any 0.2.x)
+    v="$(sed -n 's/^package wasi:filesystem@\([^;]*\);.*/\1/p' "$wasi_wit/deps/filesystem/types.wit")"
+    printf 'package wasm-core:rust-sample-fs;\n\nworld files {\n%s\n}\n' \
+        "$(printf '    import wasi:%s@'"$v"';\n' cli/stdin io/streams filesystem/types filesystem/preopens)" \
+        > "$fs_world/world.wit"
+    rustc_flags+=(-C "link-arg=--component-type=$fs_world")
     (cd "$HERE/upper_component" && "$CARGO" "${ARGS[@]}" -- "${rustc_flags[@]}")
     install_wasm "$target" upper_component
 }

@@ -13,9 +13,10 @@ SIZE, without end), OP=args (the arguments, argv[0] first, one a line). A failin
 operation is a PLUGIN_ERROR naming the error. OP=call calls the host method METHOD with the
 input as its JSON request: the output is `ok ` then its response, or `err ` then its error.
 
-It implements both entries of the world `plugin-with-stream` (wit/wasm-core.wit): `process`
-gets the input as a value, `process-stream` reads it from stdin and writes the output to
-stdout (the way to move large payloads at memory speed).
+It implements the three entries of the world `plugin-with-files` (wit/wasm-core.wit):
+`process` gets the input as a value, `process-stream` reads it from stdin and writes the
+output to stdout, `process-file` reads it from stdin and writes the output to the file the
+host names (the fastest way to move large payloads: docs/performance.md).
 
 Build: plugins/components/build.sh (docs/plugin-abi.md, "A plugin in Python").
 """
@@ -83,6 +84,11 @@ class WitWorld(wit_world.WitWorld):
 
     def process_stream(self, env: list[tuple[str, str]]) -> None:
         write_all(upper(sys.stdin.buffer.read(), env))
+
+    def process_file(self, output_path: str, env: list[tuple[str, str]]) -> None:
+        output = upper(sys.stdin.buffer.read(), env)
+        with open(output_path, "wb") as f:
+            f.write(output)
 
 
 def write_all(data: bytes) -> None:
