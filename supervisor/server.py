@@ -157,6 +157,8 @@ class Supervisor:
         self.started = time.time()
         self._lock_fd = -1
         self._front_out: list[list[Any]] = []
+        # Units' replies for connections that pack, spliced into their reply pack as they come.
+        self._front_packs: dict[bytes, p.ReplyPack] = {}
         self._back_out: list[tuple[str, PendingJob]] = []
         # Connections that sent an ExecutePack: their replies may leave packed.
         self._packers: set[bytes] = set()
@@ -758,8 +760,18 @@ class Supervisor:
                                           "of the service); send it again"))
             return
         out = self._front_out
+        pack = None
+        if len(envelope) == 1 and envelope[0] in self._packers:
+            pack = self._front_packs.get(envelope[0])
+            if pack is None:
+                pack = self._front_packs[envelope[0]] = p.ReplyPack(replies=[], payloads=[])
         for reply, payload in zip(replies, payloads, strict=True):
-            out.append([*envelope, reply] if payload is None else [*envelope, reply, payload])
+            if pack is not None and p.fits_in_pack(payload):
+                pack.replies.append(msgspec.Raw(reply))  # type: ignore[arg-type]
+                pack.payloads.append(payload)
+            else:
+                out.append([*envelope, reply] if payload is None
+                           else [*envelope, reply, payload])
 
     def _fail(self, job: PendingJob, error: WasmCoreError) -> None:
         """End a job with an error of the supervisor's own (lost worker, deadline, shutdown)."""
@@ -972,9 +984,10 @@ class Supervisor:
                     if handle is not None:
                         self.pool.kill(handle, RestartCause.CRASH)
                         self.scheduler.stop_worker(worker_id)
-        if self._front_out:
+        if self._front_out or self._front_packs:
             outgoing, self._front_out = self._front_out, []
-            for frames in client_messages(outgoing, self._packers):
+            packs, self._front_packs = self._front_packs, {}
+            for frames in client_messages(outgoing, self._packers, packs):
                 self._send_client(frames)
 
     def _send_client(self, frames: list[Any]) -> None:
