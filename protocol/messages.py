@@ -499,6 +499,9 @@ class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
     worker_id: str
     compiled: int = 0  # modules this worker compiled itself
     deserialized: int = 0  # modules it mapped from a shared artifact
+    # Executes of units it has started, ever: while this grows, the supervisor moves the
+    # deadline of the unit running on it (Scheduler.progress).
+    unit_progress: int = 0
 
 
 class JobDone(msgspec.Struct, tag="done", kw_only=True):

@@ -145,6 +145,7 @@ class Worker:
         self._limits_cache: dict[tuple[int, int, int], Limits] = {}
         self.compiled = 0
         self.deserialized = 0
+        self.unit_progress = 0  # executes of units finished (read by the heartbeat thread)
         self.outbox: list[list[Any]] = []  # messages ready to leave, in the order they ran
         # Small replies since the last message in the outbox, leaving as one DonePack frame.
         self._packed: list[tuple[p.JobDone, bytes, bytes | None]] = []
@@ -519,6 +520,7 @@ class Worker:
         encode = p.encode
         started = time.perf_counter()
         for request_id, data in zip(job.unit, inputs, strict=True):
+            self.unit_progress += 1  # heartbeats tell the supervisor the unit moves on
             error = failure
             if error is None:
                 try:
@@ -645,7 +647,8 @@ class Worker:
         try:
             while not self._stop_heartbeat.wait(interval):
                 beat = p.Heartbeat(worker_id=self.settings.worker_id, compiled=self.compiled,
-                                   deserialized=self.deserialized)
+                                   deserialized=self.deserialized,
+                                   unit_progress=self.unit_progress)
                 try:
                     socket.send(p.encode(beat), NOBLOCK)
                 except zmq.Again:

@@ -278,7 +278,7 @@ class Requests:
         count = len(reqs)
         # Held bytes as the same executes would hold one by one (a header each), so a
         # tenant's max_queued_bytes binds at the same number of requests either way.
-        size = len(header) * count + sum(len(data) for data in inputs)
+        size = len(header) * count + sum(map(len, inputs))
         # The deadline covers every execute running to its own timeout, one after another.
         pending = PendingJob(token=job.token, envelope=envelope, request_id=first.id,
                              header=header, payload=inputs,

@@ -76,6 +76,7 @@ class Lane:
     held: int = 0  # executions `jobs` stand for (a unit counts its executes)
     executions: int = 0
     accepting: bool = True  # False once the worker is stopped (retiring)
+    unit_progress: int = 0  # the worker's count of unit executes started, last heard
 
 
 @dataclass(eq=False, slots=True)
@@ -278,6 +279,24 @@ class Scheduler:
         self._become_idle(lane, now)
         return job, LaneState.BUSY if lane.jobs else LaneState.IDLE
 
+    def progress(self, worker_id: str, unit_progress: int, now: float) -> None:
+        """A worker's heartbeat says how many executes of units it has started, ever. While
+        that grows, the unit running on it is alive: its deadline moves to one execute's
+        budget from now (never past the whole unit's), so a unit of long executes is not
+        declared lost early, and one that hangs is found one execute's budget (plus the
+        grace and a heartbeat) after it stopped moving, not after the whole unit's."""
+        lane = self._lanes.get(worker_id)
+        if lane is None:
+            return
+        seen, lane.unit_progress = lane.unit_progress, unit_progress
+        if unit_progress == seen or not lane.jobs:
+            return
+        head = lane.jobs[0]
+        if head.count > 1:
+            each_s = head.budget_s / head.count
+            head.deadline = (min(head.started + head.budget_s, now + each_s)
+                             + self.deadline_grace_s)
+
     def expired(self, now: float) -> list[tuple[str, PendingJob]]:
         """Workers whose running job passed its deadline, with that job. The caller kills the
         worker and ends its jobs through `release_worker`."""
@@ -383,7 +402,9 @@ class Scheduler:
 
     def _start_clock(self, job: PendingJob, now: float) -> None:
         job.started = now
-        job.deadline = now + job.budget_s + self.deadline_grace_s
+        # A unit starts with one execute's budget; its worker's progress moves it (`progress`).
+        budget_s = job.budget_s / job.count
+        job.deadline = now + budget_s + self.deadline_grace_s
 
     def _become_idle(self, lane: Lane, now: float) -> None:
         tenant = self._next_tenant()

@@ -812,11 +812,12 @@ class Supervisor:
             if job.count > 1:
                 each_ms = int(job.budget_s * 1000) // job.count
                 error = Timeout(
-                    f"no reply within {job.count} x its {each_ms} ms timeout plus "
-                    f"{self.config.pool.deadline_grace_ms} ms grace: this execute ran in a unit "
-                    f"of {job.count} executes of the same binary, one after another, and one "
-                    "of them hung its worker (a blocked host call or a native hang), which was "
-                    "killed and replaced; send this execute again",
+                    f"this execute ran in a unit of {job.count} executes of the same binary, "
+                    f"one after another on one worker, and one of them hung it (no progress "
+                    f"within its {each_ms} ms timeout plus "
+                    f"{self.config.pool.deadline_grace_ms} ms grace: a blocked host call or a "
+                    "native hang); the worker was killed and replaced and none of the unit's "
+                    "results came back: send this execute again",
                     {"timeout_ms": each_ms, "unit": job.count, "pid": pid})
             else:
                 error = Timeout(
@@ -883,8 +884,12 @@ class Supervisor:
             case p.Heartbeat():
                 # From the worker's heartbeat thread, whose socket has an identity of its own:
                 # the worker is named in the message.
-                pool = self.compile_lane if self.compile_lane.owns(event.worker_id) else self.pool
-                pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
+                if self.compile_lane.owns(event.worker_id):
+                    self.compile_lane.heartbeat(event.worker_id, event.compiled,
+                                                event.deserialized, now)
+                else:
+                    self.pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
+                    self.scheduler.progress(event.worker_id, event.unit_progress, now)
             case p.Ready() if self.compile_lane.owns(event.worker_id):
                 self.compile_lane.ready(event.worker_id, event.fingerprint, self.fingerprint,
                                         now, accept=self.draining is None,

@@ -941,3 +941,24 @@ def test_a_lost_unit_fails_as_one_job() -> None:
     assert failures(sched) == [(head.token, HEAD_ERROR)]
     assert waiting.requeued and sched.queue_depth == 3 and sched.in_flight == 0
     assert sched.tenant_usage("default")[0] == 3
+
+
+def test_a_units_deadline_moves_with_its_workers_progress() -> None:
+    """A unit starts with one execute's budget; each heartbeat that shows its worker started
+    another execute moves the deadline to one budget from then, never past the whole
+    unit's; without progress it expires one budget (plus the grace) after the last."""
+    sched = quick_pool(["w1"])
+    unit = make_unit(4)  # 4 x BUDGET_S
+    sched.submit(unit, 10.0)
+    assigned(sched)
+    assert unit.deadline == pytest.approx(10.0 + BUDGET_S + GRACE_S)
+    sched.progress("w1", 1, 10.5)
+    assert unit.deadline == pytest.approx(10.5 + BUDGET_S + GRACE_S)
+    sched.progress("w1", 1, 11.2)  # no new execute started: unchanged
+    assert unit.deadline == pytest.approx(10.5 + BUDGET_S + GRACE_S)
+    assert sched.expired(12.1) == [("w1", unit)]
+    sched.progress("w1", 2, 13.5)
+    assert sched.expired(14.4) == []
+    sched.progress("w1", 3, 13.9)
+    sched.progress("w1", 4, 16.0)
+    assert unit.deadline == pytest.approx(10.0 + 4 * BUDGET_S + GRACE_S)  # the whole unit's
