@@ -2,12 +2,13 @@
 the supervisor sends them (no supervisor, a ROUTER standing in for it), against the bare
 sandbox loop in the same process. What is left over is the worker's messaging per execution.
 
-    python bench/bench_worker_units.py [-n 20000] [--size 32] [--rounds 3]
+    python bench/bench_worker_units.py [-n 20000] [--size 32] [--rounds 3] [--stub]
 
 Rows: `sandbox.execute` in a loop; a JobPack of `size` single run jobs (what the supervisor
 sent before units); one unit of `size` executes in a JobPack. CPU time (process_time) per
 execution, the best and the median of `rounds` rounds, each round over n executions (the
-replies are drained from the ROUTER between packs and their cost is not counted).
+replies are drained from the ROUTER between packs and their cost is not counted). `--stub`:
+the sandbox's execute answers a result made once, so only the worker's messaging is timed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=20000)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stub", action="store_true",
+                        help="no wasm: time the worker's messaging alone")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="wu", dir="/tmp"))
     router = zmq.Context.instance().socket(zmq.ROUTER)
@@ -52,6 +55,9 @@ def main() -> None:
     module = worker._module(ref)
     limits = worker.settings.sandbox.default_limits
     payload = b"x" * 100
+    if args.stub:
+        result = worker.sandbox.execute(module, payload, limits=limits, tenant="default")
+        worker.sandbox.execute = lambda *_, **__: result  # type: ignore[method-assign]
     fields = dict(modules=[ref], timeout_ms=limits.timeout_ms, fuel=limits.fuel,
                   memory_bytes=limits.memory_bytes, report_pid=False, tenant="default")
     size = args.size
@@ -93,7 +99,8 @@ def main() -> None:
         for name, fn in rows.items():
             results[name].append(fn(args.n) / args.n * 1e6)
     base = statistics.median(results["sandbox.execute loop"])
-    print(f"worker CPU per execution, us (uppercase, 100 B, n={args.n}, {args.rounds} rounds)")
+    print(f"worker CPU per execution, us (uppercase, 100 B, n={args.n}, {args.rounds} rounds"
+          f"{', sandbox stubbed' if args.stub else ''})")
     for name, values in results.items():
         median = statistics.median(values)
         print(f"  {name:34} best {min(values):6.2f}  median {median:6.2f}  "
