@@ -145,7 +145,7 @@ class Worker:
         self._limits_cache: dict[tuple[int, int, int], Limits] = {}
         self.compiled = 0
         self.deserialized = 0
-        self.unit_progress = 0  # executes of units finished (read by the heartbeat thread)
+        self.unit_progress = 0  # executes of units started, ever (read by the heartbeat thread)
         self.outbox: list[list[Any]] = []  # messages ready to leave, in the order they ran
         # Small replies since the last message in the outbox, leaving as one DonePack frame.
         self._packed: list[tuple[p.JobDone, bytes, bytes | None]] = []

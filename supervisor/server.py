@@ -579,6 +579,8 @@ class Supervisor:
                     continue
                 except WasmCoreError:
                     pass  # answered one by one below, each with its own outcome
+                except Exception:  # a bug of ours: each is still answered, one by one
+                    log.exception("internal error making a unit of %d executes", len(chunk))
             for request, payload in chunk:
                 self._run_alone(envelope, request, payload, peer.admin)
 
@@ -753,7 +755,7 @@ class Supervisor:
         envelope = job.envelope
         if envelope is None:
             return
-        if len(replies) != job.count or len(payloads) != job.count:
+        if event.count != job.count or len(replies) != job.count or len(payloads) != job.count:
             log.error("a unit of %d executes came back with %d replies", job.count,
                       len(replies))
             self._fail(job, InternalError("the worker's reply to this execute was lost (a bug "
