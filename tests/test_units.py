@@ -226,10 +226,11 @@ def test_units_can_be_turned_off() -> None:
 
 def test_a_unit_of_long_executes_is_not_declared_lost_early(
         unit_service: RunningService) -> None:
-    """Eight executes that each run to their 300 ms timeout take ~2.5 s as a unit, far past
-    one execute's budget plus the grace: the worker's heartbeats show the unit moving, so
-    it is not killed; each execute ends with its own TIMEOUT (from the epoch, not the
-    supervisor's deadline) and the worker lives on."""
+    """Executes that each run to their 600 ms timeout: a unit of two or more of them takes
+    longer than one execute's budget plus the 500 ms grace, which is where a unit's deadline
+    starts; the worker's heartbeats show the unit moving, so it is not killed. Each execute
+    ends with its own TIMEOUT (from the epoch, not the supervisor's deadline) and the worker
+    lives on."""
     svc = unit_service
     with svc.client() as c:
         mix = c.load(MIX).binary_id
@@ -237,12 +238,12 @@ def test_a_unit_of_long_executes_is_not_declared_lost_early(
         pid = c.stats().workers[0].pid
     before = _unit_executes(svc)
     with raw_dealer(svc.endpoint) as sock:
-        ids = _send_pack(sock, mix, [b"L"] * 8, 7000, timeout_ms=300)
+        ids = _send_pack(sock, mix, [b"L"] * 6, 7000, timeout_ms=600)
         answers = _one_each(_collect(sock, ids, 30), ids)
     for request_id in ids:
         reply = answers[request_id][0]
         assert isinstance(reply, p.ErrorReply) and reply.code == errors.Timeout.code, reply
         assert "unit" not in reply.details, reply  # its own timeout, not a lost unit
-    assert _unit_executes(svc) - before == 8
+    assert _unit_executes(svc) - before >= 2  # (how many depends on the measured run time)
     with svc.client() as c:
         assert [w.pid for w in c.stats().workers] == [pid]
