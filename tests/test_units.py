@@ -32,7 +32,9 @@ MIX = HOSTILE / "unit_mix.wat"  # quick; 'L' loops, 'T' traps, 'H' blocks in a h
 @pytest.fixture
 def unit_service() -> Iterator[RunningService]:
     svc = start_service(workers=1, config={"pool": FAST_POOL, "limits": {"timeout_ms": 2000},
-                                           "tenants": {"capped": {"max_pending": 5}}})
+                                           "tenants": {"capped": {"max_pending": 5},
+                                                       "rated": {"requests_per_s": 0.01,
+                                                                 "burst": 64}}})
     try:
         yield svc
     finally:
@@ -247,3 +249,22 @@ def test_a_unit_of_long_executes_is_not_declared_lost_early(
     assert _unit_executes(svc) - before >= 2  # (how many depends on the measured run time)
     with svc.client() as c:
         assert [w.pid for w in c.stats().workers] == [pid]
+
+
+def test_each_execute_of_a_unit_is_admitted_against_its_tenants_rate(
+        unit_service: RunningService) -> None:
+    """A tenant whose bucket holds a few more requests sends a pack of 10: as many run as
+    it has tokens, the rest get QUOTA_EXCEEDED (requests_per_s), one by one as if alone."""
+    svc = unit_service
+    with svc.client(tenant="rated") as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        for _ in range(60):  # warm: measured as quick; 60 of the burst of 64 are gone
+            c.execute(upper, b"warm")
+    inputs = [f"r{i}".encode() for i in range(10)]
+    with raw_dealer(svc.endpoint) as sock:
+        ids = _send_pack(sock, upper, inputs, 8000, tenant="rated")
+        answers = _one_each(_collect(sock, ids, 20), ids)
+    ran = [i for i in ids if isinstance(answers[i][0], p.Executed)]
+    refused = {answers[i][0].code for i in ids if isinstance(answers[i][0], p.ErrorReply)}
+    assert 3 <= len(ran) <= 4, ran  # the load took one token, the burst refills slowly
+    assert refused == {errors.QuotaExceeded.code}
