@@ -338,6 +338,9 @@ class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     compile_workers: list[WorkerInfo] = []  # the compile lane's workers (not in `workers`)
     compile_queue_depth: int = 0  # loads waiting for a compile worker or their tenant's turn
     tenant_usage: TenantUsage | None = None  # the calling tenant's use against its quotas
+    # Executes answered from units (several executes of one pack run as one job), since
+    # start; admins only, like `requests`.
+    unit_executes: int = 0
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
@@ -413,6 +416,10 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     # A chain's entry per step, from each binary's configured `entries`; empty: `entry` (the
     # module's default) for every step.
     step_entries: list[str | None] = []
+    # A unit: executes of one client pack with the same binary and limits, run one after
+    # another, each in a fresh store and under its own timeout. The request id of each, in
+    # order; its inputs are the job's entry in JobPack.payloads (a list). Empty: one request.
+    unit: list[int] = []
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):
@@ -438,7 +445,7 @@ class JobPack(msgspec.Struct, tag="pack", kw_only=True):
     """
 
     jobs: list[RunJob]
-    payloads: list[bytes]
+    payloads: list[bytes | list[bytes]]  # a unit's entry: the list of its inputs
 
 
 # A payload up to this size travels inside a pack (copied into it); a larger one keeps its
@@ -492,6 +499,9 @@ class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
     worker_id: str
     compiled: int = 0  # modules this worker compiled itself
     deserialized: int = 0  # modules it mapped from a shared artifact
+    # Executes of units it has started, ever: while this grows, the supervisor moves the
+    # deadline of the unit running on it (Scheduler.progress).
+    unit_progress: int = 0
 
 
 class JobDone(msgspec.Struct, tag="done", kw_only=True):
@@ -502,12 +512,17 @@ class JobDone(msgspec.Struct, tag="done", kw_only=True):
     kind: str = ""
     exports: list[str] = []
     fuel_consumed: int = 0
+    # A unit's reply (RunJob.unit): its `count` replies follow in the DonePack, in order, and
+    # `codes` are the error codes of those that failed (for the supervisor's counters).
+    count: int = 0
+    codes: list[str] = []
 
 
 class DonePack(msgspec.Struct, tag="dpack", kw_only=True):
     """Several small finished jobs in a single frame, in the order they ran: for each, the
     JobDone, the client's reply header (encoded, forwarded as it is) and the payload frame
-    (None: the reply has no payload frame)."""
+    (None: the reply has no payload frame). A unit's JobDone (count > 0) has `count`
+    consecutive entries in `replies` and `payloads`, one per execute in order."""
 
     done: list[JobDone]
     replies: list[bytes]

@@ -145,6 +145,7 @@ class Worker:
         self._limits_cache: dict[tuple[int, int, int], Limits] = {}
         self.compiled = 0
         self.deserialized = 0
+        self.unit_progress = 0  # executes of units started, ever (read by the heartbeat thread)
         self.outbox: list[list[Any]] = []  # messages ready to leave, in the order they ran
         # Small replies since the last message in the outbox, leaving as one DonePack frame.
         self._packed: list[tuple[p.JobDone, bytes, bytes | None]] = []
@@ -213,9 +214,19 @@ class Worker:
 
     def _close_pack(self) -> None:
         if self._packed:
-            done, replies, payloads = zip(*self._packed, strict=True)
-            self.outbox.append([p.encode(p.DonePack(done=list(done), replies=list(replies),
-                                                    payloads=list(payloads)))])
+            done: list[p.JobDone] = []
+            replies: list[bytes] = []
+            payloads: list[bytes | None] = []
+            for one, reply, payload in self._packed:
+                done.append(one)
+                if one.count:  # a unit: its replies and payloads, one per execute
+                    replies.extend(reply)
+                    payloads.extend(payload)
+                else:
+                    replies.append(reply)
+                    payloads.append(payload)
+            self.outbox.append([p.encode(p.DonePack(done=done, replies=replies,
+                                                    payloads=payloads))])
             self._packed = []
 
     def _flush(self) -> None:
@@ -224,8 +235,8 @@ class Worker:
             self.back.send_multipart(frames, copy=False)  # copied below copy_threshold
         self.outbox.clear()
 
-    def _record_time(self, sha256: str, started: float) -> None:
-        elapsed_us = (time.perf_counter() - started) * 1e6
+    def _record_time(self, sha256: str, started: float, count: int = 1) -> None:
+        elapsed_us = (time.perf_counter() - started) * 1e6 / count
         previous = self.exec_us.get(sha256)
         if previous is None and len(self.exec_us) >= _MAX_TIMED_MODULES:
             self.exec_us.clear()  # one entry per binary ever run: bounded like the modules
@@ -245,7 +256,10 @@ class Worker:
         match command:
             case p.JobPack():
                 for job, payload in zip(command.jobs, command.payloads, strict=True):
-                    self._run(job, payload)
+                    if job.unit:
+                        self._run_unit(job, payload)  # type: ignore[arg-type]
+                    else:
+                        self._run(job, payload)  # type: ignore[arg-type]
             case p.RunJob():
                 if command.batch:
                     self._run_batch(command, [f.bytes for f in frames[1:]])
@@ -477,6 +491,68 @@ class Worker:
                     raise
         raise InternalError("no entry to try")  # unreachable: entries is never empty
 
+    def _run_unit(self, job: p.RunJob, inputs: list[bytes]) -> None:
+        """A unit: executes of one client pack for one binary with the same limits (only
+        inline inputs, no segments, one module). Each runs in a fresh store under its own
+        timeout and is answered on its own, in order, in one entry of the reply pack; a
+        failing execute fails only itself."""
+        ref = job.modules[0]
+        limits = self._limits_for(job)
+        self._flush_before([ref.sha256])
+        pid = self.pid if job.report_pid else 0
+        replies: list[bytes] = []
+        outputs: list[bytes | None] = []
+        codes: list[str] = []
+        fuel_total = 0
+        failure: WasmCoreError | None = None
+        try:
+            module = self._module(ref)
+            files = self._files_for(job, 0, module)
+        except WasmCoreError as exc:
+            failure = exc
+        except Exception as exc:  # a bug of ours must still answer every request
+            failure = InternalError(f"worker error: {exc!r}")
+        if len(inputs) != len(job.unit):
+            failure = InternalError(f"a unit of {len(job.unit)} executes came with "
+                                    f"{len(inputs)} inputs")
+            inputs = [b""] * len(job.unit)
+        execute = self.sandbox.execute
+        encode = p.encode
+        started = time.perf_counter()
+        for request_id, data in zip(job.unit, inputs, strict=True):
+            self.unit_progress += 1  # heartbeats tell the supervisor the unit moves on
+            error = failure
+            if error is None:
+                try:
+                    if job.fallback_entries:
+                        result = self._execute_with_fallback(module, data, job, limits,
+                                                             time.perf_counter(), files)
+                    else:
+                        result = execute(module, data, env=job.env, entry=job.entry,
+                                         limits=limits, tenant=job.tenant, files=files)
+                except WasmCoreError as exc:
+                    error = exc
+                except Exception as exc:
+                    error = InternalError(f"worker error: {exc!r}")
+                else:
+                    fuel_total += result.metering.fuel_consumed
+                    replies.append(encode(p.Executed(
+                        id=request_id, logs=result.logs, logs_truncated=result.logs_truncated,
+                        metering=result.metering, binary_id=ref.binary_id,
+                        version=ref.version, worker_pid=pid)))
+                    outputs.append(result.output)
+                    continue
+            codes.append(error.code)
+            replies.append(encode(p.ErrorReply(id=request_id, code=error.code,
+                                               message=error.message,
+                                               details=dict(error.details))))
+            outputs.append(None)
+        if failure is None:
+            self._record_time(ref.sha256, started, len(job.unit))
+        done = p.JobDone(token=job.token, fuel_consumed=fuel_total, count=len(replies),
+                         codes=codes)
+        self._packed.append((done, replies, outputs))  # type: ignore[arg-type]
+
     def _run_batch(self, job: p.RunJob, inputs: list[bytes]) -> None:
         """One module, many inputs, one reply: each input succeeds or fails on its own."""
         limits = self._limits_for(job)
@@ -571,7 +647,8 @@ class Worker:
         try:
             while not self._stop_heartbeat.wait(interval):
                 beat = p.Heartbeat(worker_id=self.settings.worker_id, compiled=self.compiled,
-                                   deserialized=self.deserialized)
+                                   deserialized=self.deserialized,
+                                   unit_progress=self.unit_progress)
                 try:
                     socket.send(p.encode(beat), NOBLOCK)
                 except zmq.Again:

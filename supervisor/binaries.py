@@ -122,11 +122,11 @@ class Binaries:
             self._refs[binary.binary_id] = ref
         return ref
 
-    def record_executions(self, binary_ids: list[str]) -> None:
+    def record_executions(self, binary_ids: list[str], count: int = 1) -> None:
         for binary_id in binary_ids:
             binary = self.registry.get(binary_id)
             if binary is not None:
-                binary.executions += 1
+                binary.executions += count
 
     def watched_paths(self) -> set[str]:
         """The module files the server watches: those it may read for their binary's tenant

@@ -53,6 +53,10 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allow_unauthenticated_tcp: bool = False
 
 
+# The most pool.unit_executions may be: a unit's deadline covers all of its executes.
+MAX_UNIT_EXECUTIONS = 256
+
+
 class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     workers: int = 0  # 0: one per core
     heartbeat_interval_ms: int = 250
@@ -77,6 +81,10 @@ class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Under load a worker may hold up to this many jobs of quick binaries (one wake-up, many
     # jobs), as long as their expected run time stays under 2 ms.
     prefetch: int = 64
+    # Executes of one client pack with the same binary and limits run as one scheduling unit
+    # (one job, one after another on one worker, each in a fresh store under its own
+    # timeout) of at most this many, fewer as their expected run time reaches 2 ms. 1: off.
+    unit_executions: int = 32
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -287,6 +295,8 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("pool.workers", config.pool.workers >= 0, "must be 0 (one per core) or more"),
         ("pool.heartbeat_interval_ms", config.pool.heartbeat_interval_ms > 0, "must be > 0"),
         ("pool.prefetch", config.pool.prefetch >= 1, "must be at least 1"),
+        ("pool.unit_executions", 1 <= config.pool.unit_executions <= MAX_UNIT_EXECUTIONS,
+         f"must be between 1 and {MAX_UNIT_EXECUTIONS}"),
         ("pool.epoch_tick_ms", 0.1 <= config.pool.epoch_tick_ms <= 1000, "must be in [0.1, 1000]"),
         (
             "pool.heartbeat_timeout_ms",

@@ -43,3 +43,7 @@ class PendingJob:
     charged_ms: float = 0.0  # run time charged to its tenant when it was sent (for fairness)
     # The requester is an admin: errors the supervisor answers it with may name worker pids.
     shows_pids: bool = True
+    # A unit (executes of one pack run together, RunJob.unit): the request id of each, in
+    # order; `payload` is then the list of their inputs. Empty: the job answers `request_id`.
+    request_ids: list[int] = field(default_factory=list)
+    count: int = 1  # executions it stands for: what it counts against quotas and the queue

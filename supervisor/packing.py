@@ -46,10 +46,13 @@ def _job_pack(identity: bytes, jobs: list[PendingJob]) -> list[Any]:
     return [identity, p.encode(pack)]
 
 
-def client_messages(outgoing: list[list[Any]], packers: set[bytes]) -> list[list[Any]]:
+def client_messages(outgoing: list[list[Any]], packers: set[bytes],
+                    packs: dict[bytes, p.ReplyPack] | None = None) -> list[list[Any]]:
     """Replies as sent: those for a connection in `packers` that fit in a pack are gathered
-    into one ReplyPack per connection (after the unpacked ones, which keep their order)."""
-    packs: dict[bytes, p.ReplyPack] = {}
+    into one ReplyPack per connection (after the unpacked ones, which keep their order),
+    added to those of `packs` (replies already packed, per connection)."""
+    if packs is None:
+        packs = {}
     out: list[list[Any]] = []
     for frames in outgoing:
         if frames[0] in packers and _packable_reply(frames):

@@ -263,6 +263,31 @@ class Requests:
         self._queue(envelope, req, job, payload, job.timeout_ms / 1000, [binary.binary_id],
                     admin, retryable=retryable)
 
+    def execute_unit(self, envelope: list[bytes], reqs: list[p.Execute],
+                     payloads: list[bytes | None], admin: bool) -> None:
+        """Executes of one pack with the same tenant, binary, entry, limits, env and
+        arguments, inputs inline and no segments, as one job (a unit): one binary and limits
+        lookup, one job holding every request id, charged and counted as len(reqs)
+        executions. The worker runs each in a fresh store under its own timeout and answers
+        each on its own. Raises WasmCoreError for all of them (the caller then handles them
+        one by one, which answers each exactly as alone)."""
+        first = reqs[0]
+        job, binary = self._run_job(first, admin, unit=[req.id for req in reqs])
+        header = p.encode(job)
+        inputs = [b"" if payload is None else payload for payload in payloads]
+        count = len(reqs)
+        # Held bytes as the same executes would hold one by one (a header each), so a
+        # tenant's max_queued_bytes binds at the same number of requests either way.
+        size = len(header) * count + sum(map(len, inputs))
+        # The deadline covers every execute running to its own timeout, one after another.
+        pending = PendingJob(token=job.token, envelope=envelope, request_id=first.id,
+                             header=header, payload=inputs,
+                             budget_s=job.timeout_ms * count / 1000,
+                             binary_ids=[binary.binary_id], tenant=first.tenant,
+                             shows_pids=admin, packable=True, size_bytes=size,
+                             request_ids=job.unit, count=count)
+        self._submit(pending)
+
     def _batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any],
                admin: bool) -> None:
         job, binary = self._run_job(req, admin, batch=req.count)

@@ -73,8 +73,10 @@ class Lane:
     recycle_after: int
     jobs: collections.deque[PendingJob] = field(default_factory=collections.deque)
     queued_ms: float = 0.0  # expected run time of `jobs`
+    held: int = 0  # executions `jobs` stand for (a unit counts its executes)
     executions: int = 0
     accepting: bool = True  # False once the worker is stopped (retiring)
+    unit_progress: int = 0  # the worker's count of unit executes started, last heard
 
 
 @dataclass(eq=False, slots=True)
@@ -86,7 +88,7 @@ class TenantQueue:
     name: str
     config: TenantConfig
     jobs: collections.deque[PendingJob] = field(default_factory=collections.deque)
-    pending: int = 0  # its jobs queued or on a worker
+    pending: int = 0  # its executions queued or on a worker (a unit counts its executes)
     held_bytes: int = 0  # their size_bytes
     vtime: float = 0.0  # run time given, in ms divided by its weight (its virtual time)
     turn: int = 0  # which of its entries in the turn heap is the live one
@@ -116,7 +118,7 @@ class Scheduler:
         self._entries = itertools.count(1)
         # The virtual time of the job sent last: where a tenant that starts queuing starts.
         self._vclock = 0.0
-        self._queued = 0  # jobs in all tenants' FIFOs
+        self._queued = 0  # executions in all tenants' FIFOs (a unit counts its executes)
         self._held_bytes = 0  # size_bytes of every job queued or on a worker
         self._exec_ms: dict[str, float] = {}  # per binary: moving average of run time
         self._assignments: list[tuple[str, PendingJob]] = []
@@ -178,6 +180,7 @@ class Scheduler:
             return
         head, *waiting = lane.jobs
         lane.jobs.clear()
+        lane.held = 0
         tenant = self._tenants[head.tenant]
         self._settle(tenant, head, (now - head.started) * 1000)
         self._end(tenant, head, head_error)
@@ -221,7 +224,7 @@ class Scheduler:
                 tenant.vtime = max(tenant.vtime, self._vclock)
                 self._assign(lane, tenant, job, now, estimate)
                 return
-        if bounded and self._queued >= self.max_queue:
+        if bounded and self._queued + job.count > self.max_queue:
             raise Busy(
                 f"all workers are busy and {self._queued} requests are queued; "
                 "retry shortly",
@@ -243,18 +246,20 @@ class Scheduler:
         if lane is None or not lane.jobs or lane.jobs[0].token != token:
             return None
         job = lane.jobs.popleft()
+        lane.held -= job.count
         if not lane.jobs:
             lane.queued_ms = 0.0
         elif math.isinf(lane.queued_ms):  # inf - inf would be nan: recount
             lane.queued_ms = sum(j.estimate_ms for j in lane.jobs)
         else:
             lane.queued_ms = max(0.0, lane.queued_ms - job.estimate_ms)
-        lane.executions += 1
+        lane.executions += job.count
         elapsed_ms = (now - job.started) * 1000
+        each_ms = elapsed_ms / job.count  # a unit's executes ran one after another
         for binary_id in job.binary_ids:
             previous = self._exec_ms.get(binary_id)
-            self._exec_ms[binary_id] = (elapsed_ms if previous is None
-                                        else 0.8 * previous + 0.2 * elapsed_ms)
+            self._exec_ms[binary_id] = (each_ms if previous is None
+                                        else 0.8 * previous + 0.2 * each_ms)
         tenant = self._tenants[job.tenant]
         self._settle(tenant, job, elapsed_ms)
         self._release(tenant, job)
@@ -273,6 +278,24 @@ class Scheduler:
             return job, LaneState.RECYCLE
         self._become_idle(lane, now)
         return job, LaneState.BUSY if lane.jobs else LaneState.IDLE
+
+    def progress(self, worker_id: str, unit_progress: int, now: float) -> None:
+        """A worker's heartbeat says how many executes of units it has started, ever. While
+        that grows, the unit running on it is alive: its deadline moves to one execute's
+        budget from now (never past the whole unit's), so a unit of long executes is not
+        declared lost early, and one that hangs is found one execute's budget (plus the
+        grace and a heartbeat) after it stopped moving, not after the whole unit's."""
+        lane = self._lanes.get(worker_id)
+        if lane is None:
+            return
+        seen, lane.unit_progress = lane.unit_progress, unit_progress
+        if unit_progress == seen or not lane.jobs:
+            return
+        head = lane.jobs[0]
+        if head.count > 1:
+            each_s = head.budget_s / head.count
+            head.deadline = (min(head.started + head.budget_s, now + each_s)
+                             + self.deadline_grace_s)
 
     def expired(self, now: float) -> list[tuple[str, PendingJob]]:
         """Workers whose running job passed its deadline, with that job. The caller kills the
@@ -311,7 +334,21 @@ class Scheduler:
 
     @property
     def in_flight(self) -> int:
-        return sum(len(lane.jobs) for lane in self._lanes.values())
+        """Executions on workers (a unit counts its executes)."""
+        return sum(lane.held for lane in self._lanes.values())
+
+    def unit_size(self, binary_id: str, most: int) -> int:
+        """How many executes of `binary_id` may run as one unit (one job, one after another
+        on one worker), at most `most`: as many as its measured run time fits in the
+        prefetch budget, so a unit holds a worker no longer than the quick jobs prefetched
+        behind each other would. 1 (no unit) for a binary not yet measured, or slow: nothing
+        waits behind those."""
+        each_ms = self._exec_ms.get(binary_id)
+        if each_ms is None or most <= 1:
+            return 1
+        if each_ms <= 0.0:
+            return most
+        return max(1, min(most, int(PREFETCH_BUDGET_MS / each_ms)))
 
     # ------------------------------------------------------------------ internals
 
@@ -332,7 +369,7 @@ class Scheduler:
         for lane in lanes.values():
             if (lane.accepting and lane.jobs and len(lane.jobs) < depth
                     and lane.queued_ms < PREFETCH_BUDGET_MS
-                    and lane.executions + len(lane.jobs) < lane.recycle_after
+                    and lane.executions + lane.held < lane.recycle_after
                     and (best is None or lane.queued_ms < best.queued_ms)):
                 best = lane
         return best
@@ -341,12 +378,13 @@ class Scheduler:
         """Expected run time from the binaries' moving averages; unknown counts as slow."""
         if job.on_done is not None:
             return math.inf
-        return sum(self._exec_ms.get(b, math.inf) for b in job.binary_ids)
+        return sum(self._exec_ms.get(b, math.inf) for b in job.binary_ids) * job.count
 
     def _assign(self, lane: Lane, tenant: TenantQueue, job: PendingJob, now: float,
                 estimate_ms: float) -> None:
         self._assignments.append((lane.worker_id, job))
         lane.jobs.append(job)
+        lane.held += job.count
         job.estimate_ms = estimate_ms
         lane.queued_ms += estimate_ms
         if len(lane.jobs) == 1:
@@ -364,7 +402,9 @@ class Scheduler:
 
     def _start_clock(self, job: PendingJob, now: float) -> None:
         job.started = now
-        job.deadline = now + job.budget_s + self.deadline_grace_s
+        # A unit starts with one execute's budget; its worker's progress moves it (`progress`).
+        budget_s = job.budget_s / job.count
+        job.deadline = now + budget_s + self.deadline_grace_s
 
     def _become_idle(self, lane: Lane, now: float) -> None:
         tenant = self._next_tenant()
@@ -392,7 +432,7 @@ class Scheduler:
         """Raise if `job` would take its tenant or the server past a bound; changes nothing."""
         size = job.size_bytes
         config = tenant.config
-        if (tenant.pending < config.max_pending
+        if (tenant.pending + job.count <= config.max_pending
                 and tenant.held_bytes + size <= config.max_queued_bytes
                 and self._held_bytes + size <= self.max_queued_bytes):
             return
@@ -403,7 +443,7 @@ class Scheduler:
                 raise PayloadTooLarge(
                     f"this request holds {size} bytes while it waits; {setting} allows "
                     f"{limit}: send less per request", {"size": size, "limit": limit})
-        if tenant.pending >= config.max_pending:
+        if tenant.pending + job.count > config.max_pending:
             raise QuotaExceeded(
                 f"this tenant already has {tenant.pending} requests queued or running, its "
                 f"quota (max_pending); wait for replies before sending more",
@@ -424,12 +464,12 @@ class Scheduler:
         """`job` now counts against its tenant and the server until `_release`."""
         if tenant.pending == 0 and not tenant.jobs:
             self._tenants[tenant.name] = tenant
-        tenant.pending += 1
+        tenant.pending += job.count
         tenant.held_bytes += job.size_bytes
         self._held_bytes += job.size_bytes
 
     def _release(self, tenant: TenantQueue, job: PendingJob) -> None:
-        tenant.pending -= 1
+        tenant.pending -= job.count
         tenant.held_bytes -= job.size_bytes
         self._held_bytes -= job.size_bytes
         # An idle tenant is kept for its next request (most send again soon), up to a
@@ -458,12 +498,13 @@ class Scheduler:
             tenant.jobs.appendleft(job)
         else:
             tenant.jobs.append(job)
-        self._queued += 1
+        self._queued += job.count
 
     def _take(self, tenant: TenantQueue) -> PendingJob:
         """Its next job leaves the queue (its entry is corrected when it next comes up)."""
-        self._queued -= 1
-        return tenant.jobs.popleft()
+        job = tenant.jobs.popleft()
+        self._queued -= job.count
+        return job
 
     def _push_turn(self, tenant: TenantQueue) -> None:
         tenant.turn = next(self._entries)

@@ -152,10 +152,13 @@ class Supervisor:
         self.config_error: str | None = None
         self._config_text = Path(config_path).read_bytes() if config_path else b""
         self.requests = 0
+        self.unit_executes = 0  # executes answered from units (stats)
         self.errors_by_code: collections.Counter[str] = collections.Counter()
         self.started = time.time()
         self._lock_fd = -1
         self._front_out: list[list[Any]] = []
+        # Units' replies for connections that pack, spliced into their reply pack as they come.
+        self._front_packs: dict[bytes, p.ReplyPack] = {}
         self._back_out: list[tuple[str, PendingJob]] = []
         # Connections that sent an ExecutePack: their replies may leave packed.
         self._packers: set[bytes] = set()
@@ -507,6 +510,12 @@ class Supervisor:
                 self._packers.clear()
             self._packers.add(envelope[0])
         self.requests += len(pack.executes) - 1
+        most = self.config.pool.unit_executions
+        payload_limit = self.config.server.max_payload_bytes
+        tenant = peer.tenant if peer is not None else ""
+        # Executes that may run together as units (same tenant, binary, entry and limits),
+        # by their key; those that may not (segments, large inputs) go one by one.
+        groups: dict[tuple[Any, ...], list[tuple[p.Execute, bytes | None]]] = {}
         for request, payload in zip(pack.executes, pack.payloads, strict=True):
             if type(request) is msgspec.Raw:  # from a pack that did not decode whole
                 try:
@@ -514,7 +523,78 @@ class Supervisor:
                 except msgspec.DecodeError as exc:
                     self._reply_error(envelope, p.peek_request_id(request), _malformed(exc))
                     continue
+            if (most > 1 and request.input_shm is None and not request.output_shm_into
+                    and (payload is None or (type(payload) is bytes
+                                             and len(payload) <= payload_limit))):
+                key = (tenant or request.tenant, request.binary_id, request.entry,
+                       request.timeout_ms, request.memory_mb, request.fuel)
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [(request, payload)]
+                    continue
+                lead = group[0][0]
+                if request.env == lead.env and request.args == lead.args:
+                    group.append((request, payload))
+                    continue
             self._on_request(envelope, request, [] if payload is None else [payload], peer)
+        for group in groups.values():
+            if len(group) == 1:
+                request, payload = group[0]
+                self._on_request(envelope, request, [] if payload is None else [payload], peer)
+            else:
+                self._on_unit(envelope, group, peer, most)
+
+    def _on_unit(self, envelope: list[bytes], group: list[tuple[p.Execute, bytes | None]],
+                 peer: Identity | None, most: int) -> None:
+        """Executes of one pack that may run together: each is admitted on its own (the
+        tenant's request rate), then they run as units of up to what the scheduler allows
+        for their binary (`Scheduler.unit_size`). A unit refused as a whole (a quota, the
+        queue, a missing binary) is handled one by one instead, which answers each execute
+        exactly as if it had come alone."""
+        if peer is None or self.draining is not None:
+            for request, payload in group:  # each is refused on its own
+                self._on_request(envelope, request, [] if payload is None else [payload], peer)
+            return
+        admitted: list[tuple[p.Execute, bytes | None]] = []
+        now = time.monotonic()
+        for request, payload in group:
+            if peer.tenant:
+                request.tenant = peer.tenant  # proven by the connection's key
+            try:
+                self.rates.admit(request.tenant, now)
+            except WasmCoreError as exc:
+                self._reply_error(envelope, request.id, exc)
+                continue
+            admitted.append((request, payload))
+        if not admitted:
+            return
+        size = self.scheduler.unit_size(admitted[0][0].binary_id, most)
+        for start in range(0, len(admitted), size):
+            chunk = admitted[start:start + size]
+            if len(chunk) > 1:
+                try:
+                    self.requests_handler.execute_unit(
+                        envelope, [request for request, _ in chunk],
+                        [payload for _, payload in chunk], peer.admin)
+                    continue
+                except WasmCoreError:
+                    pass  # answered one by one below, each with its own outcome
+                except Exception:  # a bug of ours: each is still answered, one by one
+                    log.exception("internal error making a unit of %d executes", len(chunk))
+            for request, payload in chunk:
+                self._run_alone(envelope, request, payload, peer.admin)
+
+    def _run_alone(self, envelope: list[bytes], request: p.Execute, payload: bytes | None,
+                   admin: bool) -> None:
+        """An admitted execute handled on its own."""
+        try:
+            self.requests_handler.handle(envelope, request, payload, admin)
+        except WasmCoreError as exc:
+            self._reply_error(envelope, request.id, exc)
+        except Exception as exc:  # a bug of ours: answer, log, keep serving everyone else
+            log.exception("internal error handling an execute")
+            self._reply_error(envelope, request.id, InternalError(
+                f"internal error: {exc!r}; the service keeps running, please report it"))
 
     def _on_request(self, envelope: list[bytes], request: Any, payloads: list[bytes],
                     peer: Identity | None) -> None:
@@ -625,6 +705,7 @@ class Supervisor:
             compile_workers=self.compile_lane.stats(),
             compile_queue_depth=self.compile_lane.queue_depth,
             tenant_usage=self._tenant_usage(request.tenant),
+            unit_executes=self.unit_executes,
         )
 
     def _tenant_usage(self, tenant: str) -> p.TenantUsage:
@@ -651,16 +732,48 @@ class Supervisor:
         """A worker's reply ends `job`: forward it to the client (or to the job's own
         completion, for compiles)."""
         self._outstanding.pop(job.token, None)
-        self.binaries.record_executions(job.binary_ids)
+        self.binaries.record_executions(job.binary_ids, job.count)
         if event.code:
             self.errors_by_code[event.code] += 1
-        if job.on_done is not None:
+        if job.request_ids:  # a unit: rest is [its replies, their payloads]
+            self._forward_unit(job, event, rest[0], rest[1])
+        elif job.on_done is not None:
             try:
                 job.on_done(event.code, event, rest)
             except Exception as exc:
                 self._completion_failed(job, exc)
         elif job.envelope is not None:
             self._front_out.append([*job.envelope, *rest])
+
+    def _forward_unit(self, job: PendingJob, event: p.JobDone, replies: list[bytes],
+                      payloads: list[bytes | None]) -> None:
+        """A unit's replies, one per execute in order, forwarded as they are (encoded by the
+        worker, spliced into the client's reply pack undecoded)."""
+        self.unit_executes += job.count
+        for code in event.codes:
+            self.errors_by_code[code] += 1
+        envelope = job.envelope
+        if envelope is None:
+            return
+        if event.count != job.count or len(replies) != job.count or len(payloads) != job.count:
+            log.error("a unit of %d executes came back with %d replies", job.count,
+                      len(replies))
+            self._fail(job, InternalError("the worker's reply to this execute was lost (a bug "
+                                          "of the service); send it again"))
+            return
+        out = self._front_out
+        pack = None
+        if len(envelope) == 1 and envelope[0] in self._packers:
+            pack = self._front_packs.get(envelope[0])
+            if pack is None:
+                pack = self._front_packs[envelope[0]] = p.ReplyPack(replies=[], payloads=[])
+        for reply, payload in zip(replies, payloads, strict=True):
+            if pack is not None and p.fits_in_pack(payload):
+                pack.replies.append(msgspec.Raw(reply))  # type: ignore[arg-type]
+                pack.payloads.append(payload)
+            else:
+                out.append([*envelope, reply] if payload is None
+                           else [*envelope, reply, payload])
 
     def _fail(self, job: PendingJob, error: WasmCoreError) -> None:
         """End a job with an error of the supervisor's own (lost worker, deadline, shutdown)."""
@@ -675,8 +788,9 @@ class Supervisor:
             except Exception as exc:
                 self._completion_failed(job, exc)
         elif job.envelope is not None:
-            self._reply_error(job.envelope, job.request_id,
-                              error if job.shows_pids else redacted(error))
+            shown = error if job.shows_pids else redacted(error)
+            for request_id in job.request_ids or (job.request_id,):
+                self._reply_error(job.envelope, request_id, shown)
 
     def _completion_failed(self, job: PendingJob, exc: Exception) -> None:
         """A job's own completion raised (a bug of ours): whoever waits is answered all the
@@ -697,12 +811,25 @@ class Supervisor:
         for worker_id, job in self.scheduler.expired(now):
             handle = self.pool.get(worker_id)
             pid = handle.pid if handle is not None else 0
+            if job.count > 1:
+                each_ms = int(job.budget_s * 1000) // job.count
+                error = Timeout(
+                    f"this execute ran in a unit of {job.count} executes of the same binary, "
+                    f"one after another on one worker, and one of them hung it (no progress "
+                    f"within its {each_ms} ms timeout plus "
+                    f"{self.config.pool.deadline_grace_ms} ms grace: a blocked host call or a "
+                    "native hang); the worker was killed and replaced and none of the unit's "
+                    "results came back: send this execute again",
+                    {"timeout_ms": each_ms, "unit": job.count, "pid": pid})
+            else:
+                error = Timeout(
+                    f"no reply within the {job.budget_s * 1000:.0f} ms timeout plus "
+                    f"{self.config.pool.deadline_grace_ms} ms grace (a blocked host call "
+                    "or a native hang); its worker was killed and replaced",
+                    {"timeout_ms": int(job.budget_s * 1000), "pid": pid})
             self.scheduler.release_worker(
                 worker_id,
-                Timeout(f"no reply within the {job.budget_s * 1000:.0f} ms timeout plus "
-                        f"{self.config.pool.deadline_grace_ms} ms grace (a blocked host call "
-                        "or a native hang); its worker was killed and replaced",
-                        {"timeout_ms": int(job.budget_s * 1000), "pid": pid}),
+                error,
                 WorkerLost("its worker was killed for another request's deadline",
                            {"pid": pid}),
                 now, requeue=self.draining is None)
@@ -733,10 +860,19 @@ class Supervisor:
             worker_id = frames[0].bytes.decode()
             try:
                 if type(event) is p.DonePack:
-                    for done, reply, payload in zip(event.done, event.replies, event.payloads,
-                                                    strict=True):
-                        self._on_job_done(worker_id, done,
-                                          [reply] if payload is None else [reply, payload])
+                    replies, payloads = event.replies, event.payloads
+                    at = 0
+                    for done in event.done:
+                        count = done.count
+                        if count:  # a unit: its replies follow one another
+                            self._on_job_done(worker_id, done, [replies[at:at + count],
+                                                                payloads[at:at + count]])
+                            at += count
+                            continue
+                        payload = payloads[at]
+                        self._on_job_done(worker_id, done, [replies[at]] if payload is None
+                                          else [replies[at], payload])
+                        at += 1
                 else:
                     self._on_worker_event(worker_id, event, frames[2:])
             except Exception:
@@ -750,8 +886,12 @@ class Supervisor:
             case p.Heartbeat():
                 # From the worker's heartbeat thread, whose socket has an identity of its own:
                 # the worker is named in the message.
-                pool = self.compile_lane if self.compile_lane.owns(event.worker_id) else self.pool
-                pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
+                if self.compile_lane.owns(event.worker_id):
+                    self.compile_lane.heartbeat(event.worker_id, event.compiled,
+                                                event.deserialized, now)
+                else:
+                    self.pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
+                    self.scheduler.progress(event.worker_id, event.unit_progress, now)
             case p.Ready() if self.compile_lane.owns(event.worker_id):
                 self.compile_lane.ready(event.worker_id, event.fingerprint, self.fingerprint,
                                         now, accept=self.draining is None,
@@ -851,9 +991,10 @@ class Supervisor:
                     if handle is not None:
                         self.pool.kill(handle, RestartCause.CRASH)
                         self.scheduler.stop_worker(worker_id)
-        if self._front_out:
+        if self._front_out or self._front_packs:
             outgoing, self._front_out = self._front_out, []
-            for frames in client_messages(outgoing, self._packers):
+            packs, self._front_packs = self._front_packs, {}
+            for frames in client_messages(outgoing, self._packers, packs):
                 self._send_client(frames)
 
     def _send_client(self, frames: list[Any]) -> None:

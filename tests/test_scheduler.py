@@ -832,3 +832,133 @@ def test_records_of_idle_tenants_stay_bounded() -> None:
         with pytest.raises(PayloadTooLarge):
             sched.submit(make_job(UNKNOWN, tenant=f"refused{i}", size_bytes=11), now)
     assert sched.tenants_tracked <= IDLE_TENANTS_KEPT + 1
+
+
+# --------------------------------------------------------------------------- units
+
+
+def make_unit(count: int, binary: str = QUICK, tenant: str = "default",
+              size_bytes: int = 0) -> PendingJob:
+    """A unit: `count` executes of one binary as one job (RunJob.unit)."""
+    job = make_job(binary, budget_s=BUDGET_S * count, tenant=tenant, size_bytes=size_bytes)
+    job.request_ids = [job.token * 1000 + i for i in range(count)]
+    job.count = count
+    job.payload = [b""] * count
+    return job
+
+
+def test_unit_size_follows_the_measured_run_time() -> None:
+    """A unit holds as many executes as fit in the prefetch budget, at most `most`; a binary
+    not yet measured, or slow, runs in no unit at all."""
+    sched = make_scheduler()
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    assert sched.unit_size(UNKNOWN, 32) == 1
+    now = teach(sched, "w1", QUICK, QUICK_MS, 0.0)
+    assert sched.unit_size(QUICK, 32) == 32
+    assert sched.unit_size(QUICK, 1) == 1
+    teach(sched, "w1", "half", PREFETCH_BUDGET_MS / 4, now)
+    assert sched.unit_size("half", 32) == 4
+    teach(sched, "w1", "slow", PREFETCH_BUDGET_MS * 3, now + 1)
+    assert sched.unit_size("slow", 32) == 1
+
+
+def test_a_unit_counts_as_its_executes() -> None:
+    """Quotas, the queue, in-flight and the tenant's usage count a unit's executes, not one
+    job: a unit of 5 takes 5 of a tenant's max_pending of 6, and one more unit of 2 is
+    refused while a single execute still fits."""
+    sched = make_scheduler(tenants={"default": TenantConfig(max_pending=6)})
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    teach(sched, "w1", QUICK, QUICK_MS, 0.0)
+    unit = make_unit(5, size_bytes=50)
+    sched.submit(unit, 1.0)
+    assert assigned(sched) == {unit.token: "w1"}
+    assert sched.in_flight == 5
+    assert sched.tenant_usage("default") == (5, 50)
+    with pytest.raises(QuotaExceeded):
+        sched.submit(make_unit(2), 1.0)
+    single = make_job()
+    sched.submit(single, 1.0)
+    assert sched.tenant_usage("default") == (6, 50)
+    outcome = sched.on_reply("w1", unit.token, 1.001)
+    assert outcome is not None and outcome[0] is unit
+    assert sched.tenant_usage("default") == (1, 0)
+    assert sched.executions_on("w1") == 1 + 5  # the teaching job, then the unit's five
+
+
+def test_a_queued_unit_counts_against_max_queue() -> None:
+    sched = make_scheduler(max_queue=4)
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    teach(sched, "w1", UNKNOWN, 5.0, 0.0)  # slow: nothing is prefetched behind it
+    sched.submit(make_job(UNKNOWN), 1.0)
+    assigned(sched)
+    queued = make_unit(3, binary=UNKNOWN)
+    sched.submit(queued, 1.0)
+    assert sched.queue_depth == 3
+    with pytest.raises(Busy):
+        sched.submit(make_unit(2, binary=UNKNOWN), 1.0)
+    sched.submit(make_job(UNKNOWN), 1.0)  # one more still fits
+    assert sched.queue_depth == 4
+
+
+def test_a_unit_is_charged_its_executes_for_fair_share() -> None:
+    """A unit of N is charged N times its binary's estimate, like N executes: a tenant that
+    sends units does not get more than its share against one that sends single executes."""
+    sched = make_scheduler(tenants={"a": TenantConfig(weight=1), "b": TenantConfig(weight=1)})
+    sched.add_worker("w1", recycle_after=10_000, now=0.0)
+    now = teach(sched, "w1", "one-ms", 1.0, 0.0)
+    blocker = make_job("slowpoke")  # unknown: the lane takes nothing behind it
+    sched.submit(blocker, now)
+    assigned(sched)
+    units = [make_unit(10, binary="one-ms", tenant="a") for _ in range(3)]
+    singles = [make_job("one-ms", tenant="b") for _ in range(30)]
+    for job in units + singles:
+        sched.submit(job, now)
+    order: list[str] = []
+    lane = [blocker]
+    while lane and len(order) < 24:
+        job = lane.pop(0)
+        now += 0.001 * job.count  # a unit's executes run one after another
+        assert sched.on_reply("w1", job.token, now) is not None
+        for _, taken in sched.take_assignments():
+            lane.append(taken)
+            order.append(taken.tenant)
+    # After a's first unit (10 ms charged) b gets about ten single executes before a again.
+    first_a = order.index("a")
+    second_a = order.index("a", first_a + 1)
+    assert order[first_a + 1:second_a].count("b") >= 8
+
+
+def test_a_lost_unit_fails_as_one_job() -> None:
+    """A unit running on a lost worker ends with one failure (the server answers each of its
+    request ids); a unit waiting behind it is requeued whole, once."""
+    sched = quick_pool(["w1"], prefetch=4)
+    head, waiting = make_unit(4), make_unit(3)
+    sched.submit(head, 1.0)
+    sched.submit(waiting, 1.0)
+    assert assigned(sched) == {head.token: "w1", waiting.token: "w1"}
+    assert sched.in_flight == 7
+    sched.release_worker("w1", HEAD_ERROR, WAITING_ERROR, 2.0)
+    assert failures(sched) == [(head.token, HEAD_ERROR)]
+    assert waiting.requeued and sched.queue_depth == 3 and sched.in_flight == 0
+    assert sched.tenant_usage("default")[0] == 3
+
+
+def test_a_units_deadline_moves_with_its_workers_progress() -> None:
+    """A unit starts with one execute's budget; each heartbeat that shows its worker started
+    another execute moves the deadline to one budget from then, never past the whole
+    unit's; without progress it expires one budget (plus the grace) after the last."""
+    sched = quick_pool(["w1"])
+    unit = make_unit(4)  # 4 x BUDGET_S
+    sched.submit(unit, 10.0)
+    assigned(sched)
+    assert unit.deadline == pytest.approx(10.0 + BUDGET_S + GRACE_S)
+    sched.progress("w1", 1, 10.5)
+    assert unit.deadline == pytest.approx(10.5 + BUDGET_S + GRACE_S)
+    sched.progress("w1", 1, 11.2)  # no new execute started: unchanged
+    assert unit.deadline == pytest.approx(10.5 + BUDGET_S + GRACE_S)
+    assert sched.expired(12.1) == [("w1", unit)]
+    sched.progress("w1", 2, 13.5)
+    assert sched.expired(14.4) == []
+    sched.progress("w1", 3, 13.9)
+    sched.progress("w1", 4, 16.0)
+    assert unit.deadline == pytest.approx(10.0 + 4 * BUDGET_S + GRACE_S)  # the whole unit's
