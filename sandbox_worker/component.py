@@ -29,7 +29,6 @@ from wasmcore.protocol.errors import (
     InternalError,
     InvalidModule,
     MemoryLimit,
-    OutputLimit,
     PayloadTooLarge,
     PluginError,
     Trap,
@@ -39,7 +38,7 @@ from wasmcore.protocol.limits import Limits, Metering
 
 from . import _raw
 from .file_entry import OUTPUT_PATH, FileExchange
-from .host import HostState, InputSource, OutputSink
+from .host import HostState, InputSource, OutputSink, output_limit_error
 from .outcome import ExecutionResult, from_trap_code, split_trap_message
 from .wasi import (
     Scratch,
@@ -315,7 +314,7 @@ class ComponentRunner:
                 else:
                     output = payload
                     if len(output) > lim.output_bytes:
-                        failure = _output_limit(lim)
+                        failure = output_limit_error(lim.output_bytes)
             fuel_left = store.get_fuel()
         except WasmCoreError as exc:
             failure = exc
@@ -335,7 +334,7 @@ class ComponentRunner:
                 # Over the cap: SCRATCH_LIMIT explains the rest (the watch stopped it).
                 failure = scratch.finish() or failure
             if over_output:
-                failure = _output_limit(lim)  # not SCRATCH_LIMIT: as stdout does
+                failure = output_limit_error(lim.output_bytes)  # not SCRATCH_LIMIT: as stdout does
         metering = Metering(
             fuel_consumed=max(0, lim.fuel - fuel_left),
             wall_time_us=(time.perf_counter_ns() - started) // 1000,
@@ -379,6 +378,3 @@ def _plugin_error(message: bytes) -> WasmCoreError:
     return PluginError(f"plugin failed: {text}", {"plugin_message": text[:4096]})
 
 
-def _output_limit(lim: Limits) -> WasmCoreError:
-    return OutputLimit(f"plugin output exceeds the {lim.output_bytes}-byte limit",
-                       {"output_bytes": lim.output_bytes})

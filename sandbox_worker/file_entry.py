@@ -21,9 +21,9 @@ import mmap
 import os
 import stat
 
-from wasmcore.protocol.errors import OutputLimit, PluginError
+from wasmcore.protocol.errors import PluginError
 
-from .host import HostState, OutputSink
+from .host import HostState, OutputSink, output_limit_error
 from .wasi import SCRATCH_GUEST_PATH
 
 OUTPUT_NAME = "output"
@@ -69,7 +69,7 @@ class FileExchange:
             if not stat.S_ISREG(info.st_mode):
                 raise _not_a_file("not a regular file")
             if info.st_size > state.output_cap:
-                raise output_limit(state.output_cap)
+                raise output_limit_error(state.output_cap)
             if info.st_size:
                 # Mapped read-only with MAP_POPULATE: the page cache's own pages, mapped in one
                 # go rather than a page fault per 4 KiB (on this VM those cost as much as the
@@ -79,13 +79,9 @@ class FileExchange:
                 with mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                                prot=mmap.PROT_READ) as mapped, memoryview(mapped) as view:
                     if not state.add_output_buffer(view, sink):
-                        raise state.failure or output_limit(state.output_cap)
+                        raise state.failure or output_limit_error(state.output_cap)
         finally:
             os.close(fd)
-
-
-def output_limit(cap: int) -> OutputLimit:
-    return OutputLimit(f"plugin output exceeds the {cap}-byte limit", {"output_bytes": cap})
 
 
 def _not_a_file(what: str) -> PluginError:

@@ -135,10 +135,7 @@ class HostState:
         length = len(data)
         if self.output_len + length > self.output_cap:
             if self.failure is None:
-                self.failure = OutputLimit(
-                    f"plugin output exceeds the {self.output_cap}-byte limit",
-                    {"output_bytes": self.output_cap},
-                )
+                self.failure = output_limit_error(self.output_cap)
             return False
         if sink is not None and (self.sink_active or self.output_len + length >= sink.threshold):
             if not self.sink_active:
