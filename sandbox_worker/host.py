@@ -109,44 +109,45 @@ class HostState:
             data = data[:-1]
         self.logs.append(data.decode("utf-8", "replace"))
 
-    def add_output(self, address: int, length: int, sink: OutputSink | None) -> bool:
-        """Take `length` bytes at host `address` as output: into `sink` once the output is
-        large (straight from guest memory, one copy; what was buffered so far goes first),
-        else kept. False, with OUTPUT_LIMIT as the execution's failure, past the output cap."""
+    def _route_output(self, length: int, sink: OutputSink | None) -> bool | None:
+        """Where `length` more bytes of output go: None past the output cap (OUTPUT_LIMIT is
+        then the execution's failure), True into `sink` (once the output is large; what was
+        buffered so far goes first), False kept in `output`."""
         if self.output_len + length > self.output_cap:
             if self.failure is None:
                 self.failure = output_limit_error(self.output_cap)
+            return None
+        to_sink = sink is not None and (self.sink_active
+                                        or self.output_len + length >= sink.threshold)
+        if to_sink and not self.sink_active:
+            for chunk in self.output:
+                sink.write_bytes(chunk)  # type: ignore[union-attr]  # to_sink: a sink
+            self.output = []
+            self.sink_active = True
+        self.output_len += length
+        return to_sink
+
+    def add_output(self, address: int, length: int, sink: OutputSink | None) -> bool:
+        """Take `length` bytes at host `address` as output: into `sink` once the output is
+        large (straight from guest memory, one copy), else kept. False past the output cap."""
+        to_sink = self._route_output(length, sink)
+        if to_sink is None:
             return False
-        if sink is not None and (self.sink_active or self.output_len + length >= sink.threshold):
-            if not self.sink_active:
-                for chunk in self.output:
-                    sink.write_bytes(chunk)
-                self.output = []
-                self.sink_active = True
-            sink.write(address, length)
+        if to_sink:
+            sink.write(address, length)  # type: ignore[union-attr]
         else:
             self.output.append(ctypes.string_at(address, length))
-        self.output_len += length
         return True
 
     def add_output_buffer(self, data: bytes | memoryview, sink: OutputSink | None) -> bool:
-        """`add_output` for bytes the host holds (a component's output file, mapped): into
-        `sink` once large, else copied into bytes; the same cap."""
-        length = len(data)
-        if self.output_len + length > self.output_cap:
-            if self.failure is None:
-                self.failure = output_limit_error(self.output_cap)
+        """`add_output` for bytes the host holds (a component's output file, mapped)."""
+        to_sink = self._route_output(len(data), sink)
+        if to_sink is None:
             return False
-        if sink is not None and (self.sink_active or self.output_len + length >= sink.threshold):
-            if not self.sink_active:
-                for chunk in self.output:
-                    sink.write_bytes(chunk)
-                self.output = []
-                self.sink_active = True
-            sink.write_bytes(data)  # type: ignore[arg-type]  # a memoryview: os.write takes it
+        if to_sink:
+            sink.write_bytes(data)  # type: ignore[union-attr,arg-type]  # os.write takes a view
         else:
             self.output.append(bytes(data))
-        self.output_len += length
         return True
 
     def add_log_stream(self, data: bytes) -> None:

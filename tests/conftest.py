@@ -19,6 +19,14 @@ from wasmcore.protocol import messages as p
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 HOSTILE = PLUGINS / "hostile"
+# A pool that notices a dead or stuck worker and replaces it quickly (fault tests).
+FAST_POOL = {
+    "heartbeat_interval_ms": 100,
+    "heartbeat_timeout_ms": 1000,
+    "watchdog_interval_ms": 100,
+    "deadline_grace_ms": 500,
+    "restart_backoff_initial_ms": 50,
+}
 
 T = TypeVar("T")
 

@@ -15,20 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import HOSTILE, PLUGINS, raw_dealer, wait_for
+from tests.conftest import FAST_POOL, HOSTILE, PLUGINS, raw_dealer, wait_for
 from wasmcore.client.core import AsyncClient
 from wasmcore.client.launcher import start_service
 from wasmcore.protocol import errors
 from wasmcore.protocol import messages as p
-
-FAST_POOL = {
-    "heartbeat_interval_ms": 100,
-    "heartbeat_timeout_ms": 1000,
-    "watchdog_interval_ms": 100,
-    "deadline_grace_ms": 500,
-    "restart_backoff_initial_ms": 50,
-}
-
 
 # Room for rss_hog to make a worker's RSS grow past the watchdog's limits.
 HOG_LIMITS = {"memory_mb": 512, "fuel": 10**13, "timeout_ms": 30_000}

@@ -14,18 +14,11 @@ from typing import Any
 import pytest
 import zmq
 
-from tests.conftest import HOSTILE, PLUGINS, raw_dealer, wait_for
+from tests.conftest import FAST_POOL, HOSTILE, PLUGINS, raw_dealer, wait_for
 from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol import errors
 from wasmcore.protocol import messages as p
 
-FAST_POOL = {
-    "heartbeat_interval_ms": 100,
-    "heartbeat_timeout_ms": 1000,
-    "watchdog_interval_ms": 100,
-    "deadline_grace_ms": 500,
-    "restart_backoff_initial_ms": 50,
-}
 MIX = HOSTILE / "unit_mix.wat"  # quick; 'L' loops, 'T' traps, 'H' blocks in a host call
 
 
