@@ -424,29 +424,30 @@ class AsyncClient:
         if self._sweeper is None or earliest < self._sweep_at:
             self._watch_deadline(loop, earliest)
         send = self._socket.send_multipart
-        pack = p.ExecutePack(executes=[], payloads=[])
-        packed_bytes = 0
+        encode, raw = p.encode, msgspec.Raw
         execute, packable = p.Execute, p.PACKED_PAYLOAD_MAX_BYTES
+        max_bytes, max_count = p.EXECUTE_PACK_MAX_BYTES, p.MAX_PACK_EXECUTES
+        executes: list[Any] = []
+        payloads: list[bytes | None] = []
+        packed_bytes = 0
         for op in outbox:
             request, payload = op.request, op.payload
             # p.fits_in_pack, inlined (once per request).
             if type(request) is execute and (payload is None or (
                     type(payload) is bytes and len(payload) <= packable)):
-                header = msgspec.Raw(p.encode(request))  # encoded once, spliced into the pack
+                header = encode(request)  # encoded once, spliced into the pack (Raw)
                 size = len(header) + (len(payload) if payload else 0) + 16
-                full = (packed_bytes + size > p.EXECUTE_PACK_MAX_BYTES
-                        or len(pack.executes) >= p.MAX_PACK_EXECUTES)
-                if full and pack.executes:
-                    send([p.encode(pack)])
-                    pack = p.ExecutePack(executes=[], payloads=[])
-                    packed_bytes = 0
-                pack.executes.append(header)  # type: ignore[arg-type]
-                pack.payloads.append(payload)  # type: ignore[arg-type]
+                if executes and (packed_bytes + size > max_bytes
+                                 or len(executes) >= max_count):
+                    send([encode(p.ExecutePack(executes=executes, payloads=payloads))])
+                    executes, payloads, packed_bytes = [], [], 0
+                executes.append(raw(header))
+                payloads.append(payload)
                 packed_bytes += size
             else:
                 send(encode_frames(request, payload), copy=False)  # copied below copy_threshold
-        if pack.executes:
-            send([p.encode(pack)])
+        if executes:
+            send([encode(p.ExecutePack(executes=executes, payloads=payloads))])
         self._drain()  # a send can consume the FD's edge of a reply that is already waiting
 
     def _expire(self, request_id: int) -> None:
