@@ -590,12 +590,31 @@ class AsyncClient:
         results: list[Any] = [None] * len(items)
         todo = iter(enumerate(items))  # shared by the lanes: each takes the next input
 
+        if self._shared is None and items:
+            try:
+                await self._shared_memory()
+            except WasmCoreError:
+                pass  # each execute below asks again, and returns the error as its result
+
         async def lane() -> None:
+            shared = self._shared
+            if shared is None:  # no hello: `execute` tries it again for each input
+                for index, data in todo:
+                    try:
+                        results[index] = await self.execute(
+                            binary_id, data, timeout_ms=timeout_ms, memory_mb=memory_mb,
+                            fuel=fuel, env=env, entry=entry, args=args)
+                    except WasmCoreError as exc:
+                        results[index] = exc
+                return
+            # What `execute` does, without its keyword arguments per input.
+            make, submit = operations.execute, self._submit
+            tenant, client_timeout_s = self.tenant, self.timeout_s
             for index, data in todo:
                 try:
-                    results[index] = await self.execute(
-                        binary_id, data, timeout_ms=timeout_ms, memory_mb=memory_mb,
-                        fuel=fuel, env=env, entry=entry, args=args)
+                    results[index] = await submit(make(
+                        shared, tenant, client_timeout_s, binary_id, data, timeout_ms,
+                        memory_mb, fuel, env, entry, args))
                 except WasmCoreError as exc:
                     results[index] = exc
 

@@ -400,3 +400,13 @@ def test_a_reply_wait_starts_when_the_request_is_sent():
             assert client._pending == {}
 
     asyncio.run(run())
+
+
+def test_execute_many_without_a_server_returns_each_inputs_error():
+    """No server: the hello fails, and every input gets its Unavailable as its result (not
+    raised), as with a server that refuses one input."""
+    async def run() -> list[Any]:
+        async with AsyncClient(NOWHERE, timeout_s=0.2) as client:
+            return await client.execute_many("b", ["a", "b", "c"], concurrency=2)
+
+    assert [type(r) for r in asyncio.run(run())] == [errors.Unavailable] * 3
