@@ -414,7 +414,8 @@ class AsyncClient:
         # Every reply wait starts now, before any send (so that none is left without one
         # should a send fail): one clock reading per burst, not one per request.
         loop = self._loop
-        assert loop is not None
+        if loop is None:  # closed meanwhile: its requests have failed already
+            return
         now = loop.time()
         earliest = float("inf")
         for op in outbox:

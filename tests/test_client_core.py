@@ -410,3 +410,21 @@ def test_execute_many_without_a_server_returns_each_inputs_error():
             return await client.execute_many("b", ["a", "b", "c"], concurrency=2)
 
     assert [type(r) for r in asyncio.run(run())] == [errors.Unavailable] * 3
+
+
+def test_closing_with_a_burst_not_yet_sent_fails_it_and_sends_nothing():
+    """close() before the burst's send: its request fails with Unavailable, and the send
+    scheduled for it finds the client closed and does nothing (no error in the loop)."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        loop_errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+        client = AsyncClient(NOWHERE)
+        future = client._submit(ops.Operation(p.Hello(), None, 5.0))
+        await client.close()
+        with pytest.raises(errors.Unavailable, match="closed"):
+            await asyncio.wait_for(future, 5)
+        await asyncio.sleep(0.01)  # the scheduled send has run by now
+        assert loop_errors == []
+
+    asyncio.run(run())
