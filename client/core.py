@@ -372,8 +372,8 @@ class AsyncClient:
             answer(reply.id, reply, frames[1:])
 
     def _answer_pack(self, pack: p.ReplyPack) -> None:
-        """`_answer` for each reply of a pack, inlined: a pack is most of the load, and a
-        call per reply was a tenth of the client's time."""
+        """`_answer` for each reply of a pack, inlined: packs carry most of the load, and
+        this saves a method call per reply."""
         take = self._pending.pop
         for reply, payload in zip(pack.replies, pack.payloads, strict=False):
             entry = take(reply.id, None)
