@@ -38,6 +38,7 @@ from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 __all__ = ["AsyncClient", "ChainExecution", "Client", "Execution", "SharedMemory"]
 
 T = TypeVar("T")
+_NOT_SENT = float("inf")  # the deadline of a request `_flush` has not sent yet
 CredentialsArg = Credentials | str | os.PathLike[str] | None
 
 
@@ -275,7 +276,8 @@ class AsyncClient:
         self._open()
         self._ids = itertools.count(1)
         # Requests awaiting their reply: the caller's future and the operation that turns the
-        # reply into its result (finished by the reader, `_drain`).
+        # reply into its result (finished by the reader, `_drain`), which also holds the
+        # request's reply deadline once it is sent (`_flush`).
         self._pending: dict[int, tuple[asyncio.Future[Any], Operation[Any]]] = {}
         self._shared: SharedMemory | None = None
         self._hello: asyncio.Future[p.Welcome] | None = None
@@ -284,7 +286,8 @@ class AsyncClient:
         # Reply waits: one timer for the earliest deadline, not a timer per request. A timer
         # handle per request cost about a quarter of the client's time at 512 in flight
         # (each one pushed onto and popped off the loop's heap with Python comparisons).
-        self._deadlines: dict[int, tuple[float, float]] = {}  # request id -> (deadline, wait)
+        # Each deadline lives on its operation (`op.deadline`), not in a dict of its own: a
+        # second entry to add and remove per request cost more than the rare sweep's scan.
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
 
@@ -314,7 +317,6 @@ class AsyncClient:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self._deadlines.clear()
         self._unwatch()
         self._loop = None
         self._fail_pending(lambda: Unavailable("client closed"))
@@ -331,7 +333,6 @@ class AsyncClient:
     def _fail_pending(self, error: Any) -> None:
         """Every request waiting for a reply fails with `error()`; none will come."""
         pending, self._pending = self._pending, {}
-        self._deadlines.clear()
         for future, op in pending.values():
             op.abandon()
             if not future.done():
@@ -342,7 +343,6 @@ class AsyncClient:
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return  # expired, or not ours
-        self._deadlines.pop(request_id, None)
         future, op = entry
         if future.done():  # the caller cancelled: the request is over
             op.abandon()
@@ -367,10 +367,26 @@ class AsyncClient:
             except Exception:  # noqa: BLE001 - a garbled reply must not kill the reader
                 continue
             if type(reply) is p.ReplyPack:
-                for one, payload in zip(reply.replies, reply.payloads, strict=False):
-                    answer(one.id, one, [] if payload is None else [payload])
+                self._answer_pack(reply)
                 continue
             answer(reply.id, reply, frames[1:])
+
+    def _answer_pack(self, pack: p.ReplyPack) -> None:
+        """`_answer` for each reply of a pack, inlined: packs carry most of the load, and
+        this saves a method call per reply."""
+        take = self._pending.pop
+        for reply, payload in zip(pack.replies, pack.payloads, strict=False):
+            entry = take(reply.id, None)
+            if entry is None:
+                continue  # expired, or not ours
+            future, op = entry
+            if future.done():  # the caller cancelled: the request is over
+                op.abandon()
+                continue
+            try:
+                future.set_result(op.finish(reply, [] if payload is None else [payload]))
+            except BaseException as exc:  # noqa: BLE001 - the caller's to see
+                future.set_exception(exc)
 
     def _on_handshake(self) -> None:
         """A handshake event: if the server refused this client, every request waiting for a
@@ -392,30 +408,50 @@ class AsyncClient:
         that finds ZeroMQ's I/O thread asleep costs ~8 us here, one in a burst ~0.5 us."""
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, []
+        if not outbox:
+            self._drain()
+            return
+        # Every reply wait starts now, before any send (so that none is left without one
+        # should a send fail): one clock reading per burst, not one per request.
+        loop = self._loop
+        if loop is None:  # closed meanwhile: its requests have failed already
+            return
+        now = loop.time()
+        earliest = float("inf")
+        for op in outbox:
+            op.deadline = deadline = now + op.wait_s
+            if deadline < earliest:
+                earliest = deadline
+        if self._sweeper is None or earliest < self._sweep_at:
+            self._watch_deadline(loop, earliest)
         send = self._socket.send_multipart
-        pack = p.ExecutePack(executes=[], payloads=[])
+        encode, raw = p.encode, msgspec.Raw
+        execute, packable = p.Execute, p.PACKED_PAYLOAD_MAX_BYTES
+        max_bytes, max_count = p.EXECUTE_PACK_MAX_BYTES, p.MAX_PACK_EXECUTES
+        executes: list[Any] = []
+        payloads: list[bytes | None] = []
         packed_bytes = 0
         for op in outbox:
             request, payload = op.request, op.payload
-            if type(request) is p.Execute and p.fits_in_pack(payload):
-                header = msgspec.Raw(p.encode(request))  # encoded once, spliced into the pack
+            # p.fits_in_pack, inlined (once per request).
+            if type(request) is execute and (payload is None or (
+                    type(payload) is bytes and len(payload) <= packable)):
+                header = encode(request)  # encoded once, spliced into the pack (Raw)
                 size = len(header) + (len(payload) if payload else 0) + 16
-                full = (packed_bytes + size > p.EXECUTE_PACK_MAX_BYTES
-                        or len(pack.executes) >= p.MAX_PACK_EXECUTES)
-                if full and pack.executes:
-                    send([p.encode(pack)])
-                    pack = p.ExecutePack(executes=[], payloads=[])
-                    packed_bytes = 0
-                pack.executes.append(header)  # type: ignore[arg-type]
-                pack.payloads.append(payload)  # type: ignore[arg-type]
+                if executes and (packed_bytes + size > max_bytes
+                                 or len(executes) >= max_count):
+                    send([encode(p.ExecutePack(executes=executes, payloads=payloads))])
+                    executes, payloads, packed_bytes = [], [], 0
+                executes.append(raw(header))
+                payloads.append(payload)
                 packed_bytes += size
             else:
                 send(encode_frames(request, payload), copy=False)  # copied below copy_threshold
-        if pack.executes:
-            send([p.encode(pack)])
+        if executes:
+            send([encode(p.ExecutePack(executes=executes, payloads=payloads))])
         self._drain()  # a send can consume the FD's edge of a reply that is already waiting
 
-    def _expire(self, request_id: int, wait: float) -> None:
+    def _expire(self, request_id: int) -> None:
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
@@ -423,7 +459,8 @@ class AsyncClient:
         op.abandon()
         if not future.done():
             future.set_exception(Unavailable(
-                f"no reply from {self.endpoint} within {wait:.1f} s", {"endpoint": self.endpoint}))
+                f"no reply from {self.endpoint} within {op.wait_s:.1f} s",
+                {"endpoint": self.endpoint}))
 
     def _watch_deadline(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         """Make sure the sweep runs by `deadline`."""
@@ -442,13 +479,16 @@ class AsyncClient:
         if loop is None:
             return
         now = loop.time()
-        expired = [(request_id, wait) for request_id, (deadline, wait)
-                   in self._deadlines.items() if deadline <= now]
-        for request_id, wait in expired:
-            del self._deadlines[request_id]
-            self._expire(request_id, wait)
-        if self._deadlines:
-            self._watch_deadline(loop, min(deadline for deadline, _ in self._deadlines.values()))
+        # A request not sent yet has no deadline: its wait starts when `_flush` sends it.
+        deadlines = {request_id: getattr(op, "deadline", _NOT_SENT)
+                     for request_id, (_, op) in self._pending.items()}
+        for request_id, deadline in deadlines.items():
+            if deadline <= now:
+                self._expire(request_id)
+        waiting = [deadline for request_id, deadline in deadlines.items()
+                   if deadline > now and deadline is not _NOT_SENT]
+        if waiting:
+            self._watch_deadline(loop, min(waiting))
 
     def _submit(self, op: Operation[T]) -> asyncio.Future[T]:
         """Queue `op` for the next burst; the future resolves with its result (or its error)
@@ -467,10 +507,6 @@ class AsyncClient:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        deadline = loop.time() + op.wait_s
-        self._deadlines[request_id] = (deadline, op.wait_s)
-        if self._sweeper is None or deadline < self._sweep_at:
-            self._watch_deadline(loop, deadline)
         return future
 
     async def _run(self, op: Operation[T]) -> T:
@@ -555,12 +591,31 @@ class AsyncClient:
         results: list[Any] = [None] * len(items)
         todo = iter(enumerate(items))  # shared by the lanes: each takes the next input
 
+        if self._shared is None and items:
+            try:
+                await self._shared_memory()
+            except WasmCoreError:
+                pass  # each execute below asks again, and returns the error as its result
+
         async def lane() -> None:
+            shared = self._shared
+            if shared is None:  # no hello: `execute` tries it again for each input
+                for index, data in todo:
+                    try:
+                        results[index] = await self.execute(
+                            binary_id, data, timeout_ms=timeout_ms, memory_mb=memory_mb,
+                            fuel=fuel, env=env, entry=entry, args=args)
+                    except WasmCoreError as exc:
+                        results[index] = exc
+                return
+            # What `execute` does, without its keyword arguments per input.
+            make, submit = operations.execute, self._submit
+            tenant, client_timeout_s = self.tenant, self.timeout_s
             for index, data in todo:
                 try:
-                    results[index] = await self.execute(
-                        binary_id, data, timeout_ms=timeout_ms, memory_mb=memory_mb,
-                        fuel=fuel, env=env, entry=entry, args=args)
+                    results[index] = await submit(make(
+                        shared, tenant, client_timeout_s, binary_id, data, timeout_ms,
+                        memory_mb, fuel, env, entry, args))
                 except WasmCoreError as exc:
                     results[index] = exc
 

@@ -120,6 +120,9 @@ class SharedMemory:
         successful reply, when the worker is done with the segment."""
         if self.directory is None:
             return data, ""
+        if not self._free and len(self._lent) + len(self._viewed) >= self._KEEP:
+            if len(data) < self.threshold:
+                return data, ""  # small, and no segment to lend (see `_spare`)
         if self.wants(data):
             request.input_shm = self.put(data)
             lent, payload = request.input_shm.name, None

@@ -240,7 +240,7 @@ def test_async_reply_waits_expire_each_at_its_own_deadline(tmp_path: Path):
             await asyncio.wait_for(short, 5)
             assert order == ["short"] and not long.done()
             await asyncio.wait_for(long, 5)
-            assert client._deadlines == {} and client._pending == {}
+            assert client._pending == {}
         return order
 
     assert asyncio.run(run()) == ["short", "long"]
@@ -255,7 +255,7 @@ def test_execute_many_answers_every_input_in_order(service):
         async with AsyncClient(service.endpoint) as client:
             done = await client.execute_many(upper, inputs, concurrency=16)
             missing = await client.execute_many("no-such-binary", ["a", "b"], concurrency=4)
-            assert client._pending == {} and client._deadlines == {}
+            assert client._pending == {}
             return done, missing
 
     done, missing = asyncio.run(run())
@@ -302,6 +302,129 @@ def test_async_execute_is_a_future_that_every_asyncio_idiom_takes(service):
                 if not client._pending:
                     break
                 await asyncio.sleep(0.05)
-            assert client._pending == {} and client._deadlines == {}
+            assert client._pending == {}
+
+    asyncio.run(run())
+
+
+# ------------------------------------------------------------------ the lean execute path
+
+
+def test_execute_without_options_builds_what_the_full_path_builds():
+    """A plain execute skips the conversions of the options it was not given: the request,
+    payload and wait must be those of the same execute with every option spelled out."""
+    for client_timeout_s in (30.0, 1.0):
+        for data in (b"bytes in", "str in", bytearray(b"bytearray in"), memoryview(b"view")):
+            plain = ops.execute(no_shm(), "acme", client_timeout_s, "bin", data, None, None,
+                                None, None, None, None)
+            full = ops.execute(no_shm(), "acme", client_timeout_s, "bin", data, None, None,
+                               None, {}, None, [])
+            assert plain.request == full.request
+            assert p.encode(plain.request) == p.encode(full.request)
+            assert plain.payload == full.payload and type(plain.payload) is bytes
+            assert plain.wait_s == full.wait_s == max(client_timeout_s,
+                                                      ops.TIMEOUT_GRACE_S)
+
+
+def test_a_plain_reply_finishes_as_unpack_would():
+    """The execute's shortcut for an inline reply with no segment lent gives what `unpack`
+    gives; error replies still raise their code's exception class."""
+    reply = p.Executed(id=1, logs=["l"], logs_truncated=True, binary_id="b", version=3,
+                       worker_pid=7)
+    op = ops.execute(no_shm(), "t", 30.0, "b", b"x", None, None, None, None, None)
+    assert op.finish(reply, [b"OUT"]) == ops.unpack(reply, [b"OUT"])
+    assert op.finish(reply, []).output == b""
+    with pytest.raises(errors.NotFound):
+        op.finish(p.ErrorReply(id=1, code="NOT_FOUND", message="no such binary"), [])
+
+
+def test_errors_in_a_reply_pack_raise_their_class_beside_the_results(service):
+    """Executes sent in one burst travel in one pack and come back packed: each still gets
+    its own result, or its own error's exception class, never another's."""
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+
+    async def run() -> list[Any]:
+        async with AsyncClient(service.endpoint) as client:
+            await client.execute(upper, "warm up")  # hello first: later executes are packed
+            burst = [client.execute(upper if i % 3 else "no-such-binary", f"in {i}")
+                     for i in range(60)]
+            outcomes = await asyncio.gather(*burst, return_exceptions=True)
+            assert client._pending == {}
+            return outcomes
+
+    outcomes = asyncio.run(run())
+    for i, outcome in enumerate(outcomes):
+        if i % 3:
+            assert isinstance(outcome, Execution) and outcome.output == f"IN {i}".encode()
+        else:
+            assert type(outcome) is errors.NotFound
+
+
+def test_a_late_reply_after_the_clients_wait_is_dropped(service):
+    """A request whose reply wait is over fails with Unavailable; its reply, when the server
+    sends it later, answers nothing (not a later request), and the client goes on."""
+    with service.client() as c:
+        upper = c.load(PLUGINS / "uppercase.wat").binary_id
+        loop_plugin = c.load(HOSTILE / "loop.wat").binary_id
+
+    async def run() -> None:
+        async with AsyncClient(service.endpoint) as client:
+            await client.execute(upper, "warm up")
+            with pytest.raises(errors.Unavailable):  # the server answers TIMEOUT at ~1 s
+                await client.call(p.Execute(binary_id=loop_plugin, timeout_ms=1000), b"x",
+                                  timeout_s=0.2)
+            assert client._pending == {}
+            # Requests sent while the late TIMEOUT reply is on its way get their own replies.
+            for round_ in range(30):
+                results = await asyncio.gather(*(client.execute(upper, f"{round_} {i}")
+                                                 for i in range(8)))
+                assert [r.output for r in results] == [f"{round_} {i}".encode().upper()
+                                                       for i in range(8)]
+                await asyncio.sleep(0.05)
+            assert client._pending == {}
+
+    asyncio.run(run())
+
+
+def test_a_reply_wait_starts_when_the_request_is_sent():
+    """A request's deadline is set when its burst is sent: a sweep before that leaves it
+    alone, and once sent it still expires on time (no timer per request)."""
+    async def run() -> None:
+        async with AsyncClient(NOWHERE) as client:
+            future = client._submit(ops.Operation(p.Hello(), None, 0.1))
+            client._sweep()  # before the burst is sent: nothing to expire yet
+            assert not future.done() and len(client._pending) == 1
+            with pytest.raises(errors.Unavailable, match="within 0.1 s"):
+                await asyncio.wait_for(future, 5)
+            assert client._pending == {}
+
+    asyncio.run(run())
+
+
+def test_execute_many_without_a_server_returns_each_inputs_error():
+    """No server: the hello fails, and every input gets its Unavailable as its result (not
+    raised), as with a server that refuses one input."""
+    async def run() -> list[Any]:
+        async with AsyncClient(NOWHERE, timeout_s=0.2) as client:
+            return await client.execute_many("b", ["a", "b", "c"], concurrency=2)
+
+    assert [type(r) for r in asyncio.run(run())] == [errors.Unavailable] * 3
+
+
+def test_closing_with_a_burst_not_yet_sent_fails_it_and_sends_nothing():
+    """close() before the burst's send: its request fails with Unavailable, and the send
+    scheduled for it finds the client closed and does nothing (no error in the loop)."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        loop_errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+        client = AsyncClient(NOWHERE)
+        future = client._submit(ops.Operation(p.Hello(), None, 5.0))
+        await client.close()
+        with pytest.raises(errors.Unavailable, match="closed"):
+            await asyncio.wait_for(future, 5)
+        await asyncio.sleep(0.01)  # the scheduled send has run by now
+        assert loop_errors == []
 
     asyncio.run(run())
