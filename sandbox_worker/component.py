@@ -39,7 +39,7 @@ from wasmcore.protocol.limits import Limits, Metering
 from . import _raw
 from .file_entry import OUTPUT_PATH, FileExchange
 from .host import HostState, InputSource, OutputSink, output_limit_error
-from .outcome import ExecutionResult, from_trap_code, split_trap_message
+from .outcome import ExecutionResult, from_trap_code, split_trap_message, with_metering
 from .wasi import (
     Scratch,
     ScratchDirs,
@@ -341,14 +341,7 @@ class ComponentRunner:
             peak_memory_bytes=0,  # a component's memories are not visible to the host
         )
         if failure is not None:
-            failure.details.update(
-                fuel_consumed=metering.fuel_consumed,
-                wall_time_us=metering.wall_time_us,
-                peak_memory_bytes=0,
-                logs=state.logs,
-                logs_truncated=state.logs_truncated,
-            )
-            raise failure
+            raise with_metering(failure, metering, state.logs, state.logs_truncated)
         return ExecutionResult(output=output, logs=state.logs, metering=metering,
                                logs_truncated=state.logs_truncated,
                                output_in_sink=state.sink_active)

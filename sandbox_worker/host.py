@@ -192,6 +192,16 @@ def output_limit_error(cap: int) -> OutputLimit:
     return OutputLimit(f"plugin output exceeds the {cap}-byte limit", {"output_bytes": cap})
 
 
+def copy_call_result(state: HostState, address: int, length: int) -> int:
+    """host.call_result's work: the last call's response (or error) copied to host `address`,
+    at most `length` bytes; returns how many."""
+    body = state.call_result
+    n = min(length, len(body))
+    if n:
+        ctypes.memmove(address, body, n)
+    return n
+
+
 def call_host_method(state: HostState, name: bytes, request: bytes) -> int:
     """host.call's work: run the method, keep its response (or error) for host.call_result;
     returns what the guest gets, the body's length (minus it for an error)."""
@@ -223,7 +233,6 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
 
     i64_at = ctypes.c_int64.from_address
     i32_at = ctypes.c_int32.from_address
-    memmove = ctypes.memmove
 
     def locate(caller: int, args: int) -> tuple[int, int] | None:
         """(host address, length) of the guest bytes [ptr, ptr+len) named by the two i32
@@ -312,12 +321,7 @@ def make_host_callbacks(state: HostState) -> dict[str, Any]:
             found = locate(caller, args)
             if found is None:
                 return _trap("host.call_result: pointer/length outside the plugin's memory")
-            address, length = found
-            body = state.call_result
-            n = min(length, len(body))
-            if n:
-                memmove(address, body, n)
-            i32_at(args).value = n
+            i32_at(args).value = copy_call_result(state, *found)
             return 0
         except BaseException as exc:  # must never unwind into wasm
             state.failure = InternalError(f"host.call_result failed: {exc!r}")
@@ -338,7 +342,6 @@ def make_native_callbacks(state: HostState) -> dict[str, Any]:
     string_at = ctypes.string_at
     i64_at = ctypes.c_int64.from_address
     i32_at = ctypes.c_int32.from_address
-    memmove = ctypes.memmove
 
     def sink_write(address: int, length: int) -> int:
         try:
@@ -367,11 +370,7 @@ def make_native_callbacks(state: HostState) -> dict[str, Any]:
 
     def call_result(target: int, length: int, copied: int) -> int:
         try:
-            body = state.call_result
-            n = min(length, len(body))
-            if n:
-                memmove(target, body, n)
-            i32_at(copied).value = n
+            i32_at(copied).value = copy_call_result(state, target, length)
             return 0
         except BaseException as exc:  # must never unwind into wasm
             state.failure = InternalError(f"host.call_result failed: {exc!r}")

@@ -35,6 +35,23 @@ class ExecutionResult(msgspec.Struct):
     output_in_sink: bool = False
 
 
+_NOTHING_RAN = Metering(fuel_consumed=0, wall_time_us=0, peak_memory_bytes=0)
+
+
+def with_metering(error: WasmCoreError, metering: Metering = _NOTHING_RAN,
+                  logs: list[str] | None = None, logs_truncated: bool = False) -> WasmCoreError:
+    """`error` carrying what the execution used and logged, as a result would (an error
+    raised before anything ran: zero metering, no logs)."""
+    error.details.update(
+        fuel_consumed=metering.fuel_consumed,
+        wall_time_us=metering.wall_time_us,
+        peak_memory_bytes=metering.peak_memory_bytes,
+        logs=[] if logs is None else logs,
+        logs_truncated=logs_truncated,
+    )
+    return error
+
+
 def memory_at_cap(memory_size: int, limits: Limits) -> bool:
     """One more page would not fit: the plugin has most likely been refused a grow."""
     return memory_size + WASM_PAGE > limits.memory_bytes

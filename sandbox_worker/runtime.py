@@ -70,6 +70,7 @@ from .outcome import (
     memory_at_cap,
     plugin_code_error,
     refused_grow_error,
+    with_metering,
 )
 from .ticker import Ticker, start_ticker
 from .wasi import (
@@ -375,14 +376,14 @@ class Sandbox:
             input = input.read_all()  # the WASI stdin copy takes bytes
         if files is not None and files.args:
             if not module.needs_wasi:
-                raise _with_metering(BadRequest(
+                raise with_metering(BadRequest(
                     "this module does not import WASI, so it cannot receive arguments: "
                     "send them in the input or env instead, or build it for wasm32-wasi",
                     {"args": len(files.args)}))
             check_args(files.args)
         spec = module.entries.get(name)
         if spec is None:
-            raise _with_metering(
+            raise with_metering(
                 BadRequest(
                     f"module has no entry {name!r}; available: {', '.join(module.exports)}",
                     {"entry": name, "available": list(module.exports)},
@@ -394,7 +395,7 @@ class Sandbox:
         if kind is EntryKind.ABI:
             env_bytes = encode_env(env) if env else b""
             if (input or env_bytes) and module.alloc_index is None:
-                raise _with_metering(
+                raise with_metering(
                     BadRequest(
                         "this module cannot receive input or env: it exports no "
                         "`memory`/`alloc` (call one of its no-argument entries)",
@@ -403,17 +404,17 @@ class Sandbox:
                 )
             needed = len(input) + len(env_bytes) + module.min_memory_bytes
             if needed > lim.memory_bytes:
-                raise _with_metering(_too_big(len(input) + len(env_bytes), lim))
+                raise with_metering(_too_big(len(input) + len(env_bytes), lim))
         elif command:
             encode_env(env)  # validation only: WASI gets the pairs
         elif module.kind == "extism":
             encode_env(env)  # validation only: the pairs are the plugin's config
             if len(input) + WASM_PAGE > lim.memory_bytes:
-                raise _with_metering(_too_big(len(input), lim))
+                raise with_metering(_too_big(len(input), lim))
         elif len(input) or env:
-            raise _with_metering(_no_arguments(module, name))
+            raise with_metering(_no_arguments(module, name))
         if module.min_memory_bytes > lim.memory_bytes:
-            raise _with_metering(
+            raise with_metering(
                 MemoryLimit(
                     f"module needs {module.min_memory_bytes} bytes of memory at start, "
                     f"over the {lim.memory_bytes}-byte limit",
@@ -439,13 +440,13 @@ class Sandbox:
                 check_args(files.args)  # every component has WASI: it can take arguments
             data = input  # an InputSource is read where it goes (stdin, or a list<u8>)
         except BadRequest as exc:
-            raise _with_metering(exc) from None
+            raise with_metering(exc) from None
         lim = limits if limits is not None else self._default_limits
         try:
             return self._components().execute(component, data, env, entry, lim, sink, files)
         except (BadRequest, PayloadTooLarge) as exc:
             if "logs" not in exc.details:  # refused before anything ran
-                _with_metering(exc)
+                with_metering(exc)
             raise
 
     def _run(
@@ -551,12 +552,7 @@ class Sandbox:
         finally:
             if scratch is not None:
                 self._scratch_watch.unwatch()
-            if state.failure is not None:
-                # The host decided (output cap): that explains whatever happened next.
-                failure = state.failure
-            elif (failure is not None and instantiated and cm.probe_index is not None
-                  and isinstance(failure, _AFTER_REFUSED_GROW)):
-                failure = self._refused_grow(ctx, cm, lim, failure)
+            failure = self._settled(failure, ctx, cm, lim, instantiated)
             raw.context_get_fuel(ctx, self._fuel_addr)
             fuel_left = self._fuel.value
             memory_size = state.memory_size()
@@ -576,14 +572,7 @@ class Sandbox:
             peak_memory_bytes=memory_size,
         )
         if failure is not None:
-            failure.details.update(
-                fuel_consumed=metering.fuel_consumed,
-                wall_time_us=metering.wall_time_us,
-                peak_memory_bytes=metering.peak_memory_bytes,
-                logs=state.logs,
-                logs_truncated=state.logs_truncated,
-            )
-            raise failure
+            raise with_metering(failure, metering, state.logs, state.logs_truncated)
         return ExecutionResult(
             output=b"".join(state.output),
             logs=state.logs,
@@ -702,32 +691,20 @@ class Sandbox:
         finally:
             if r.output_limit and state.failure is None:
                 state.failure = output_limit_error(lim.output_bytes)
-            if state.failure is not None:
-                # The host decided (output cap): that explains whatever happened next.
-                failure = state.failure
-            elif (failure is not None and instantiated and cm.probe_index is not None
-                  and isinstance(failure, _AFTER_REFUSED_GROW)):
-                failure = self._refused_grow(ctx, cm, lim, failure)
+            failure = self._settled(failure, ctx, cm, lim, instantiated)
             _raw.context_get_fuel(ctx, self._fuel_addr)
             fuel_left = self._fuel.value
             memory_size = state.memory_size()
             state.detach()
             _raw.store_delete(store)
+        metering = Metering(fuel_consumed=max(0, lim.fuel - fuel_left),
+                            wall_time_us=(time.perf_counter_ns() - started) // 1000,
+                            peak_memory_bytes=memory_size)
         if failure is None:  # nothing failed after all (as `_run` would report it)
             return ExecutionResult(
-                output=native.output(bool(r.kept)), logs=native.logs(),
-                metering=Metering(fuel_consumed=max(0, lim.fuel - fuel_left),
-                                  wall_time_us=(time.perf_counter_ns() - started) // 1000,
-                                  peak_memory_bytes=memory_size),
+                output=native.output(bool(r.kept)), logs=native.logs(), metering=metering,
                 logs_truncated=bool(r.logs_truncated), output_in_sink=bool(r.sink_active))
-        failure.details.update(
-            fuel_consumed=max(0, lim.fuel - fuel_left),
-            wall_time_us=(time.perf_counter_ns() - started) // 1000,
-            peak_memory_bytes=memory_size,
-            logs=native.logs(),
-            logs_truncated=bool(r.logs_truncated),
-        )
-        raise failure
+        raise with_metering(failure, metering, native.logs(), bool(r.logs_truncated))
 
     # ------------------------------------------------------------------ raw helpers
 
@@ -862,6 +839,18 @@ class Sandbox:
         ctypes.c_uint8.from_address(kind).value = _raw.UPDATE_DEADLINE_CONTINUE
         return 0
 
+    def _settled(self, failure: WasmCoreError | None, ctx: int, cm: CompiledModule,
+                 lim: Limits, instantiated: bool) -> WasmCoreError | None:
+        """What the execution failed with, all said (both paths, its store still alive): a
+        failure the host decided (the output cap) explains whatever happened next; a trap or
+        failure after a grow the memory limit refused is MEMORY_LIMIT."""
+        if self._state.failure is not None:
+            return self._state.failure
+        if (failure is not None and instantiated and cm.probe_index is not None
+                and isinstance(failure, _AFTER_REFUSED_GROW)):
+            return self._refused_grow(ctx, cm, lim, failure)
+        return failure
+
     def _refused_grow(self, ctx: int, cm: CompiledModule, lim: Limits,
                       failure: WasmCoreError) -> WasmCoreError:
         """MEMORY_LIMIT instead of `failure` when the grow probe saw a grow the memory limit
@@ -973,14 +962,6 @@ def _too_big(n: int, lim: Limits) -> MemoryLimit:
         f"input of {n} bytes does not fit in the {lim.memory_bytes}-byte memory limit",
         {"memory_bytes": lim.memory_bytes, "input_bytes": n},
     )
-
-
-def _with_metering(error: WasmCoreError) -> WasmCoreError:
-    """Errors raised before anything ran still carry the (zero) metering and empty logs."""
-    error.details.update(
-        fuel_consumed=0, wall_time_us=0, peak_memory_bytes=0, logs=[], logs_truncated=False
-    )
-    return error
 
 
 def _no_host_methods(tenant: str, name: str, request: bytes) -> tuple[bool, bytes]:
