@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from wasmcore.client import operations
+from wasmcore.client.direct import ClientLease, DirectLanes, LeaseKey, lease_key
 from wasmcore.client.handshake import HandshakeWatch
 from wasmcore.client.operations import Exchange, Operation, Payload, encode_frames
 from wasmcore.client.results import ChainExecution, Execution
@@ -32,7 +33,12 @@ from wasmcore.client.shared_memory import SharedMemory
 from wasmcore.protocol import messages as p
 from wasmcore.protocol.credentials import Credentials, apply_to_client, resolve_credentials
 from wasmcore.protocol.endpoints import ENDPOINT_ENV, resolve_endpoint
-from wasmcore.protocol.errors import Unauthenticated, Unavailable, WasmCoreError
+from wasmcore.protocol.errors import (
+    Unauthenticated,
+    Unavailable,
+    WasmCoreError,
+    error_from_code,
+)
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 
 __all__ = ["AsyncClient", "ChainExecution", "Client", "Execution", "SharedMemory"]
@@ -73,11 +79,15 @@ class Client:
     memoryview over the mapped segment instead of being copied into bytes.
     `credentials`: a credentials file (or `Credentials`) for a server that requires keys;
     default $WASM_CORE_CREDENTIALS, if set.
+    `direct`: take the direct lanes the server offers (executes of a binary sent straight to
+    a worker it leased to this client; docs/protocol.md "Direct lane"). Default: on for an
+    ipc endpoint without credentials, the only servers that offer them.
     """
 
     def __init__(self, endpoint: str | None = None, tenant: str | None = None,
                  timeout_s: float = 30.0, context: zmq.Context[Any] | None = None,
-                 zero_copy: bool = False, credentials: CredentialsArg = None) -> None:
+                 zero_copy: bool = False, credentials: CredentialsArg = None,
+                 direct: bool | None = None) -> None:
         self.zero_copy = zero_copy
         self.timeout_s = timeout_s
         self.endpoint, self.tenant, self._credentials = _settings(endpoint, tenant, credentials)
@@ -86,6 +96,10 @@ class Client:
         self._open()
         self._ids = itertools.count(1)
         self._shared: SharedMemory | None = None
+        if direct is None:
+            direct = self.endpoint.startswith("ipc://") and self._credentials is None
+        self._lanes = DirectLanes(self._ctx) if direct else None
+        self._asking: LeaseKey | None = None  # the execute in `_run` asked for a lease for this
 
     def _open(self) -> None:
         self._socket, self._watch = _socket(self._ctx, self.endpoint, self._credentials)
@@ -106,6 +120,8 @@ class Client:
     def close(self) -> None:
         if self._shared is not None:
             self._shared.close()
+        if self._lanes is not None:
+            self._lanes.close()
         self._watch.close()
         self._socket.close()
         if self._own_context:
@@ -143,11 +159,65 @@ class Client:
                 reply = p.reply_decoder.decode(reply_frames[0])
                 if reply.id == request_id:
                     break
+                if type(reply) is p.LeaseLost and self._lanes is not None:
+                    self._lanes.forget(reply.token)  # a lane not in use: just gone
                 # An older request's late reply (it timed out here): not ours, skip it.
         except BaseException:
             op.abandon()
             raise
+        if self._asking is not None and type(reply) is p.Executed and reply.lease is not None:
+            assert self._lanes is not None
+            self._lanes.remember(self._asking, reply.lease)
         return op.finish(reply, reply_frames[1:])
+
+    def _run_direct(self, op: operations.ExecuteOperation,
+                    lease: ClientLease) -> Execution | None:
+        """Send `op` on its lease's lane and wait for the worker's reply: the result, or None
+        when the lease is over (the caller sends it through the server). A LeaseLost from
+        the server for this lease fails it as the server would have."""
+        assert self._lanes is not None
+        request = op.request
+        request.id = request_id = next(self._ids)
+        lease.left -= 1
+        lane = self._lanes.socket(lease.endpoint)
+        header = p.encode(p.DirectExecute(id=request_id, token=lease.token,
+                                          output_shm_into=request.output_shm_into))
+        poller = zmq.Poller()
+        poller.register(lane, zmq.POLLIN)
+        poller.register(self._socket, zmq.POLLIN)
+        try:
+            lane.send_multipart([header] if op.payload is None else [header, op.payload],
+                                copy=False)
+            deadline = time.monotonic() + op.wait_s
+            while True:
+                ready = dict(poller.poll(max(0, int(1000 * (deadline - time.monotonic())))))
+                if not ready:
+                    self._lanes.forget(lease.token)
+                    raise Unavailable(
+                        f"no reply from the worker serving this client's direct lane "
+                        f"({lease.endpoint}) within {int(1000 * op.wait_s)} ms, nor word "
+                        "from the server about it; is `wasm-core` running?",
+                        {"endpoint": lease.endpoint})
+                if self._socket in ready:
+                    frames = self._socket.recv_multipart()
+                    notice = p.reply_decoder.decode(frames[0])
+                    if type(notice) is p.LeaseLost:
+                        self._lanes.forget(notice.token)
+                        if notice.token == lease.token:
+                            raise error_from_code(notice.code, notice.message, notice.details)
+                    continue  # a late reply to an earlier request: not ours
+                frames = lane.recv_multipart()
+                reply = p.reply_decoder.decode(frames[0])
+                if reply.id != request_id:
+                    continue  # a late reply to an earlier direct request
+                if type(reply) is p.LeaseEnded:
+                    self._lanes.forget(lease.token)
+                    return None
+                break
+        except BaseException:
+            op.abandon()
+            raise
+        return op.finish(reply, frames[1:])
 
     def call(self, request: Any, payload: Payload = None,
              timeout_s: float | None = None) -> tuple[Any, list[bytes]]:
@@ -176,9 +246,22 @@ class Client:
                 env: Mapping[str, str] | None = None, entry: str | None = None,
                 args: Sequence[str] | None = None) -> Execution:
         """`args`: a WASI module's arguments, argv[1:] (argv[0] is the binary's name)."""
-        return self._run(operations.execute(self._shared_memory(), self.tenant, self.timeout_s,
-                                            binary_id, input, timeout_ms, memory_mb, fuel, env,
-                                            entry, args))
+        op = operations.execute(self._shared_memory(), self.tenant, self.timeout_s, binary_id,
+                                input, timeout_ms, memory_mb, fuel, env, entry, args)
+        if self._lanes is None or op.request.input_shm is not None:
+            return self._run(op)
+        key = lease_key(binary_id, timeout_ms, memory_mb, fuel, env, entry, args)
+        lease = self._lanes.usable(key, len(op.payload or b""))
+        if lease is not None:
+            result = self._run_direct(op, lease)
+            if result is not None:
+                return result
+        op.request.direct = True
+        self._asking = key
+        try:
+            return self._run(op)
+        finally:
+            self._asking = None
 
     def execute_batch(self, binary_id: str, inputs: Iterable[bytes | str], *,
                       timeout_ms: int | None = None, memory_mb: int | None = None,

@@ -102,6 +102,9 @@ class Execute(RunOptions, tag="execute", kw_only=True):
     # has been read. None lent (or none usable): the output comes back inline. The server
     # never creates a segment for a client, nor takes an owner pid from one.
     output_shm_into: str = ""
+    # The client can reach the server's ipc directory and asks for a direct lane: the
+    # server may answer with `Executed.lease` (docs/protocol.md, "Direct lane").
+    direct: bool = False
 
 
 class ExecuteBatch(RunOptions, tag="execute_batch", kw_only=True):
@@ -172,6 +175,25 @@ Request = (Load | Execute | ExecuteBatch | Chain | ListBinaries | Unload | Stats
            | ExecutePack)
 
 
+# A lease's token: random bytes the server made, the only proof a direct request carries.
+LEASE_TOKEN_BYTES = 16
+LeaseToken = Annotated[bytes, msgspec.Meta(max_length=64)]
+
+
+class DirectExecute(msgspec.Struct, tag="direct", kw_only=True):
+    """Client -> a leased worker's own socket (`DirectLease.endpoint`): run the leased
+    binary, with the leased options, on the payload frame. Answered by the worker with
+    Executed or ErrorReply, or LeaseEnded (send it through the server instead)."""
+
+    id: int = 0
+    token: LeaseToken
+    # As in Execute: a segment of the caller's a large output may be written into.
+    output_shm_into: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+direct_decoder = msgspec.msgpack.Decoder(DirectExecute)
+
+
 # --------------------------------------------------------------------------- replies
 
 
@@ -199,6 +221,39 @@ class Executed(msgspec.Struct, tag="executed", kw_only=True):
     # The output is in the segment the request lent (output_shm_into), which stays the
     # client's: read it, then reuse or remove it.
     output_shm: ShmRef | None = None
+    # Only to an execute that asked (`direct`): the worker that ran it serves more executes
+    # of the same binary with the same options directly, until the lease ends.
+    lease: DirectLease | None = None
+
+
+class DirectLease(msgspec.Struct, kw_only=True, array_like=True):
+    """A direct lane: send DirectExecute with `token` to `endpoint` (the worker's own ipc
+    socket) for executes of the binary and options of the execute that got it, at most
+    `executions` of them; the server may end it sooner (LeaseEnded, LeaseLost)."""
+
+    endpoint: str
+    token: bytes
+    executions: int
+    max_input_bytes: int = 0  # a larger input goes through the server
+
+
+class LeaseEnded(msgspec.Struct, tag="lease_ended", kw_only=True):
+    """A worker's answer to a DirectExecute whose lease is over (used up, expired, revoked
+    or unknown): nothing ran; send the execute through the server."""
+
+    id: int
+
+
+class LeaseLost(msgspec.Struct, tag="lease_lost", kw_only=True):
+    """The server's message to the client holding a lease whose worker died (or was killed
+    for a direct execute past its deadline): a direct execute waiting on it has failed with
+    `code` (WORKER_LOST, TIMEOUT, MEMORY_LIMIT)."""
+
+    id: int = 0
+    token: bytes
+    code: str
+    message: str
+    details: dict[str, Any] = {}
 
 
 class BatchItem(msgspec.Struct, kw_only=True):
@@ -341,6 +396,9 @@ class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     # Executes answered from units (several executes of one pack run as one job), since
     # start; admins only, like `requests`.
     unit_executes: int = 0
+    # Executes workers ran on direct lanes (without the server in between), counted when
+    # each lease ends; admins only.
+    direct_executes: int = 0
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
@@ -351,7 +409,7 @@ class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
 
 
 SingleReply = (Loaded | Executed | BatchExecuted | Chained | Listed | Unloaded | StatsReply
-               | Welcome | ErrorReply)
+               | Welcome | ErrorReply | LeaseEnded | LeaseLost)
 
 
 class ReplyPack(msgspec.Struct, tag="rpack", kw_only=True):
@@ -420,6 +478,12 @@ class RunJob(msgspec.Struct, tag="run", kw_only=True):
     # another, each in a fresh store and under its own timeout. The request id of each, in
     # order; its inputs are the job's entry in JobPack.payloads (a list). Empty: one request.
     unit: list[int] = []
+    # A direct lane offered with this execute: the worker, if it ran it and holds no other
+    # job, keeps serving the client directly with this token for at most `lease_executions`
+    # executes or `lease_ms` (JobDone.leased says it did; Revoke ends it).
+    lease_token: bytes = b""
+    lease_executions: int = 0
+    lease_ms: int = 0
 
 
 class CompileJob(msgspec.Struct, tag="compile", kw_only=True):
@@ -428,6 +492,13 @@ class CompileJob(msgspec.Struct, tag="compile", kw_only=True):
     token: int
     request_id: int
     module: ModuleRef
+
+
+class Revoke(msgspec.Struct, tag="revoke", kw_only=True):
+    """End the lease with this token: direct executes get LeaseEnded from now on; answered
+    with LeaseReturned (unless the lease was already over and reported)."""
+
+    token: bytes
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", kw_only=True):
@@ -485,7 +556,7 @@ class HostMethodTable(msgspec.Struct, frozen=True, tag="methods", kw_only=True):
     kv_quotas: dict[str, list[int]] = {}
 
 
-WorkerCommand = RunJob | CompileJob | Shutdown | JobPack | HostMethodTable
+WorkerCommand = RunJob | CompileJob | Shutdown | JobPack | HostMethodTable | Revoke
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):
@@ -493,6 +564,7 @@ class Ready(msgspec.Struct, tag="ready", kw_only=True):
     pid: int
     fingerprint: str
     protections: list[str] = []  # the OS sandbox in force (sandbox_worker/os_sandbox.py)
+    direct_endpoint: str = ""  # its direct-lane socket; empty: it serves none
 
 
 class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
@@ -502,6 +574,10 @@ class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
     # Executes of units it has started, ever: while this grows, the supervisor moves the
     # deadline of the unit running on it (Scheduler.progress).
     unit_progress: int = 0
+    # A direct execute is running: since when (time.monotonic, one clock for all processes
+    # on the host), and its timeout. The supervisor kills a worker stuck past it.
+    direct_since: float = 0.0
+    direct_timeout_ms: int = 0
 
 
 class JobDone(msgspec.Struct, tag="done", kw_only=True):
@@ -516,6 +592,20 @@ class JobDone(msgspec.Struct, tag="done", kw_only=True):
     # `codes` are the error codes of those that failed (for the supervisor's counters).
     count: int = 0
     codes: list[str] = []
+    # The job offered a lease (RunJob.lease_token) and the worker now holds it.
+    leased: bool = False
+
+
+class LeaseReturned(msgspec.Struct, tag="returned", kw_only=True):
+    """A lease is over (revoked, used up, expired, or ended by a job): what was run on it,
+    for the supervisor's accounting (fair share, counters, the rate allowance's unused
+    part)."""
+
+    token: bytes
+    executions: int = 0
+    busy_ms: float = 0.0
+    fuel_consumed: int = 0
+    codes: list[str] = []  # error codes of the direct executes that failed
 
 
 class DonePack(msgspec.Struct, tag="dpack", kw_only=True):
@@ -529,7 +619,7 @@ class DonePack(msgspec.Struct, tag="dpack", kw_only=True):
     payloads: list[bytes | None]
 
 
-WorkerEvent = Ready | Heartbeat | JobDone | DonePack
+WorkerEvent = Ready | Heartbeat | JobDone | DonePack | LeaseReturned
 
 
 class Broadcast(msgspec.Struct, kw_only=True, array_like=True):

@@ -75,3 +75,5 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     host_methods: HostMethodTable = HostMethodTable()
     # Where this worker creates its executions' WASI scratch directories; empty: none.
     scratch_dir: str = ""
+    # The direct lane: the worker binds ipc://<this><its id>; empty: it serves none.
+    direct_socket_prefix: str = ""

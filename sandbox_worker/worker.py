@@ -15,6 +15,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from wasmcore.protocol.settings import (
 from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 from wasmcore.sandbox_worker import os_sandbox
 from wasmcore.sandbox_worker.component import CompiledComponent
+from wasmcore.sandbox_worker.direct_lane import DirectLane
 from wasmcore.sandbox_worker.host_methods import HostMethods
 from wasmcore.sandbox_worker.imports_scan import WASM_MAGIC
 from wasmcore.sandbox_worker.module import precheck_imports
@@ -60,6 +63,12 @@ _QUICK_US = 1000.0
 # Execution-time averages kept, at most (one per binary run): forgotten, a binary counts as
 # slow until measured again.
 _MAX_TIMED_MODULES = 4096
+# The largest input a direct execute may carry when shared memory is off (with it, inputs
+# from the shared-memory threshold up travel in segments, through the server).
+_DIRECT_INPUT_BYTES = 256 * 1024
+
+# How a run job's reply leaves: (its JobDone, the client's reply header, the payload).
+Answer = Callable[[p.JobDone, bytes, Any], None]
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -151,8 +160,27 @@ class Worker:
         self._packed: list[tuple[p.JobDone, bytes, bytes | None]] = []
         self.exec_us: dict[str, float] = {}  # per module: moving average of execution time
         self.running = True
+        # A direct execute is running since (time.monotonic; 0: none), under this timeout:
+        # read by the heartbeat thread, so the supervisor can tell a hung one.
+        self.direct_since = 0.0
+        self.direct_timeout_ms = 0
+        self.lane = self._open_lane(settings)
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+
+    def _open_lane(self, settings: WorkerSettings) -> DirectLane | None:
+        """The direct lane's socket, bound now (before the worker confines itself), if the
+        supervisor asked for one; None if it did not or the socket cannot be bound."""
+        if self.compiles_only or not settings.direct_socket_prefix:
+            return None
+        max_input = settings.shm_threshold_bytes if settings.shm_dir else _DIRECT_INPUT_BYTES
+        try:
+            return DirectLane(self.ctx, f"ipc://{settings.direct_socket_prefix}"
+                              f"{settings.worker_id}", max_input, settings.shm_dir)
+        except zmq.ZMQError as exc:
+            print(f"wasm-core worker {settings.worker_id}: no direct lane: {exc}",
+                  file=sys.stderr, flush=True)
+            return None
 
     # ------------------------------------------------------------------ main loop
 
@@ -164,6 +192,7 @@ class Worker:
                     pid=os.getpid(),
                     fingerprint=engine_fingerprint(),
                     protections=protections or [],
+                    direct_endpoint=self.lane.endpoint if self.lane is not None else "",
                 )
             )
         )
@@ -172,6 +201,9 @@ class Worker:
         poller.register(self.back, zmq.POLLIN)
         if self.sub is not None:
             poller.register(self.sub, zmq.POLLIN)
+        lane = self.lane.socket if self.lane is not None else None
+        if lane is not None:
+            poller.register(lane, zmq.POLLIN)
         try:
             while self.running:
                 events = dict(poller.poll(1000))
@@ -181,6 +213,10 @@ class Worker:
                     self._drain_broadcasts()
                 if self.back in events:
                     self._drain_jobs()
+                # One direct execute per turn, after the supervisor's messages: a Revoke or a
+                # job is never queued behind a client's stream of direct executes.
+                if lane is not None and lane in events and self.running:
+                    self._serve_direct()
         finally:
             self.close()
         return EXIT_OK
@@ -253,6 +289,13 @@ class Worker:
             command = p.command_decoder.decode(frames[0].buffer)
         except msgspec.DecodeError:
             return  # only the supervisor talks to us; a bad frame is a bug, not a tenant
+        if self.lane is not None and self.lane.lease is not None:
+            # A lease lasts only while the worker holds no other work: any job (or the end)
+            # takes it back first. A Revoke names the lease it ends.
+            returned = self.lane.end(command.token or None if type(command) is p.Revoke
+                                     else None)
+            if returned is not None:
+                self._send([p.encode(returned)])
         match command:
             case p.JobPack():
                 for job, payload in zip(command.jobs, command.payloads, strict=True):
@@ -273,6 +316,38 @@ class Worker:
             case p.HostMethodTable():
                 if self.methods is not None:
                     self.methods.configure(command)
+            case p.Revoke():
+                pass  # ended above, if it was held
+
+    # ------------------------------------------------------------------ the direct lane
+
+    def _serve_direct(self) -> None:
+        """Run one direct execute, if one is waiting, and answer it on the lane."""
+        assert self.lane is not None
+        taken = self.lane.take(self._report_lease)
+        if taken is None:
+            return
+        identity, job, payload = taken
+        self.direct_timeout_ms = job.timeout_ms
+        self.direct_since = started = time.monotonic()
+        try:
+            self._run_on(job, payload, partial(self._answer_direct, identity, started))
+        finally:
+            self.direct_since = 0.0
+        returned = self.lane.end_if_spent()
+        if returned is not None:  # its last execute: back to the pool now, not at the next
+            self._send([p.encode(returned)])
+        self._flush()  # anything a slow module's flush or a lease report left in the outbox
+
+    def _answer_direct(self, identity: bytes, started: float, done: p.JobDone, header: bytes,
+                       payload: Any) -> None:
+        assert self.lane is not None
+        self.lane.record(done, time.monotonic() - started)
+        self.lane.answer(identity, header, payload)
+
+    def _report_lease(self, returned: p.LeaseReturned) -> None:
+        self._send([p.encode(returned)])
+        self._flush()
 
     def _drain_broadcasts(self) -> None:
         assert self.sub is not None
@@ -365,7 +440,10 @@ class Worker:
                          scratch_root=self.settings.scratch_dir,
                          scratch_bytes=job.scratch_bytes)
 
-    def _run_on(self, job: p.RunJob, payload: bytes | shm.SegmentReader) -> None:
+    def _run_on(self, job: p.RunJob, payload: bytes | shm.SegmentReader,
+                answer: Answer | None = None) -> None:
+        """Run `job` and answer it: to the supervisor, or through `answer` (a direct
+        execute)."""
         limits = self._limits_for(job)
         self._flush_before([ref.sha256 for ref in job.modules])
         pid = self.pid if job.report_pid else 0
@@ -409,18 +487,19 @@ class Worker:
                                    "(all steps together)")
                     details.update(step=index, binary_id=ref.binary_id, steps_done=len(steps))
                     message = f"chain step {index} ({ref.binary_id}) failed: {message}"
-                self._reply_error(job, exc.code, message, details)
+                self._reply_error(job, exc.code, message, details, answer)
                 return
             except shm.SegmentError as exc:  # the input segment let us down (not our files)
                 if sink is not None:
                     sink.abort()
                 self._reply_error(job, BadRequest.code, f"cannot read the input segment: {exc}",
-                                  {"segment": job.input_shm.name if job.input_shm else ""})
+                                  {"segment": job.input_shm.name if job.input_shm else ""},
+                                  answer)
                 return
             except Exception as exc:  # a bug of ours must still answer the request
                 if sink is not None:
                     sink.abort()
-                self._reply_error(job, InternalError.code, f"worker error: {exc!r}", {})
+                self._reply_error(job, InternalError.code, f"worker error: {exc!r}", {}, answer)
                 return
             self._record_time(ref.sha256, started)
             fuel_total += result.metering.fuel_consumed
@@ -450,12 +529,15 @@ class Worker:
                     sink.abort()
                     if result.output_in_sink:
                         self._reply_error(job, InternalError.code,
-                                          f"cannot hand over the output segment: {exc}", {})
+                                          f"cannot hand over the output segment: {exc}", {},
+                                          answer)
                         return
                 if output_shm is not None:
                     data = b""
                 elif result.output_in_sink:
                     data = sink.spilled()  # the lent segment was unusable: inline
+            lease = (self.lane.grant(job, time.monotonic())
+                     if job.lease_token and self.lane is not None and answer is None else None)
             header = p.Executed(
                 id=job.request_id,
                 logs=result.logs,
@@ -465,9 +547,14 @@ class Worker:
                 version=ref.version,
                 worker_pid=pid,
                 output_shm=output_shm,
+                lease=lease,
             )
+            if lease is not None:
+                done = p.JobDone(token=job.token, fuel_consumed=fuel_total, leased=True)
+                self._send_run_reply(done, p.encode(header), data)
+                return
         done = p.JobDone(token=job.token, fuel_consumed=fuel_total)
-        self._send_run_reply(done, p.encode(header), data)
+        (answer or self._send_run_reply)(done, p.encode(header), data)
 
     def _execute_with_fallback(self, module: CompiledModule, data: Any, job: p.RunJob,
                                limits: Limits, started: float,
@@ -593,13 +680,14 @@ class Worker:
         self._send([p.encode(done), p.encode(header), *outputs])
 
     def _reply_error(
-        self, job: p.RunJob | p.CompileJob, code: str, message: str, details: dict[str, Any]
+        self, job: p.RunJob | p.CompileJob, code: str, message: str, details: dict[str, Any],
+        answer: Answer | None = None,
     ) -> None:
         done = p.JobDone(token=job.token, code=code)
         reply = p.encode(p.ErrorReply(id=job.request_id, code=code, message=message,
                                       details=details))
         if isinstance(job, p.RunJob):
-            self._send_run_reply(done, reply, None)
+            (answer or self._send_run_reply)(done, reply, None)
         else:
             self._send([p.encode(done), reply])  # its completion in the supervisor reads frames
 
@@ -646,9 +734,11 @@ class Worker:
         interval = self.settings.heartbeat_interval_ms / 1000
         try:
             while not self._stop_heartbeat.wait(interval):
+                since = self.direct_since
                 beat = p.Heartbeat(worker_id=self.settings.worker_id, compiled=self.compiled,
                                    deserialized=self.deserialized,
-                                   unit_progress=self.unit_progress)
+                                   unit_progress=self.unit_progress, direct_since=since,
+                                   direct_timeout_ms=self.direct_timeout_ms if since else 0)
                 try:
                     socket.send(p.encode(beat), NOBLOCK)
                 except zmq.Again:
@@ -663,6 +753,8 @@ class Worker:
         self.sandbox.close()
         if self.methods is not None:
             self.methods.close()
+        if self.lane is not None:
+            self.lane.close()
         self.back.close()
         if self.sub is not None:
             self.sub.close()

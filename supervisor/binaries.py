@@ -63,8 +63,12 @@ class Binaries:
                  max_payload_bytes: int, submit: Submit, publish: Callable[[bytes], None],
                  next_token: Callable[[], int], watch: Callable[[set[str]], None],
                  offload: Offload, oldest_job: Callable[[], int | None],
-                 quotas: Callable[[str], TenantConfig] = lambda tenant: TenantConfig()) -> None:
+                 quotas: Callable[[str], TenantConfig] = lambda tenant: TenantConfig(),
+                 changed: Callable[[str], None] = lambda binary_id: None) -> None:
         self.registry = registry
+        # Told the id of a binary that now runs another version, or none (direct lanes
+        # serving the old one end).
+        self._changed = changed
         self.max_payload_bytes = max_payload_bytes
         self._artifact_dir = artifact_dir
         self._fingerprint = fingerprint
@@ -248,6 +252,7 @@ class Binaries:
             raise _storage_error(exc, "unload") from None
         self._refs.pop(binary.binary_id, None)
         self._superseded.append((self._next_token(), binary.sha256))
+        self._changed(binary.binary_id)
         self.collect()
         self._watch(self.watched_paths())
         return binary
@@ -466,6 +471,7 @@ class Binaries:
         if replaced:
             assert previous is not None
             self._superseded.append((self._next_token(), previous.sha256))
+            self._changed(binary_id)
         self._broadcast(binary, removed=False)
         log.info("binary %s (%s) is now version %d", binary_id, name, binary.version)
         if path is not None:

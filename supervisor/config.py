@@ -85,6 +85,12 @@ class PoolConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (one job, one after another on one worker, each in a fresh store under its own
     # timeout) of at most this many, fewer as their expected run time reaches 2 ms. 1: off.
     unit_executions: int = 32
+    # Direct lanes (ipc endpoint without CURVE only): a one-at-a-time client is leased an
+    # idle worker and sends it executes of one binary directly, the supervisor off the path,
+    # while another worker stays idle; revoked as soon as anyone's work waits.
+    direct_lane: bool = True
+    lease_executions: int = 1000  # the most executes one lease serves (and rate it reserves)
+    lease_ms: int = 1000  # the longest a lease lasts before it goes back through the server
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -297,6 +303,9 @@ def validate(config: Config, text: str = "", source: str = "<config>") -> Config
         ("pool.prefetch", config.pool.prefetch >= 1, "must be at least 1"),
         ("pool.unit_executions", 1 <= config.pool.unit_executions <= MAX_UNIT_EXECUTIONS,
          f"must be between 1 and {MAX_UNIT_EXECUTIONS}"),
+        ("pool.lease_executions", 1 <= config.pool.lease_executions <= 1_000_000,
+         "must be between 1 and 1000000"),
+        ("pool.lease_ms", 1 <= config.pool.lease_ms <= 60_000, "must be between 1 and 60000"),
         ("pool.epoch_tick_ms", 0.1 <= config.pool.epoch_tick_ms <= 1000, "must be in [0.1, 1000]"),
         (
             "pool.heartbeat_timeout_ms",

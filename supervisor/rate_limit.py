@@ -77,6 +77,27 @@ class RateLimits:
                 {"quota": "requests_per_s", "limit": rate, "used": burst, "burst": burst,
                  "retry_after_ms": math.ceil(bucket.wait_s() * 1000)})
 
+    def reserve(self, tenant: str, most: int, now: float) -> int:
+        """Take up to `most` tokens at once (a direct lane's executions, spent later without
+        the server): how many were taken; `most` for an unlimited tenant."""
+        config = self._policy(tenant)
+        if config.requests_per_s <= 0:
+            return most
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            return 0  # admit() made it for the request that asks: gone means forgotten
+        bucket.refill(now)
+        taken = min(most, int(bucket.tokens))
+        bucket.tokens -= taken
+        return taken
+
+    def refund(self, tenant: str, unused: int, now: float) -> None:
+        """Tokens reserved and not spent go back (never past the burst)."""
+        bucket = self._buckets.get(tenant)
+        if bucket is not None and unused > 0:
+            bucket.refill(now)
+            bucket.tokens = min(float(bucket.burst), bucket.tokens + unused)
+
     @property
     def tracked(self) -> int:
         return len(self._buckets)

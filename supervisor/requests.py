@@ -32,6 +32,8 @@ from wasmcore.supervisor.jobs import PendingJob
 
 Reply = Callable[[list[bytes], Any], None]
 ReplyError = Callable[[list[bytes], int, WasmCoreError], None]
+# (client envelope, tenant, binary id, job token) -> (lease token, executions, ms) or None.
+OfferLease = Callable[[list[bytes], str, str, int], tuple[bytes, int, int] | None]
 
 
 _LIMITS_KEPT = 4096
@@ -108,8 +110,11 @@ def _granted(quota: str, configured: int, asked: int | None, ceiling: int,
 class Requests:
     def __init__(self, config: Config, binaries: Binaries, shm_dir: str | None,
                  submit: Callable[[PendingJob], None], next_token: Callable[[], int],
-                 reply: Reply, reply_error: ReplyError) -> None:
+                 reply: Reply, reply_error: ReplyError,
+                 offer_lease: OfferLease | None = None) -> None:
         self._config = config
+        # Asked for each execute that wants a direct lane: the lease to offer with it.
+        self._offer_lease = offer_lease
         # run_limits per (tenant, binary name, what was asked): building them costs more than
         # the rest of routing a quick execute; emptied when the config changes.
         self._limits: dict[tuple[Any, ...], Limits] = {}
@@ -258,6 +263,10 @@ class Requests:
         job, binary = self._run_job(
             req, admin, input_shm=input_shm,
             output_shm_into=req.output_shm_into if self._shm_dir else "")
+        if req.direct and self._offer_lease is not None:
+            offer = self._offer_lease(envelope, req.tenant, binary.binary_id, job.token)
+            if offer is not None:
+                job.lease_token, job.lease_executions, job.lease_ms = offer
         # Its output may overwrite its own input: running it twice could read garbage.
         retryable = not (input_shm is not None and req.output_shm_into == input_shm.name)
         self._queue(envelope, req, job, payload, job.timeout_ms / 1000, [binary.binary_id],

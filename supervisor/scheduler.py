@@ -63,6 +63,7 @@ class LaneState(enum.Enum):
     IDLE = "idle"  # nothing to do; ready for the next job
     RECYCLE = "recycle"  # served its quota of executions: retire it
     DRAINED = "drained"  # it was stopped and its last job just ended: it may exit
+    LEASED = "leased"  # its last job left it holding a direct-lane lease: not idle until returned
 
 
 @dataclass(eq=False, slots=True)
@@ -77,6 +78,7 @@ class Lane:
     executions: int = 0
     accepting: bool = True  # False once the worker is stopped (retiring)
     unit_progress: int = 0  # the worker's count of unit executes started, last heard
+    leased: bool = False  # it serves a client's direct lane: no jobs until it is returned
 
 
 @dataclass(eq=False, slots=True)
@@ -162,7 +164,7 @@ class Scheduler:
         if lane is None:
             return True
         lane.accepting = False
-        return not lane.jobs
+        return not lane.jobs and not lane.leased
 
     def release_worker(self, worker_id: str, head_error: WasmCoreError,
                        waiting_error: WasmCoreError, now: float, requeue: bool = True) -> None:
@@ -237,11 +239,13 @@ class Scheduler:
         else:  # behind its tenant's own: whose turn it is and what can run did not change
             self._enqueue(tenant, job)
 
-    def on_reply(self, worker_id: str, token: int,
-                 now: float) -> tuple[PendingJob, LaneState] | None:
+    def on_reply(self, worker_id: str, token: int, now: float,
+                 leased: bool = False) -> tuple[PendingJob, LaneState] | None:
         """A worker answered job `token`: the job it ends and what its lane does next, or
         None for a reply nobody waits for any more (late, after a timeout or a loss): it
-        must never answer anything else."""
+        must never answer anything else. `leased`: the worker kept a direct-lane lease with
+        it, which the lane honours (LEASED) only if it would otherwise be idle with nothing
+        queued; any other state means the caller revokes the lease."""
         lane = self._lanes.get(worker_id)
         if lane is None or not lane.jobs or lane.jobs[0].token != token:
             return None
@@ -276,8 +280,36 @@ class Scheduler:
         if lane.executions >= lane.recycle_after:
             lane.accepting = False
             return job, LaneState.RECYCLE
+        if leased and not self._queued:
+            lane.leased = True
+            return job, LaneState.LEASED
         self._become_idle(lane, now)
         return job, LaneState.BUSY if lane.jobs else LaneState.IDLE
+
+    def lease_returned(self, worker_id: str, tenant_name: str, executions: int,
+                       busy_ms: float, now: float) -> LaneState | None:
+        """A direct-lane lease on `worker_id` is over, having run `executions` for
+        `tenant_name` in `busy_ms`: charged to the tenant's share and the worker's count.
+        What the lane does next, or None when it was not held as leased (it had been given
+        jobs, which ended the lease, or it is gone)."""
+        tenant = self._tenants.get(tenant_name)
+        if tenant is not None:
+            # Later, never earlier: a queued entry is put back in place when it comes up.
+            tenant.vtime += busy_ms / tenant.config.weight
+        lane = self._lanes.get(worker_id)
+        if lane is None:
+            return None
+        lane.executions += executions
+        if not lane.leased:
+            return None
+        lane.leased = False
+        if not lane.accepting:
+            return LaneState.DRAINED
+        if lane.executions >= lane.recycle_after:
+            lane.accepting = False
+            return LaneState.RECYCLE
+        self._become_idle(lane, now)
+        return LaneState.BUSY if lane.jobs else LaneState.IDLE
 
     def progress(self, worker_id: str, unit_progress: int, now: float) -> None:
         """A worker's heartbeat says how many executes of units it has started, ever. While
@@ -326,6 +358,12 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return self._queued
+
+    @property
+    def idle_workers(self) -> int:
+        """Ready workers with nothing to do (an upper bound: a stale entry is skipped when
+        popped)."""
+        return len(self._idle)
 
     @property
     def queued_bytes(self) -> int:

@@ -68,6 +68,7 @@ from wasmcore.supervisor.confinement import Confinement
 from wasmcore.supervisor.host_methods import kv_dir, method_table
 from wasmcore.supervisor.jobs import PendingJob
 from wasmcore.supervisor.keystore import KeyStore
+from wasmcore.supervisor.leases import Lease, Leases
 from wasmcore.supervisor.module_files import PathPolicy
 from wasmcore.supervisor.offloop import OffLoop
 from wasmcore.supervisor.packing import client_messages, worker_messages
@@ -153,6 +154,8 @@ class Supervisor:
         self._config_text = Path(config_path).read_bytes() if config_path else b""
         self.requests = 0
         self.unit_executes = 0  # executes answered from units (stats)
+        self.direct_executes = 0  # executes workers ran on direct lanes (stats)
+        self.leases = Leases()
         self.errors_by_code: collections.Counter[str] = collections.Counter()
         self.started = time.time()
         self._lock_fd = -1
@@ -194,7 +197,8 @@ class Supervisor:
                                    config.server.max_queued_bytes, config.tenant)
         self.confinement = Confinement.from_config(config)
         self.pool = WorkerPool(config, self.back_endpoint, self.pub_endpoint, self.shm_dir,
-                               self.poller, self._tell, confinement=self.confinement)
+                               self.poller, self._tell, confinement=self.confinement,
+                               direct_socket_prefix=self._direct_prefix(config))
         self.compile_lane = CompileLane(config, self.back_endpoint, self.pub_endpoint,
                                         self.poller, self._tell, confinement=self.confinement)
         tokens = itertools.count(1)
@@ -205,7 +209,8 @@ class Supervisor:
             publish=lambda message: self.pub.send(message, NOBLOCK),
             next_token=tokens.__next__, watch=self._watch_files,
             offload=self.offloop.run, oldest_job=lambda: next(iter(self._outstanding), None),
-            quotas=lambda tenant: self.config.tenant(tenant))
+            quotas=lambda tenant: self.config.tenant(tenant),
+            changed=lambda binary_id: self._revoke(self.leases.to_revoke(binary_id=binary_id)))
         for problem in self.binaries.problems():
             log.error("registry: %s", problem)
         self.binaries.sweep()
@@ -214,7 +219,17 @@ class Supervisor:
         self.requests_handler = Requests(
             config, self.binaries, self.shm_dir,
             submit=lambda job: self._submit(job, True), next_token=tokens.__next__,
-            reply=self._reply, reply_error=self._reply_error)
+            reply=self._reply, reply_error=self._reply_error, offer_lease=self._offer_lease)
+
+    def _direct_prefix(self, config: Config) -> str:
+        """Where workers bind their direct lanes: beside an ipc front endpoint that has no
+        CURVE (clients of the same host that may reach the front socket's directory), with
+        `pool.direct_lane` on; else "": none. A lease's token is its only credential, so a
+        server whose tenants prove themselves with keys keeps everyone on the front socket."""
+        if (not config.pool.direct_lane or not self.endpoint.startswith("ipc://")
+                or plan(config.server, self.endpoint, private_ipc=True).curve):
+            return ""
+        return f"{self.endpoint[len('ipc://'):]}.d"
 
     # ------------------------------------------------------------------ setup
 
@@ -371,6 +386,8 @@ class Supervisor:
         # is judged: a busy loop must not see a healthy worker as silent.
         self._drain_back()
         self._expire_deadlines(now)
+        if self.leases.active:
+            self._check_leases(now)
         if self.auth is not None:
             self.auth.tick(now)
         ticked = self.pool.tick(now)
@@ -706,6 +723,7 @@ class Supervisor:
             compile_queue_depth=self.compile_lane.queue_depth,
             tenant_usage=self._tenant_usage(request.tenant),
             unit_executes=self.unit_executes,
+            direct_executes=self.direct_executes,
         )
 
     def _tenant_usage(self, tenant: str) -> p.TenantUsage:
@@ -730,8 +748,10 @@ class Supervisor:
 
     def _finish(self, job: PendingJob, event: p.JobDone, rest: list[Any]) -> None:
         """A worker's reply ends `job`: forward it to the client (or to the job's own
-        completion, for compiles)."""
-        self._outstanding.pop(job.token, None)
+        completion, for compiles). A job whose worker kept a lease stays outstanding until
+        the lease ends: the version it runs is not collected under it."""
+        if not event.leased:
+            self._outstanding.pop(job.token, None)
         self.binaries.record_executions(job.binary_ids, job.count)
         if event.code:
             self.errors_by_code[event.code] += 1
@@ -778,6 +798,8 @@ class Supervisor:
     def _fail(self, job: PendingJob, error: WasmCoreError) -> None:
         """End a job with an error of the supervisor's own (lost worker, deadline, shutdown)."""
         self._outstanding.pop(job.token, None)
+        if self.leases.offered:
+            self._lease_declined(self.leases.settle_offer(job.token, "", False, 0.0))
         if job.on_done is not None:
             frames = [zmq.Frame(p.encode(p.ErrorReply(id=0, code=error.code,
                                                       message=error.message,
@@ -892,6 +914,11 @@ class Supervisor:
                 else:
                     self.pool.heartbeat(event.worker_id, event.compiled, event.deserialized, now)
                     self.scheduler.progress(event.worker_id, event.unit_progress, now)
+                    if self.leases.active:
+                        self.leases.heartbeat(event.worker_id, event.direct_since,
+                                              event.direct_timeout_ms)
+            case p.LeaseReturned():
+                self._lease_returned(worker_id, event)
             case p.Ready() if self.compile_lane.owns(event.worker_id):
                 self.compile_lane.ready(event.worker_id, event.fingerprint, self.fingerprint,
                                         now, accept=self.draining is None,
@@ -918,13 +945,25 @@ class Supervisor:
                 self._finish(compiled, event, rest)
             return
         self.pool.seen(worker_id, now)
-        outcome = self.scheduler.on_reply(worker_id, event.token, now)
+        outcome = self.scheduler.on_reply(worker_id, event.token, now, event.leased)
         if outcome is None:
             # Late reply for a job already answered (timed out, or its worker was declared
             # lost): it must never answer anything else.
             log.info("dropping late reply %d from %s", event.token, worker_id)
             return
         job, lane = outcome
+        if event.leased or self.leases.offered:
+            lease = self.leases.settle_offer(job.token, worker_id, event.leased, now)
+            if not event.leased:
+                self._lease_declined(lease)
+            elif lease is None:  # a lease nobody offered: never honoured
+                event.leased = False
+                self._tell(worker_id, p.encode(p.Revoke(token=b"")))
+                if lane is LaneState.LEASED:
+                    lane = self.scheduler.lease_returned(worker_id, "", 0, 0.0, now) or lane
+            elif lane is not LaneState.LEASED:
+                # The worker has other work (or is leaving): the lease ends at once.
+                self._revoke(self.leases.to_revoke(worker_id=worker_id))
         self._finish(job, event, rest)
         if lane is LaneState.RECYCLE or lane is LaneState.DRAINED:
             handle = self.pool.get(worker_id)
@@ -932,9 +971,89 @@ class Supervisor:
                 self.pool.retire(handle, RestartCause.RECYCLE, now)
                 self.pool.dismiss(handle, now)
 
+    # ------------------------------------------------------------------ direct lanes
+
+    def _offer_lease(self, envelope: list[bytes], tenant: str, binary_id: str,
+                     job_token: int) -> tuple[bytes, int, int] | None:
+        """A lease to offer with an execute that asked for one: only while another worker
+        would stay idle, nothing waits, and the tenant's request rate has room (the lease's
+        executions are reserved from it)."""
+        if (not self.pool.direct_socket_prefix or len(envelope) != 1
+                or self.draining is not None or self.scheduler.queue_depth
+                or self.scheduler.idle_workers < 2 or self.leases.held_by(envelope[0])):
+            return None
+        pool = self.config.pool
+        allowance = self.rates.reserve(tenant, pool.lease_executions, time.monotonic())
+        if allowance < 1:
+            return None
+        lease = self.leases.offer(job_token, tenant, binary_id, envelope, allowance)
+        return lease.token, allowance, pool.lease_ms
+
+    def _lease_declined(self, lease: Lease | None) -> None:
+        if lease is not None:
+            self.rates.refund(lease.tenant, lease.allowance, time.monotonic())
+
+    def _revoke(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            self._tell(lease.worker_id, p.encode(p.Revoke(token=lease.token)))
+
+    def _lease_returned(self, worker_id: str, event: p.LeaseReturned) -> None:
+        """A lease is over: what ran on it is counted as if it had come through here."""
+        now = time.monotonic()
+        lease = self.leases.returned(worker_id, event.token)
+        if lease is None:
+            return  # not the lease it holds: late, or never offered
+        self._outstanding.pop(lease.job_token, None)
+        executions = max(0, min(event.executions, lease.allowance))
+        self.requests += executions
+        self.direct_executes += executions
+        self.binaries.record_executions([lease.binary_id], executions)
+        for code in event.codes[:executions]:
+            self.errors_by_code[code] += 1
+        self.rates.refund(lease.tenant, lease.allowance - executions, now)
+        lane = self.scheduler.lease_returned(worker_id, lease.tenant, executions,
+                                             max(0.0, event.busy_ms), now)
+        if lane is LaneState.RECYCLE or lane is LaneState.DRAINED:
+            handle = self.pool.get(worker_id)
+            if handle is not None:
+                self.pool.retire(handle, RestartCause.RECYCLE, now)
+                self.pool.dismiss(handle, now)
+
+    def _lease_lost(self, lease: Lease, error: WasmCoreError, pid: int) -> None:
+        """Its worker died: a direct execute it was running is answered here, through the
+        client connection that holds the lease (its other requests are not affected)."""
+        self._outstanding.pop(lease.job_token, None)
+        if lease.killed_for:
+            code, message = Timeout.code, lease.killed_for
+            details: dict[str, Any] = {"timeout_ms": int(lease.direct_timeout_s * 1000)}
+        else:
+            code, message, details = error.code, error.message, dict(error.details)
+            message = f"the worker serving this client's direct lane ended: {message}"
+        details["pid"] = pid
+        self.errors_by_code[code] += 1
+        self._front_out.append([*lease.envelope, p.encode(p.LeaseLost(
+            token=lease.token, code=code, message=message, details=details))])
+
+    def _check_leases(self, now: float) -> None:
+        """Leases past their time go back through the server; a worker stuck in a direct
+        execute past its timeout and the grace is killed (TIMEOUT to its client)."""
+        pool = self.config.pool
+        self._revoke(self.leases.to_revoke(older_than=now - pool.lease_ms / 1000))
+        for lease in self.leases.hung(now, pool.deadline_grace_ms / 1000):
+            timeout_ms = int(lease.direct_timeout_s * 1000)
+            lease.killed_for = (
+                f"no reply within the {timeout_ms} ms timeout plus {pool.deadline_grace_ms} "
+                "ms grace (a blocked host call or a native hang); its worker was killed and "
+                "replaced")
+            handle = self.pool.get(lease.worker_id)
+            if handle is not None:
+                self.pool.kill(handle, RestartCause.TIMEOUT)
+
     def _retire(self, handle: WorkerHandle, cause: RestartCause, now: float,
                 replace: bool = True) -> None:
-        """Take no more jobs; a successor takes the slot at once; it exits once its jobs end."""
+        """Take no more jobs; a successor takes the slot at once; it exits once its jobs end
+        (and its lease, if it holds one, is returned)."""
+        self._revoke(self.leases.to_revoke(worker_id=handle.worker_id))
         self.pool.retire(handle, cause, now, replace)
         if self.scheduler.stop_worker(handle.worker_id):
             self.pool.dismiss(handle, now)
@@ -947,6 +1066,11 @@ class Supervisor:
         self._drain_back()  # replies it sent before dying still count
         self.scheduler.release_worker(handle.worker_id, gone.error, gone.error, now,
                                       requeue=self.draining is None)
+        lease = self.leases.lost(handle.worker_id)
+        if lease is not None:
+            self._lease_lost(lease, gone.error, handle.pid)
+        if self.pool.direct_socket_prefix:  # its lane's socket file, left by a killed worker
+            Path(self.pool.direct_socket_prefix + handle.worker_id).unlink(missing_ok=True)
         self._check_pool(now)
 
     def _compile_worker_exited(self, handle: WorkerHandle) -> None:
@@ -972,6 +1096,9 @@ class Supervisor:
             self._fail(job, error)
         for job, error in self.compile_lane.take_failures():
             self._fail(job, error)
+        if self.leases.active and self.scheduler.queue_depth:
+            # Someone's work waits for a worker: every direct lane goes back to the pool.
+            self._revoke(self.leases.to_revoke())
         self._back_out.extend(self.scheduler.take_assignments())
         self._back_out.extend(self.compile_lane.take_assignments())
         if self._back_out:
@@ -1067,6 +1194,7 @@ class Supervisor:
         self.scheduler.configure(new.server.max_queue, new.pool.prefetch,
                                  new.pool.deadline_grace_ms / 1000,
                                  new.server.max_queued_bytes, new.tenant)
+        self._revoke(self.leases.to_revoke())  # they run under the old limits
         self.requests_handler.config = new
         self.binaries.max_payload_bytes = new.server.max_payload_bytes
         if (new.server.load_roots != server.load_roots
@@ -1117,6 +1245,7 @@ class Supervisor:
         log.info("%s: draining (finishing %d in-flight requests, answering %d queued)",
                  why, self.scheduler.in_flight, self.scheduler.queue_depth)
         self.draining = Draining(time.monotonic() + self.config.pool.shutdown_grace_ms / 1000)
+        self._revoke(self.leases.to_revoke())
         self.pool.stop_replacing()
         self.scheduler.cancel_queued(ShuttingDown(
             "the service is shutting down; this request was not started"))
@@ -1174,6 +1303,10 @@ class Supervisor:
             Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
         for internal in (self.back_endpoint, self.pub_endpoint):
             Path(internal[len("ipc://"):]).unlink(missing_ok=True)
+        prefix = self.pool.direct_socket_prefix
+        if prefix:  # lanes of workers that were killed (a clean exit removes its own)
+            for lane in Path(prefix).parent.glob(Path(prefix).name + "*"):
+                lane.unlink(missing_ok=True)
         if self._lock_fd >= 0 and self.endpoint.startswith("ipc://"):
             lock = Path(self.endpoint[len("ipc://"):] + ".lock")
             lock.unlink(missing_ok=True)  # still ours: the flock is held until the close below

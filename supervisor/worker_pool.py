@@ -64,11 +64,15 @@ class WorkerPool:
     def __init__(self, config: Config, back_endpoint: str, pub_endpoint: str,
                  shm_dir: str | None, poller: zmq.Poller, tell: Tell,
                  role: str = ROLE_EXECUTE, nice: int = 0,
-                 confinement: Confinement | None = None) -> None:
+                 confinement: Confinement | None = None,
+                 direct_socket_prefix: str = "") -> None:
         """`role` and `nice` go to every worker it starts; worker ids start with a letter of
         their role (`worker_id_prefix`), so the pools of two roles never share one. The
-        confinement decides each worker's OS sandbox (both roles run untrusted modules)."""
+        confinement decides each worker's OS sandbox (both roles run untrusted modules).
+        `direct_socket_prefix`: each worker binds its direct lane at this path plus its id
+        (empty: no direct lanes)."""
         self._config = config
+        self.direct_socket_prefix = direct_socket_prefix
         self._role = role
         self._nice = nice
         self._confinement = confinement or Confinement(None)
@@ -324,6 +328,8 @@ class WorkerPool:
             host_methods=(method_table(self._config) if self._role == ROLE_EXECUTE
                           else p.HostMethodTable()),
             scratch_dir=scratch_root(self._config) if self._role == ROLE_EXECUTE else "",
+            direct_socket_prefix=(self.direct_socket_prefix if self._role == ROLE_EXECUTE
+                                  else ""),
         )
         try:
             handle = spawn_worker(slot, self._generation, settings, pool.python or None,
