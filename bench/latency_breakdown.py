@@ -291,7 +291,8 @@ def run_service(args: argparse.Namespace, payload: bytes, probe_dir: Path) -> tu
     hop_probe.install(str(hops), role="client")
     service = start_service(workers=args.workers, config=service_config())
     try:
-        with service.client() as client:
+        # Through the supervisor (no direct lane): its hops are what this breaks down.
+        with service.client(direct=False) as client:
             binary_id = client.load(PLUGIN).binary_id
             for _ in range(500):
                 client.execute(binary_id, payload)

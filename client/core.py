@@ -25,7 +25,14 @@ import msgspec
 import zmq
 
 from wasmcore.client import operations
-from wasmcore.client.direct import ClientLease, DirectLanes, LeaseKey, lease_key
+from wasmcore.client.direct import (
+    CHECK_MS,
+    ClientLease,
+    DirectLanes,
+    Lane,
+    LeaseKey,
+    lease_key,
+)
 from wasmcore.client.handshake import HandshakeWatch
 from wasmcore.client.operations import Exchange, Operation, Payload, encode_frames
 from wasmcore.client.results import ChainExecution, Execution
@@ -45,6 +52,12 @@ __all__ = ["AsyncClient", "ChainExecution", "Client", "Execution", "SharedMemory
 
 T = TypeVar("T")
 _NOT_SENT = float("inf")  # the deadline of a request `_flush` has not sent yet
+# How long a new direct lane may take to connect before its execute goes through the server
+# (ipc connects in well under a millisecond; a lane that does not has no worker behind it).
+_LANE_CONNECT_MS = 100
+# How long to wait for the server's word on a worker that went away mid direct execute (it
+# learns of a death at once through the worker's pidfd).
+_LOST_WORD_S = 2.0
 CredentialsArg = Credentials | str | os.PathLike[str] | None
 
 
@@ -173,51 +186,99 @@ class Client:
     def _run_direct(self, op: operations.ExecuteOperation,
                     lease: ClientLease) -> Execution | None:
         """Send `op` on its lease's lane and wait for the worker's reply: the result, or None
-        when the lease is over (the caller sends it through the server). A LeaseLost from
-        the server for this lease fails it as the server would have."""
+        when the execute did not run there (the lease is over, or its worker went away
+        before taking it): the caller then sends it through the server. The worker gone while
+        it held the lease (the server's LeaseLost) fails the execute as the server would."""
         assert self._lanes is not None
+        lane = self._lanes.lane(lease.endpoint)
+        if not lane.writable(_LANE_CONNECT_MS):
+            self._lanes.forget(lease.token)
+            return None
         request = op.request
         request.id = request_id = next(self._ids)
         lease.left -= 1
-        lane = self._lanes.socket(lease.endpoint)
         header = p.encode(p.DirectExecute(id=request_id, token=lease.token,
                                           output_shm_into=request.output_shm_into))
-        poller = zmq.Poller()
-        poller.register(lane, zmq.POLLIN)
-        poller.register(self._socket, zmq.POLLIN)
         try:
-            lane.send_multipart([header] if op.payload is None else [header, op.payload],
-                                copy=False)
-            deadline = time.monotonic() + op.wait_s
-            while True:
-                ready = dict(poller.poll(max(0, int(1000 * (deadline - time.monotonic())))))
-                if not ready:
-                    self._lanes.forget(lease.token)
-                    raise Unavailable(
-                        f"no reply from the worker serving this client's direct lane "
-                        f"({lease.endpoint}) within {int(1000 * op.wait_s)} ms, nor word "
-                        "from the server about it; is `wasm-core` running?",
-                        {"endpoint": lease.endpoint})
-                if self._socket in ready:
-                    frames = self._socket.recv_multipart()
-                    notice = p.reply_decoder.decode(frames[0])
-                    if type(notice) is p.LeaseLost:
-                        self._lanes.forget(notice.token)
-                        if notice.token == lease.token:
-                            raise error_from_code(notice.code, notice.message, notice.details)
-                    continue  # a late reply to an earlier request: not ours
-                frames = lane.recv_multipart()
-                reply = p.reply_decoder.decode(frames[0])
-                if reply.id != request_id:
-                    continue  # a late reply to an earlier direct request
-                if type(reply) is p.LeaseEnded:
-                    self._lanes.forget(lease.token)
-                    return None
-                break
+            try:
+                lane.socket.send_multipart([header] if op.payload is None
+                                           else [header, op.payload], NOBLOCK, copy=False)
+            except zmq.Again:  # the connection went away just now: nothing left
+                self._lanes.forget(lease.token)
+                op.abandon()
+                return None
+            reply, frames = self._await_direct(lane, lease, request_id, op.wait_s)
         except BaseException:
             op.abandon()
             raise
-        return op.finish(reply, frames[1:])
+        if reply is None:
+            op.abandon()
+            return None
+        return op.finish(reply, frames)
+
+    def _await_direct(self, lane: Lane, lease: ClientLease, request_id: int,
+                      wait_s: float) -> tuple[Any, list[bytes]]:
+        """The worker's reply to direct execute `request_id` (None: it did not run there)."""
+        assert self._lanes is not None
+        deadline = time.monotonic() + wait_s
+        while True:
+            left_ms = int(1000 * (deadline - time.monotonic()))
+            ready = lane.poller.poll(max(0, min(left_ms, CHECK_MS)))
+            if not ready and left_ms <= CHECK_MS:
+                self._lanes.forget(lease.token)
+                raise Unavailable(
+                    f"no reply from the worker serving this client's direct lane "
+                    f"({lease.endpoint}) within {int(1000 * wait_s)} ms, nor word from the "
+                    "server about it; is `wasm-core` running?", {"endpoint": lease.endpoint})
+            answer = self._lane_reply(lane, request_id)
+            if answer is not None:
+                lane.answered = True
+                reply, frames = answer
+                if type(reply) is p.LeaseEnded:
+                    self._lanes.forget(lease.token)
+                    return None, []
+                return reply, frames
+            if not ready and lane.update():
+                # The worker went away without answering. If it held the lease then, the
+                # server says so (LeaseLost, at once: it watches its workers' pidfds) and
+                # the execute may have run; if not, the lease had ended before and the
+                # execute was never taken: it goes through the server.
+                self._lanes.forget(lease.token)
+                lost = self._lease_lost(lease.token, _LOST_WORD_S)
+                if lost is not None:
+                    raise lost
+                return None, []
+
+    def _lane_reply(self, lane: Lane, request_id: int) -> tuple[Any, list[bytes]] | None:
+        """Our reply if the lane has it (earlier direct requests' late replies are dropped)."""
+        while True:
+            try:
+                frames = lane.socket.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                return None
+            reply = p.reply_decoder.decode(frames[0])
+            if reply.id == request_id:
+                return reply, frames[1:]
+
+    def _lease_lost(self, token: bytes, wait_s: float = 0.0) -> WasmCoreError | None:
+        """Read the front socket (up to `wait_s`) for the server's word that the lease with
+        `token` was lost: its error. Other leases' notices drop those leases; anything else
+        there is a late reply to an earlier request."""
+        assert self._lanes is not None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                frames = self._socket.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
+                    return None
+                continue
+            notice = p.reply_decoder.decode(frames[0])
+            if type(notice) is p.LeaseLost:
+                self._lanes.forget(notice.token)
+                if notice.token == token:
+                    return error_from_code(notice.code, notice.message, notice.details)
 
     def call(self, request: Any, payload: Payload = None,
              timeout_s: float | None = None) -> tuple[Any, list[bytes]]:

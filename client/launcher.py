@@ -92,11 +92,12 @@ class RunningService:
         return self.process.pid
 
     def client(self, tenant: str | None = None, timeout_s: float = 30.0,
-               credentials: str | None = None) -> Client:
+               credentials: str | None = None, direct: bool | None = None) -> Client:
         """A client of this service: with `credentials`, else the service's own (if any),
-        as `tenant` (default: the credentials' tenant, else "default")."""
+        as `tenant` (default: the credentials' tenant, else "default"); `direct` as
+        `Client`'s (default: direct lanes where the server offers them)."""
         return Client(self.endpoint, tenant=tenant, timeout_s=timeout_s,
-                      credentials=credentials or self.credentials)
+                      credentials=credentials or self.credentials, direct=direct)
 
     def wait_ready(self, workers: int, timeout_s: float = 60.0) -> None:
         """Until `workers` workers are idle or busy (a started pool), or raise."""

@@ -355,6 +355,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     # OS sandbox in force in this worker, as it reported at start: e.g. no_new_privs,
     # nondumpable, rlimits, seccomp, uid:65534, gid:65534. Empty: none.
     protections: list[str] = []
+    # It serves a client's direct lane (state "idle": it takes no job until the lease is
+    # revoked, which any waiting job does at once).
+    leased: bool = False
 
 
 class TenantUsage(msgspec.Struct, kw_only=True):

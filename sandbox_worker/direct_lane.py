@@ -33,6 +33,9 @@ from wasmcore.protocol.zmqopts import COPY_THRESHOLD, NOBLOCK
 # (a client sends one at a time; a flood only delays its own lease).
 _QUEUED_PER_SENDER = 64
 _HEADER_ROOM = 4096  # a DirectExecute header is well under this
+# Frames answered without running anything, at most, per call of `take`: a flood of junk
+# waits its turn behind the supervisor's messages like anything else.
+_REFUSED_PER_TAKE = 64
 
 
 @dataclass(slots=True)
@@ -127,7 +130,7 @@ class DirectLane:
         """The next direct execute to run, or None when none is waiting. Frames that are not
         one are answered here; a lease found used up or past its time is ended (`report`
         gets its LeaseReturned) and the request told LeaseEnded."""
-        while True:
+        for _ in range(_REFUSED_PER_TAKE):
             try:
                 frames = self.socket.recv_multipart(NOBLOCK)
             except zmq.Again:
@@ -168,6 +171,7 @@ class DirectLane:
             job = msgspec.structs.replace(lease.template, request_id=request.id,
                                           output_shm_into=into)
             return identity, job, payload
+        return None
 
     def answer(self, identity: bytes, header: bytes, payload: Any) -> None:
         """A direct execute's reply, in the same frames the server would send."""
@@ -185,4 +189,16 @@ class DirectLane:
             pass  # its sender is gone (ROUTER_MANDATORY) or not reading: nobody to tell
 
     def close(self) -> None:
+        """Answer what is queued LeaseEnded (it goes through the server instead: a client
+        that saw the lane close without an answer could not tell whether it ran), then
+        close, giving those answers a moment to leave."""
+        self.lease = None
+        for _ in range(_QUEUED_PER_SENDER * 16):
+            try:
+                frames = self.socket.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) >= 2:
+                self._answer(frames[0], p.encode(p.LeaseEnded(id=p.peek_request_id(frames[1]))))
+        self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.close()

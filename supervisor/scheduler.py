@@ -204,6 +204,10 @@ class Scheduler:
         lane = self._lanes.get(worker_id)
         return lane.executions if lane is not None else 0
 
+    def is_leased(self, worker_id: str) -> bool:
+        lane = self._lanes.get(worker_id)
+        return lane is not None and lane.leased
+
     def busy_workers(self) -> list[str]:
         return [lane.worker_id for lane in self._lanes.values() if lane.jobs]
 

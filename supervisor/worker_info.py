@@ -27,6 +27,7 @@ def describe_workers(handles: Iterable[WorkerHandle], scheduler: Scheduler,
             compiled=handle.compiled,
             deserialized=handle.deserialized,
             protections=handle.protections,
+            leased=scheduler.is_leased(handle.worker_id),
         ))
     workers.sort(key=lambda w: (w.slot, w.started_at))
     return workers

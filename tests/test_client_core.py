@@ -127,7 +127,9 @@ def _answer(op: ops.Operation[Any]) -> Any:
 
 def sync_operation(make: Callable[[Any], Any]) -> ops.Operation[Any]:
     sent: list[ops.Operation[Any]] = []
-    with Client(NOWHERE, tenant="acme", timeout_s=3.0) as client:
+    # direct=False: the blocking client also asks for a direct lane (`direct` in the header),
+    # which AsyncClient never does; everything else must be the same.
+    with Client(NOWHERE, tenant="acme", timeout_s=3.0, direct=False) as client:
         client._shared = no_shm()
 
         def run(op: ops.Operation[Any]) -> Any:

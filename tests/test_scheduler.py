@@ -962,3 +962,81 @@ def test_a_units_deadline_moves_with_its_workers_progress() -> None:
     sched.progress("w1", 3, 13.9)
     sched.progress("w1", 4, 16.0)
     assert unit.deadline == pytest.approx(10.0 + 4 * BUDGET_S + GRACE_S)  # the whole unit's
+
+
+# --------------------------------------------------------------------------- direct-lane leases
+
+
+def _leased_pool() -> tuple[Scheduler, PendingJob]:
+    """w1 and w2 ready; a job on w2 answered with a lease kept."""
+    sched = quick_pool(["w1", "w2"])
+    job = make_job()
+    sched.submit(job, 1.0)
+    assert assigned(sched) == {job.token: "w2"}
+    outcome = sched.on_reply("w2", job.token, 1.001, leased=True)
+    assert outcome is not None and outcome[1] is LaneState.LEASED
+    return sched, job
+
+
+def test_a_leased_worker_takes_no_jobs_until_returned() -> None:
+    sched, _ = _leased_pool()
+    assert sched.idle_workers == 1
+    first, second = make_job(), make_job()
+    sched.submit(first, 2.0)
+    sched.submit(second, 2.0)
+    # w1 takes both (prefetch); nothing goes to the leased w2.
+    assert set(assigned(sched).values()) == {"w1"}
+    assert sched.lease_returned("w2", "default", 10, 1.5, 2.1) is LaneState.IDLE
+    later = make_job(binary=UNKNOWN)  # slow: only an idle worker takes it
+    sched.submit(later, 2.2)
+    assert assigned(sched) == {later.token: "w2"}
+    assert sched.executions_on("w2") == 1 + 1 + 10  # teach, the leasing job, the lease's
+
+
+def test_a_lease_is_not_kept_when_work_is_queued() -> None:
+    sched = quick_pool(["w1"])
+    running = make_job(binary=UNKNOWN)
+    waiting = make_job(binary=UNKNOWN)
+    sched.submit(running, 1.0)
+    sched.submit(waiting, 1.0)  # queued: the only worker is busy with a slow job
+    assert assigned(sched) == {running.token: "w1"}
+    outcome = sched.on_reply("w1", running.token, 1.5, leased=True)
+    assert outcome is not None and outcome[1] is not LaneState.LEASED
+    assert assigned(sched) == {waiting.token: "w1"}
+    # The worker's report of the lease it dropped charges the tenant, changes no lane.
+    assert sched.lease_returned("w1", "default", 0, 0.0, 1.6) is None
+
+
+def test_a_stopped_leased_worker_drains_when_its_lease_returns() -> None:
+    sched, _ = _leased_pool()
+    assert sched.stop_worker("w2") is False  # not while it serves a lease
+    assert sched.lease_returned("w2", "default", 3, 0.2, 2.0) is LaneState.DRAINED
+
+
+def _after_a_lease(busy_ms: float) -> str:
+    """The tenant whose queued job runs first when a lease of tenant `hog` that ran
+    `busy_ms` returns; `other` had run 50 ms before, the hog 0.1 ms besides its lease."""
+    sched = make_scheduler()
+    sched.add_worker("w1", recycle_after=1_000, now=0.0)
+    warm = make_job(binary=UNKNOWN, tenant="other")
+    sched.submit(warm, 0.0)
+    sched.on_reply("w1", warm.token, 0.050)
+    leasing = make_job(binary=UNKNOWN, tenant="hog")
+    sched.submit(leasing, 1.0)
+    outcome = sched.on_reply("w1", leasing.token, 1.0001, leased=True)
+    assert outcome is not None and outcome[1] is LaneState.LEASED
+    assigned(sched)
+    hog, other = make_job(binary=UNKNOWN, tenant="hog"), make_job(binary=UNKNOWN, tenant="other")
+    sched.submit(hog, 1.1)
+    sched.submit(other, 1.1)
+    assert assigned(sched) == {}  # the only worker is leased: both wait
+    assert sched.lease_returned("w1", "hog", 400, busy_ms, 1.6) is LaneState.BUSY
+    (job,) = [job for _, job in sched.take_assignments()]
+    return job.tenant
+
+
+def test_a_lease_charges_its_tenants_share() -> None:
+    """Run time spent on a lease counts toward fair share like jobs' run time: after a long
+    lease the other tenant goes first, though it had been given more before."""
+    assert _after_a_lease(busy_ms=0.0) == "hog"  # without the lease's charge
+    assert _after_a_lease(busy_ms=500.0) == "other"
