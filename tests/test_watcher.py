@@ -4,6 +4,7 @@ that it stops at once."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,3 +92,14 @@ def test_stop_ends_the_thread_at_once(watched):
     thread = watcher_thread()
     watcher.stop()
     assert not thread.is_alive()
+
+
+def test_a_directory_removed_and_made_again_is_watched_again(watched):
+    watcher, events, target = watched
+    assert next_path(events) == str(target)
+    shutil.rmtree(target.parent)
+    target.parent.mkdir()
+    target.write_bytes(b"v2")
+    assert next_path(events) == str(target)  # offered again once its directory is back
+    target.write_bytes(b"v3")
+    assert next_path(events) == str(target)
