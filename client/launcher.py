@@ -78,7 +78,7 @@ def wait_until_serving(endpoint: str | None, process: subprocess.Popen[bytes], w
 class RunningService:
     def __init__(self, workdir: Path, endpoint: str, process: subprocess.Popen[bytes],
                  config_path: Path, owns_workdir: bool, shm_dir: Path,
-                 credentials: str | None = None) -> None:
+                 credentials: str | None = None, lifeline_fd: int = -1) -> None:
         self.workdir = workdir
         self.credentials = credentials  # what `client()` and the readiness wait use
         self.endpoint = endpoint
@@ -86,6 +86,8 @@ class RunningService:
         self.config_path = config_path
         self.owns_workdir = owns_workdir
         self.shm_dir = shm_dir
+        # The write end of the pipe whose end of file stops the service: held until it exited.
+        self._lifeline_fd = lifeline_fd
 
     @property
     def pid(self) -> int:
@@ -111,6 +113,9 @@ class RunningService:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        if self._lifeline_fd >= 0:
+            os.close(self._lifeline_fd)
+            self._lifeline_fd = -1
         return self.process.returncode
 
     def cleanup(self) -> None:
@@ -135,7 +140,9 @@ def start_service(
     `preexec_fn` runs in the supervisor's process before it starts (rlimits, say).
     `credentials`: a credentials file (an admin's, for the readiness wait and `client()`)
     for a server that requires keys; make them first with `wasm-core tenant add` in
-    `workdir`'s data dir (`<workdir>/data`)."""
+    `workdir`'s data dir (`<workdir>/data`).
+    The service stops when this process exits, however it exits (`--exit-with-fd`); a child
+    forked without exec (multiprocessing's "fork") shares that lifeline until it exits too."""
     owns = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="wc", dir="/tmp"))
     if os.geteuid() == 0:
@@ -159,15 +166,27 @@ def start_service(
         config_path.write_text(render_toml(sections))
     env = os.environ.copy()
     env.setdefault("XDG_RUNTIME_DIR", str(workdir))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wasmcore.supervisor.cli_server", "--config", str(config_path)],
-        stdin=subprocess.DEVNULL,
-        stderr=stderr,
-        env=env,
-        preexec_fn=preexec_fn,
-    )
+    # The service lives as long as this process: only this process holds the pipe's write end
+    # (os.pipe's fds are not inherited by other children), so the supervisor reads end of file
+    # when this process exits, however it exits, and stops (supervisor/lifeline.py).
+    lifeline_r, lifeline_w = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "wasmcore.supervisor.cli_server", "--config", str(config_path),
+             "--exit-with-fd", str(lifeline_r)],
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            preexec_fn=preexec_fn,
+            pass_fds=(lifeline_r,),
+        )
+    except BaseException:
+        os.close(lifeline_w)
+        raise
+    finally:
+        os.close(lifeline_r)
     service = RunningService(workdir, server["endpoint"], process, config_path, owns,
-                             Path(server["shm_dir"]), credentials)
+                             Path(server["shm_dir"]), credentials, lifeline_w)
     if wait:
         try:
             service.wait_ready(sections["pool"]["workers"], ready_timeout_s)

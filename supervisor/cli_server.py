@@ -17,6 +17,7 @@ from wasmcore.supervisor.auth import AuthSetupError
 from wasmcore.supervisor.config import ConfigError, load_config, resolved, runtime_dir, validate
 from wasmcore.supervisor.confinement import ConfinementError
 from wasmcore.supervisor.keystore import KeyStore, KeyStoreError
+from wasmcore.supervisor.lifeline import exit_when_closed
 from wasmcore.supervisor.server import EndpointInUse, Supervisor
 
 
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     parser.add_argument("--data-dir", help="where binaries and the registry are kept")
     parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.add_argument("--exit-with-fd", type=int, metavar="FD",
+                        help="stop (draining, as on SIGTERM) when this inherited fd reads end "
+                        "of file: a launcher holding the pipe's write end takes the service "
+                        "with it when it dies (wasmcore.client.launcher.start_service)")
     return parser
 
 
@@ -153,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s wasm-core[%(process)d] %(levelname)s %(message)s",
     )
     try:
+        if args.exit_with_fd is not None:
+            exit_when_closed(args.exit_with_fd)
         supervisor = Supervisor(config, runtime_dir(), config_path=args.config)
         return supervisor.serve()
     except (EndpointInUse, AuthSetupError, KeyStoreError, ConfinementError) as exc:
