@@ -71,10 +71,13 @@ class Lane:
 
     def writable(self, wait_ms: int) -> bool:
         """Connected (within `wait_ms` for a new lane) and alive, as far as is known: a lane
-        that has answered is taken as connected (a send then fails at once if it is not)."""
-        if self.answered:
-            return not self.gone
-        return not self.update() and bool(self.socket.poll(wait_ms, zmq.POLLOUT))
+        that has answered is taken as connected (with IMMEDIATE a send to a connection
+        ZeroMQ has seen close fails at once). A worker seen gone before the send is one the
+        execute never reached: it goes through the server, whatever the server says of the
+        lease (LeaseLost is about an execute that was on the lane when the worker died)."""
+        if self.update():
+            return False
+        return self.answered or bool(self.socket.poll(wait_ms, zmq.POLLOUT))
 
     def close(self) -> None:
         try:

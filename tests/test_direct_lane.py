@@ -269,3 +269,47 @@ def test_shutdown_with_a_lease_held_is_prompt_and_leaves_no_socket():
         assert not _lane_sockets(svc)
     finally:
         svc.cleanup()
+
+
+def _other_burst(endpoint: str, spin: str) -> None:
+    async def burst() -> None:
+        async with AsyncClient(endpoint, tenant="other") as burster:
+            await asyncio.gather(*(burster.execute(spin, _spin(2)) for _ in range(60)))
+
+    asyncio.run(burst())
+
+
+def _killed(service: RunningService, pid: int) -> None:
+    """SIGKILL a worker and wait until the server has replaced it (asked on a client of its
+    own: the lease holder must not read the server's notice before its next execute)."""
+    os.kill(pid, signal.SIGKILL)
+    with service.client() as watcher:
+        wait_for(lambda: pid not in {w.pid for w in watcher.stats().workers}, 10, "reaped")
+
+
+def test_a_worker_gone_after_the_lease_ended_costs_the_client_nothing(lane_service):
+    """The lease was revoked (the client does not know yet) and then its worker died: the
+    next execute never reached it, so it runs through the server, without an error and
+    without waiting for a timeout."""
+    with lane_service.client() as client, lane_service.client(tenant="other") as other:
+        upper = client.load(PLUGINS / "uppercase.wat").binary_id
+        spin = other.load(HOSTILE / "rss_hog.wat").binary_id
+        pid = _leased(client, upper)
+        _other_burst(lane_service.endpoint, spin)
+        wait_for(lambda: not any(w.leased for w in client.stats().workers), 10, "revoked")
+        _killed(lane_service, pid)
+        started = time.monotonic()
+        result = client.execute(upper, "after")
+        assert result.output == b"AFTER" and result.worker_pid != pid
+        assert time.monotonic() - started < 5
+
+
+def test_a_worker_gone_while_leased_and_idle_costs_the_client_nothing(lane_service):
+    """The worker died holding the lease while the client had nothing on it: the server's
+    LeaseLost is about no execute of the client's, and the next one runs elsewhere."""
+    with lane_service.client() as client:
+        upper = client.load(PLUGINS / "uppercase.wat").binary_id
+        pid = _leased(client, upper)
+        _killed(lane_service, pid)
+        result = client.execute(upper, "next")
+        assert result.output == b"NEXT" and result.worker_pid != pid
