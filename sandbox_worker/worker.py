@@ -655,6 +655,7 @@ class Worker:
             return
         files = self._files_for(job, 0, module)
         for data in inputs:
+            self.unit_progress += 1  # heartbeats tell the supervisor the batch moves on
             started = time.perf_counter()
             try:
                 if job.fallback_entries:

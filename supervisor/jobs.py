@@ -47,3 +47,6 @@ class PendingJob:
     # order; `payload` is then the list of their inputs. Empty: the job answers `request_id`.
     request_ids: list[int] = field(default_factory=list)
     count: int = 1  # executions it stands for: what it counts against quotas and the queue
+    # Executions it runs one after another (a unit's executes, a batch's inputs), each under
+    # its own timeout: its deadline covers one, and the worker's progress moves it.
+    steps: int = 1

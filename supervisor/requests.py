@@ -294,14 +294,14 @@ class Requests:
                              budget_s=job.timeout_ms * count / 1000,
                              binary_ids=[binary.binary_id], tenant=first.tenant,
                              shows_pids=admin, packable=True, size_bytes=size,
-                             request_ids=job.unit, count=count)
+                             request_ids=job.unit, count=count, steps=count)
         self._submit(pending)
 
     def _batch(self, envelope: list[bytes], req: p.ExecuteBatch, inputs: list[Any],
                admin: bool) -> None:
         job, binary = self._run_job(req, admin, batch=req.count)
         self._queue(envelope, req, job, None, job.timeout_ms * req.count / 1000,
-                    [binary.binary_id], admin, extra=inputs)
+                    [binary.binary_id], admin, extra=inputs, steps=req.count)
 
     def _chain(self, envelope: list[bytes], req: p.Chain, payload: Any, admin: bool) -> None:
         if not req.binary_ids:
@@ -337,7 +337,8 @@ class Requests:
 
     def _queue(self, envelope: list[bytes], req: Any, job: p.RunJob, payload: Any,
                budget_s: float, binary_ids: list[str], admin: bool,
-               extra: list[Any] | None = None, retryable: bool = True) -> None:
+               extra: list[Any] | None = None, retryable: bool = True,
+               steps: int = 1) -> None:
         """Hand a RunJob answering `req` to the scheduler; `budget_s` is what its deadline
         allows."""
         header = p.encode(job)
@@ -345,7 +346,7 @@ class Requests:
         pending = PendingJob(token=job.token, envelope=envelope, request_id=req.id,
                              header=header, payload=payload, budget_s=budget_s,
                              binary_ids=binary_ids, retryable=retryable, tenant=req.tenant,
-                             shows_pids=admin)
+                             shows_pids=admin, steps=steps)
         if extra:
             pending.extra = extra
             size += sum(len(frame) for frame in extra)

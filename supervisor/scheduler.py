@@ -328,8 +328,8 @@ class Scheduler:
         if unit_progress == seen or not lane.jobs:
             return
         head = lane.jobs[0]
-        if head.count > 1:
-            each_s = head.budget_s / head.count
+        if head.steps > 1:
+            each_s = head.budget_s / head.steps
             head.deadline = (min(head.started + head.budget_s, now + each_s)
                              + self.deadline_grace_s)
 
@@ -445,7 +445,7 @@ class Scheduler:
     def _start_clock(self, job: PendingJob, now: float) -> None:
         job.started = now
         # A unit starts with one execute's budget; its worker's progress moves it (`progress`).
-        budget_s = job.budget_s / job.count
+        budget_s = job.budget_s / job.steps
         job.deadline = now + budget_s + self.deadline_grace_s
 
     def _become_idle(self, lane: Lane, now: float) -> None:

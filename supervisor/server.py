@@ -843,6 +843,15 @@ class Supervisor:
                     "native hang); the worker was killed and replaced and none of the unit's "
                     "results came back: send this execute again",
                     {"timeout_ms": each_ms, "unit": job.count, "pid": pid})
+            elif job.steps > 1:  # an execute_batch: its inputs run one after another
+                each_ms = int(job.budget_s * 1000) // job.steps
+                error = Timeout(
+                    f"one of this batch's {job.steps} inputs hung its worker (no progress "
+                    f"within its {each_ms} ms timeout plus {self.config.pool.deadline_grace_ms}"
+                    " ms grace: a blocked host call or a native hang); the worker was killed "
+                    "and replaced and none of the batch's results came back: send the batch "
+                    "again without the input that hangs",
+                    {"timeout_ms": each_ms, "batch": job.steps, "pid": pid})
             else:
                 error = Timeout(
                     f"no reply within the {job.budget_s * 1000:.0f} ms timeout plus "

@@ -843,6 +843,7 @@ def make_unit(count: int, binary: str = QUICK, tenant: str = "default",
     job = make_job(binary, budget_s=BUDGET_S * count, tenant=tenant, size_bytes=size_bytes)
     job.request_ids = [job.token * 1000 + i for i in range(count)]
     job.count = count
+    job.steps = count  # one after another, each under its own budget (Requests.execute_unit)
     job.payload = [b""] * count
     return job
 

@@ -261,3 +261,36 @@ def test_each_execute_of_a_unit_is_admitted_against_its_tenants_rate(
     refused = {answers[i][0].code for i in ids if isinstance(answers[i][0], p.ErrorReply)}
     assert 3 <= len(ran) <= 4, ran  # the load took one token, the burst refills slowly
     assert refused == {errors.QuotaExceeded.code}
+
+
+# ------------------------------------------------------------------ execute_batch: same deadline
+
+
+def test_a_hang_in_a_batch_is_found_one_inputs_timeout_after_it_stopped(
+        unit_service: RunningService) -> None:
+    """A batch's inputs run one after another: its deadline covers one input's timeout and
+    moves with the worker's progress, like a unit's, so an input blocked in a host call is
+    found after its own timeout plus the grace, not after all 100 inputs' (30 s here)."""
+    svc = unit_service
+    with svc.client() as c:
+        mix = c.load(MIX).binary_id
+        started = time.monotonic()
+        with pytest.raises(errors.Timeout) as info:
+            c.execute_batch(mix, [b"ok", b"H", *[b"ok"] * 98], timeout_ms=300)
+        waited = time.monotonic() - started
+        assert info.value.details.get("batch") == 100 and "hung" in info.value.message
+        assert waited < 15, waited  # the whole batch's budget would be 30 s plus the grace
+        assert c.execute(mix, b"after").output == b"after"
+
+
+def test_a_batch_of_long_inputs_is_not_declared_lost_early(unit_service: RunningService) -> None:
+    """Inputs that each run to their 600 ms timeout: the batch outlives one input's budget
+    plus the grace, but its progress shows, so each input ends with its own TIMEOUT and the
+    worker lives on."""
+    svc = unit_service
+    with svc.client() as c:
+        mix = c.load(MIX).binary_id
+        pid = c.stats().workers[0].pid
+        results = c.execute_batch(mix, [b"L"] * 5, timeout_ms=600)
+        assert [getattr(r, "code", None) for r in results] == [errors.Timeout.code] * 5
+        assert [w.pid for w in c.stats().workers] == [pid]
