@@ -205,14 +205,14 @@ class Client:
                                            else [header, op.payload], NOBLOCK, copy=False)
             except zmq.Again:  # the connection went away just now: nothing left
                 self._lanes.forget(lease.token)
-                op.abandon()
                 return None
             reply, frames = self._await_direct(lane, lease, request_id, op.wait_s)
         except BaseException:
             op.abandon()
             raise
         if reply is None:
-            op.abandon()
+            # Nothing ran: the caller sends the same operation through the server, its lent
+            # segment still lent (abandoning it here would hand the server a removed one).
             return None
         return op.finish(reply, frames)
 
