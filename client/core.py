@@ -832,7 +832,8 @@ class AsyncClient:
     def _on_lease_lost(self, notice: p.LeaseLost) -> None:
         """The server's word that a lease's worker died (or was killed) holding it: the
         execute waiting on it, if any, fails with its code; the lease is gone either way."""
-        assert self._lanes is not None  # only a client that asked is ever leased
+        if self._lanes is None:  # never leased: not about this client
+            return
         self._lanes.forget(notice.token)
         call = self._direct
         if call is None or call.lease.token != notice.token:

@@ -180,3 +180,50 @@ def test_a_declining_async_client_is_never_leased(lane_service):
             assert client._lanes is None
 
     _run(main())
+
+
+def _killed(service, pid: int) -> None:
+    """SIGKILL a worker and wait until the server has replaced it (asked on a client of its
+    own: the lease holder must not read the server's notice before its next execute)."""
+    os.kill(pid, signal.SIGKILL)
+    with service.client() as watcher:
+        deadline = time.monotonic() + 10
+        while pid in {w.pid for w in watcher.stats().workers}:
+            assert time.monotonic() < deadline, "the killed worker was never reaped"
+            time.sleep(0.05)
+
+
+def test_a_worker_gone_while_leased_and_idle_costs_the_client_nothing(lane_service):
+    """The worker died holding the lease while nothing was on it: the next execute never
+    reaches it and runs through the server, without an error."""
+    async def main() -> None:
+        async with AsyncClient(lane_service.endpoint) as client:
+            upper = (await client.load(PLUGINS / "uppercase.wat")).binary_id
+            pid = await _leased(client, upper)
+            await asyncio.to_thread(_killed, lane_service, pid)
+            result = await client.execute(upper, "next")
+            assert result.output == b"NEXT" and result.worker_pid != pid
+
+    _run(main())
+
+
+def test_a_worker_gone_after_the_lease_ended_costs_the_client_nothing(lane_service):
+    async def main() -> None:
+        async with AsyncClient(lane_service.endpoint) as client, \
+                AsyncClient(lane_service.endpoint, tenant="other") as other:
+            upper = (await client.load(PLUGINS / "uppercase.wat")).binary_id
+            spin = (await other.load(HOSTILE / "rss_hog.wat")).binary_id
+            pid = await _leased(client, upper)
+            await asyncio.gather(*(other.execute(spin, _spin(2)) for _ in range(60)))
+
+            async def revoked() -> bool:
+                return not any(w.leased for w in (await client.stats()).workers)
+
+            await _until(revoked, 10, "the lease revoked")
+            await asyncio.to_thread(_killed, lane_service, pid)
+            started = time.monotonic()
+            result = await client.execute(upper, "after")
+            assert result.output == b"AFTER" and result.worker_pid != pid
+            assert time.monotonic() - started < 5  # not a wait for a timeout
+
+    _run(main())
