@@ -700,7 +700,7 @@ class AsyncClient:
             return True
         request.direct = True
         self._asking = (request.id, key)
-        op.deadline = deadline = loop.time() + op.wait_s  # type: ignore[attr-defined]
+        op.deadline = deadline = loop.time() + op.wait_s
         self._watch_deadline(loop, deadline)
         self._socket.send_multipart(encode_frames(request, payload), copy=False)
         return True
@@ -724,7 +724,7 @@ class AsyncClient:
         else:
             call.connect_by = loop.time() + _LANE_CONNECT_MS / 1000
             loop.call_later(_LANE_RETRY_S, self._connecting, call)
-        op.deadline = deadline = loop.time() + op.wait_s  # type: ignore[attr-defined]
+        op.deadline = deadline = loop.time() + op.wait_s
         self._watch_deadline(loop, deadline)
         return True
 
