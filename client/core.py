@@ -55,6 +55,7 @@ _NOT_SENT = float("inf")  # the deadline of a request `_flush` has not sent yet
 # How long a new direct lane may take to connect before its execute goes through the server
 # (ipc connects in well under a millisecond; a lane that does not has no worker behind it).
 _LANE_CONNECT_MS = 100
+_LANE_RETRY_S = 0.0005  # how often AsyncClient looks whether a new lane has connected
 # How long to wait for the server's word on a worker that went away mid direct execute (it
 # learns of a death at once through the worker's pidfd).
 _LOST_WORD_S = 2.0
@@ -400,6 +401,24 @@ def _as_reply_future(coroutine: Any) -> ReplyFuture:
     return reply
 
 
+class _DirectCall:
+    """`AsyncClient`'s execute on a direct lane, waiting for the worker's reply."""
+
+    __slots__ = ("request_id", "op", "lane", "lease", "sent", "connect_by", "word_timer")
+
+    def __init__(self, request_id: int, op: Operation[Any], lane: Lane,
+                 lease: ClientLease) -> None:
+        self.request_id = request_id
+        self.op = op
+        self.lane = lane
+        self.lease = lease
+        self.sent = False  # False while a new lane is still connecting
+        self.connect_by = 0.0
+        # Set once the lane's worker went away without answering: the wait for the server's
+        # word (LeaseLost) before the execute goes through the server.
+        self.word_timer: asyncio.TimerHandle | None = None
+
+
 class AsyncClient:
     """An asyncio client: any number of requests in flight on one connection.
 
@@ -407,11 +426,16 @@ class AsyncClient:
     per-message futures cost more than the rest of a request. The socket's FD is
     edge-triggered, so every drain runs until a receive finds nothing left, and every burst
     of sends is followed by a drain (a send can consume the edge of a waiting reply).
+
+    `direct`: as `Client`'s, for an application that awaits one execute before sending the
+    next: an execute sent while nothing else of this client is in flight may take a direct
+    lane (docs/protocol.md "Direct lane"); anything more in flight goes through the server,
+    packed, as always. Default: on for an ipc endpoint without credentials.
     """
 
     def __init__(self, endpoint: str | None = None, tenant: str | None = None,
                  timeout_s: float = 30.0, zero_copy: bool = False,
-                 credentials: CredentialsArg = None) -> None:
+                 credentials: CredentialsArg = None, direct: bool | None = None) -> None:
         self.timeout_s = timeout_s
         self.zero_copy = zero_copy
         self.endpoint, self.tenant, self._credentials = _settings(endpoint, tenant, credentials)
@@ -434,6 +458,12 @@ class AsyncClient:
         # second entry to add and remove per request cost more than the rare sweep's scan.
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
+        if direct is None:
+            direct = self.endpoint.startswith("ipc://") and self._credentials is None
+        self._lanes = DirectLanes(self._ctx, on_close=self._unwatch_lane) if direct else None
+        self._watched_lanes: set[Lane] = set()  # lanes whose FDs the loop watches
+        self._direct: _DirectCall | None = None  # the execute on a lane, at most one
+        self._asking: tuple[int, LeaseKey] | None = None  # the execute that asked for a lease
 
     def _open(self) -> None:
         self._socket, self._watch = _socket(self._ctx, self.endpoint, self._credentials)
@@ -461,6 +491,9 @@ class AsyncClient:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self._end_direct()
+        if self._lanes is not None:
+            self._lanes.close()
         self._unwatch()
         self._loop = None
         self._fail_pending(lambda: Unavailable("client closed"))
@@ -486,8 +519,12 @@ class AsyncClient:
         """Finish the request `request_id` with its reply (if it still waits for one)."""
         entry = self._pending.pop(request_id, None)
         if entry is None:
+            if type(reply) is p.LeaseLost:
+                self._on_lease_lost(reply)
             return  # expired, or not ours
         future, op = entry
+        if self._asking is not None and self._asking[0] == request_id:
+            self._on_asked(reply)
         if future.done():  # the caller cancelled: the request is over
             op.abandon()
             return
@@ -560,6 +597,11 @@ class AsyncClient:
         loop = self._loop
         if loop is None:  # closed meanwhile: its requests have failed already
             return
+        # One execute and nothing else in flight: a direct lane may take it.
+        if (len(outbox) == 1 and self._lanes is not None and len(self._pending) == 1
+                and self._direct is None and self._send_alone(loop, outbox[0])):
+            self._drain()
+            return
         now = loop.time()
         earliest = float("inf")
         for op in outbox:
@@ -596,6 +638,11 @@ class AsyncClient:
         self._drain()  # a send can consume the FD's edge of a reply that is already waiting
 
     def _expire(self, request_id: int) -> None:
+        call = self._direct
+        if call is not None and call.request_id == request_id:
+            assert self._lanes is not None
+            self._lanes.forget(call.lease.token)  # no word from its worker nor the server
+            self._end_direct()
         entry = self._pending.pop(request_id, None)
         if entry is None:
             return
@@ -633,6 +680,208 @@ class AsyncClient:
                    if deadline > now and deadline is not _NOT_SENT]
         if waiting:
             self._watch_deadline(loop, min(waiting))
+
+    # ---------------------------------------------------------------- direct lanes
+
+    def _send_alone(self, loop: asyncio.AbstractEventLoop, op: Operation[Any]) -> bool:
+        """Send `op`, this client's only request in flight, if it is an execute: on its
+        lease's lane if one is held and usable, else through the server asking for a lease
+        (unpacked: the server leases only with a lone execute). False: not an execute that
+        can; the caller sends it as usual."""
+        request = op.request
+        if type(request) is not p.Execute or request.input_shm is not None:
+            return False
+        assert self._lanes is not None
+        key = lease_key(request.binary_id, request.timeout_ms, request.memory_mb,
+                        request.fuel, request.env, request.entry, request.args)
+        payload = op.payload
+        lease = self._lanes.usable(key, len(payload) if payload else 0)
+        if lease is not None and self._send_direct(loop, op, lease):
+            return True
+        request.direct = True
+        self._asking = (request.id, key)
+        op.deadline = deadline = loop.time() + op.wait_s
+        self._watch_deadline(loop, deadline)
+        self._socket.send_multipart(encode_frames(request, payload), copy=False)
+        return True
+
+    def _send_direct(self, loop: asyncio.AbstractEventLoop, op: Operation[Any],
+                     lease: ClientLease) -> bool:
+        """Send `op` on `lease`'s lane; False if the lane cannot take it (its worker is
+        gone): the execute goes through the server. A new lane still connecting is waited
+        for on the loop, up to `_LANE_CONNECT_MS` (`_connecting`), never in a blocking poll."""
+        assert self._lanes is not None
+        lane = self._lanes.lane(lease.endpoint)
+        self._watch_lane(loop, lane)
+        if lane.update():
+            self._lanes.forget(lease.token)
+            return False
+        call = self._direct = _DirectCall(op.request.id, op, lane, lease)
+        if lane.answered or lane.socket.poll(0, zmq.POLLOUT):
+            if not self._transmit(call):
+                self._direct = None
+                return False
+        else:
+            call.connect_by = loop.time() + _LANE_CONNECT_MS / 1000
+            loop.call_later(_LANE_RETRY_S, self._connecting, call)
+        op.deadline = deadline = loop.time() + op.wait_s
+        self._watch_deadline(loop, deadline)
+        return True
+
+    def _transmit(self, call: _DirectCall) -> bool:
+        """The direct execute onto its lane; False if the connection went away just now."""
+        assert self._lanes is not None
+        lane, lease, op = call.lane, call.lease, call.op
+        header = p.encode(p.DirectExecute(id=call.request_id, token=lease.token,
+                                          output_shm_into=op.request.output_shm_into))
+        try:
+            lane.socket.send_multipart([header] if op.payload is None
+                                       else [header, op.payload], NOBLOCK, copy=False)
+        except zmq.Again:  # nothing left of the connection: the execute never left
+            self._lanes.forget(lease.token)
+            return False
+        lease.left -= 1
+        call.sent = True
+        self._drain_lane(lane)  # a send can consume the FD's edge of a waiting reply
+        return True
+
+    def _connecting(self, call: _DirectCall) -> None:
+        """A direct execute waiting for its new lane to connect: send it once connected;
+        through the server if the worker is gone or the lane does not connect in time."""
+        loop = self._loop
+        if self._direct is not call or loop is None:
+            return  # over (expired, lost, or the client closed)
+        lane = call.lane
+        if not lane.update() and lane.socket.poll(0, zmq.POLLOUT):
+            if self._transmit(call):
+                return
+        elif not lane.gone and loop.time() < call.connect_by:
+            loop.call_later(_LANE_RETRY_S, self._connecting, call)
+            return
+        assert self._lanes is not None
+        self._lanes.forget(call.lease.token)
+        self._direct = None
+        self._resend(call.op)
+
+    def _watch_lane(self, loop: asyncio.AbstractEventLoop, lane: Lane) -> None:
+        if lane in self._watched_lanes:
+            return
+        self._watched_lanes.add(lane)
+        loop.add_reader(lane.socket.getsockopt(zmq.FD), self._drain_lane, lane)
+        loop.add_reader(lane.monitor.getsockopt(zmq.FD), self._on_lane_event, lane)
+
+    def _unwatch_lane(self, lane: Lane) -> None:
+        """DirectLanes closes `lane`: the loop stops watching its FDs first."""
+        if lane not in self._watched_lanes:
+            return
+        self._watched_lanes.discard(lane)  # never one in use: a lane in use is kept
+        if self._loop is not None:
+            self._loop.remove_reader(lane.socket.getsockopt(zmq.FD))
+            self._loop.remove_reader(lane.monitor.getsockopt(zmq.FD))
+
+    def _drain_lane(self, lane: Lane) -> None:
+        """The lane's replies, until a receive finds none (its FD is edge-triggered too).
+        Only the waiting direct execute's reply counts; a late one to an earlier is dropped."""
+        while True:
+            try:
+                frames = lane.socket.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = p.reply_decoder.decode(frames[0])
+            except Exception:  # noqa: BLE001 - a garbled reply must not kill the reader
+                continue
+            call = self._direct
+            if call is None or call.lane is not lane or reply.id != call.request_id:
+                continue
+            self._direct = None
+            lane.answered = True
+            if type(reply) is p.LeaseEnded:  # nothing ran: through the server
+                assert self._lanes is not None
+                self._lanes.forget(call.lease.token)
+                self._resend(call.op)
+                continue
+            self._answer(call.request_id, reply, frames[1:])
+
+    def _on_lane_event(self, lane: Lane) -> None:
+        """The lane's monitor: once its worker's end has closed, an execute waiting on it
+        waits for the server's word. If the worker held the lease then, the server says so
+        at once (LeaseLost: it watches its workers' pidfds) and the execute fails with its
+        code; if no word comes, the lease had ended before and the execute never ran: it
+        goes through the server."""
+        if not lane.update():
+            return
+        call = self._direct
+        loop = self._loop
+        if call is None or call.lane is not lane or call.word_timer is not None or loop is None:
+            return
+        assert self._lanes is not None
+        self._lanes.forget(call.lease.token)
+        if not call.sent:  # the execute never reached the worker
+            self._direct = None
+            self._resend(call.op)
+            return
+        call.word_timer = loop.call_later(_LOST_WORD_S, self._no_word, call)
+        self._drain()  # the word may be waiting already
+
+    def _no_word(self, call: _DirectCall) -> None:
+        if self._direct is call:
+            self._direct = None
+            self._resend(call.op)
+
+    def _on_lease_lost(self, notice: p.LeaseLost) -> None:
+        """The server's word that a lease's worker died (or was killed) holding it: the
+        execute waiting on it, if any, fails with its code; the lease is gone either way."""
+        if self._lanes is None:  # never leased: not about this client
+            return
+        self._lanes.forget(notice.token)
+        call = self._direct
+        if call is None or call.lease.token != notice.token:
+            return
+        self._end_direct()
+        if not call.sent:  # about the worker, not this execute: it never reached it
+            self._resend(call.op)
+            return
+        entry = self._pending.pop(call.request_id, None)
+        if entry is None:
+            return
+        future, op = entry
+        op.abandon()
+        if not future.done():
+            future.set_exception(error_from_code(notice.code, notice.message, notice.details))
+
+    def _on_asked(self, reply: Any) -> None:
+        """The reply to the execute that asked for a lease: remember a granted one, and start
+        connecting its lane now (so that it is up for the next execute)."""
+        assert self._lanes is not None and self._asking is not None
+        key = self._asking[1]
+        self._asking = None
+        if type(reply) is not p.Executed or reply.lease is None:
+            return
+        self._lanes.remember(key, reply.lease)
+        lease = self._lanes.usable(key, 0)
+        if lease is not None and self._loop is not None:
+            self._watch_lane(self._loop, self._lanes.lane(lease.endpoint))
+
+    def _resend(self, op: Operation[Any]) -> None:
+        """An execute that did not run on its lane goes through the server (still waiting
+        under its id; its wait starts again when it is sent, as the blocking client's does)."""
+        entry = self._pending.get(op.request.id)
+        if entry is None:  # expired meanwhile
+            return
+        if entry[0].done():  # the caller cancelled: nothing to resend
+            del self._pending[op.request.id]
+            op.abandon()
+            return
+        self._outbox.append(op)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _end_direct(self) -> None:
+        call, self._direct = self._direct, None
+        if call is not None and call.word_timer is not None:
+            call.word_timer.cancel()
 
     def _submit(self, op: Operation[T]) -> asyncio.Future[T]:
         """Queue `op` for the next burst; the future resolves with its result (or its error)

@@ -1,5 +1,5 @@
-"""The blocking client's direct lanes: leases the server gave it and the sockets to their
-workers.
+"""The clients' direct lanes: leases the server gave a client and the sockets to their
+workers (`Client` waits on a lane with a poller, `AsyncClient` through its event loop).
 
 A lease (protocol: `Executed.lease`) lets this client send executes of one binary, with the
 options of the execute that got it, straight to the worker that ran it, the supervisor off the
@@ -10,7 +10,7 @@ the server as usual (and may get a new lease), and when the server says the work
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +97,11 @@ class ClientLease:
 
 
 class DirectLanes:
-    def __init__(self, ctx: zmq.Context[Any]) -> None:
+    def __init__(self, ctx: zmq.Context[Any],
+                 on_close: Callable[[Lane], None] | None = None) -> None:
         self._ctx = ctx
+        # Called before a lane's sockets close (an event loop stops watching their FDs).
+        self._on_close = on_close
         self._leases: dict[LeaseKey, ClientLease] = {}
         self._lanes: dict[str, Lane] = {}
 
@@ -131,10 +134,15 @@ class DirectLanes:
         used = {lease.endpoint for lease in self._leases.values()}
         unused = [e for e, lane in self._lanes.items() if e not in used or lane.gone]
         for endpoint in unused[:max(0, len(unused) - _IDLE_SOCKETS_KEPT + 1)]:
-            self._lanes.pop(endpoint).close()
+            self._close_lane(self._lanes.pop(endpoint))
+
+    def _close_lane(self, lane: Lane) -> None:
+        if self._on_close is not None:
+            self._on_close(lane)
+        lane.close()
 
     def close(self) -> None:
         for lane in self._lanes.values():
-            lane.close()
+            self._close_lane(lane)
         self._lanes.clear()
         self._leases.clear()
