@@ -313,3 +313,30 @@ def test_a_worker_gone_while_leased_and_idle_costs_the_client_nothing(lane_servi
         _killed(lane_service, pid)
         result = client.execute(upper, "next")
         assert result.output == b"NEXT" and result.worker_pid != pid
+
+
+# 400,000 bytes of output from any input: past the shared-memory threshold, so a client on
+# this host gets it back in the segment it lent.
+BIG_OUTPUT_WAT = b"""(module
+  (import "host" "output" (func $output (param i32 i32)))
+  (memory (export "memory") 8)
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "process") (param i32 i32 i32 i32) (result i32)
+    (call $output (i32.const 0) (i32.const 400000))
+    (i32.const 0)))"""
+
+
+def test_an_execute_sent_back_through_the_server_keeps_its_output_segment(lane_service):
+    """The lease ended without the client knowing: its execute is answered LeaseEnded and
+    resent through the server, still lending the same segment for its large output."""
+    with Client(lane_service.endpoint, zero_copy=True) as client, \
+            lane_service.client(tenant="other") as other:
+        big = client.load(data=BIG_OUTPUT_WAT, name="big_output").binary_id
+        spin = other.load(HOSTILE / "rss_hog.wat").binary_id
+        _leased(client, big)
+        _other_burst(lane_service.endpoint, spin)
+        wait_for(lambda: not any(w.leased for w in other.stats().workers), 10, "revoked")
+        result = client.execute(big, b"x")
+        assert len(result.output) == 400_000
+        assert isinstance(result.output, memoryview), "the output came back inline"
+        del result
