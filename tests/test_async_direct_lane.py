@@ -224,6 +224,6 @@ def test_a_worker_gone_after_the_lease_ended_costs_the_client_nothing(lane_servi
             started = time.monotonic()
             result = await client.execute(upper, "after")
             assert result.output == b"AFTER" and result.worker_pid != pid
-            assert time.monotonic() - started < 5  # not a wait for a timeout
+            assert time.monotonic() - started < 20  # not a wait for a timeout (30 s)
 
     _run(main())

@@ -143,7 +143,7 @@ def test_worker_killed_mid_direct_execute_answers_worker_lost(lane_service):
         started = time.monotonic()
         with pytest.raises(errors.WorkerLost) as info:
             client.execute(spin, _spin(100_000), timeout_ms=20_000)  # runs for many seconds
-        assert killer_done and time.monotonic() - started < 10
+        assert killer_done and time.monotonic() - started < 20  # the spin alone runs for minutes
         assert info.value.details["pid"] == pid
         assert _held_lease(client) is None  # the lost lease is dropped
         assert client.execute(upper, "next").output == b"NEXT"
@@ -159,7 +159,7 @@ def test_a_direct_execute_hung_in_the_host_is_killed_with_timeout(lane_service):
             client.execute(caller, 'slow\n{"ms": 30000}', timeout_ms=300)  # blocks in the host
         waited = time.monotonic() - started
         assert "killed" in info.value.message and info.value.details["pid"] == pid
-        assert waited < 10, waited  # the supervisor's deadline, not the host method's 30 s
+        assert waited < 20, waited  # the supervisor's deadline, not the host method's 30 s
         assert client.execute(caller, 'slow\n{"ms": 0}', timeout_ms=300).output
 
 
@@ -257,7 +257,9 @@ def test_fuzzed_frames_on_a_lane_are_answered_and_harmless(lane_service, frames)
 
 
 def test_shutdown_with_a_lease_held_is_prompt_and_leaves_no_socket():
-    svc = start_service(workers=2, config={"pool": {"lease_ms": 60_000}})
+    # A lease not given back at drain would hold its worker to the end of the grace (30 s).
+    svc = start_service(workers=2, config={"pool": {"lease_ms": 60_000,
+                                                    "shutdown_grace_ms": 30_000}})
     try:
         with svc.client() as client:
             upper = client.load(PLUGINS / "uppercase.wat").binary_id
@@ -301,7 +303,7 @@ def test_a_worker_gone_after_the_lease_ended_costs_the_client_nothing(lane_servi
         started = time.monotonic()
         result = client.execute(upper, "after")
         assert result.output == b"AFTER" and result.worker_pid != pid
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 20  # a wait for the client timeout would be 30 s
 
 
 def test_a_worker_gone_while_leased_and_idle_costs_the_client_nothing(lane_service):

@@ -279,7 +279,7 @@ def test_a_hang_in_a_batch_is_found_one_inputs_timeout_after_it_stopped(
             c.execute_batch(mix, [b"ok", b"H", *[b"ok"] * 98], timeout_ms=300)
         waited = time.monotonic() - started
         assert info.value.details.get("batch") == 100 and "hung" in info.value.message
-        assert waited < 15, waited  # the whole batch's budget would be 30 s plus the grace
+        assert waited < 20, waited  # the whole batch's budget would be 30 s plus the grace
         assert c.execute(mix, b"after").output == b"after"
 
 
