@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -98,3 +99,24 @@ def plugin_copy(tmp_path: Path):
         return target
 
     return copy
+
+
+def spin_input(millions: int) -> bytes:
+    """hostile/rss_hog's input: touch no memory, spin `millions` million iterations."""
+    return struct.pack("<II", 0, millions)
+
+
+@pytest.fixture(scope="module")
+def lane_service() -> Iterator[RunningService]:
+    """A service for direct-lane tests: 2 workers (a lease needs another idle), leases that
+    end after 300 ms (so what ran on them is counted within the tests' waits), fast fault
+    detection, and a host method that sleeps as long as it is asked."""
+    svc = start_service(workers=2, config={
+        "pool": {**FAST_POOL, "lease_ms": 300},
+        "host_methods": {"slow": {"target": "wasmcore.plugins.methods:slow", "tenants": "*",
+                                  "timeout_ms": 60_000}},
+    })
+    try:
+        yield svc
+    finally:
+        svc.cleanup()

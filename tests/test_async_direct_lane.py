@@ -10,37 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from tests.conftest import FAST_POOL, HOSTILE, PLUGINS
+from tests.conftest import HOSTILE, PLUGINS, spin_input
 from wasmcore.client import AsyncClient
-from wasmcore.client.launcher import start_service
 from wasmcore.protocol import errors
-
-SAMPLES = "wasmcore.plugins.methods"
-LEASE = {"lease_ms": 300}  # leases end quickly: what ran on them is counted within the waits
-
-
-def _spin(millions: int) -> bytes:
-    return struct.pack("<II", 0, millions)
-
-
-@pytest.fixture(scope="module")
-def lane_service():
-    svc = start_service(workers=2, config={
-        "pool": {**FAST_POOL, **LEASE},
-        "host_methods": {"slow": {"target": f"{SAMPLES}:slow", "tenants": "*",
-                                  "timeout_ms": 60_000}},
-    })
-    try:
-        yield svc
-    finally:
-        svc.cleanup()
 
 
 async def _until(predicate: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
@@ -115,15 +93,15 @@ def test_worker_killed_mid_direct_execute_answers_worker_lost(lane_service):
         async with AsyncClient(lane_service.endpoint) as client:
             spin = (await client.load(HOSTILE / "rss_hog.wat")).binary_id
             upper = (await client.load(PLUGINS / "uppercase.wat")).binary_id
-            pid = await _leased(client, spin, _spin(0), timeout_ms=20_000)
+            pid = await _leased(client, spin, spin_input(0), timeout_ms=20_000)
             loop = asyncio.get_running_loop()
             loop.call_later(0.3, os.kill, pid, signal.SIGKILL)
             with pytest.raises(errors.WorkerLost) as info:
-                await client.execute(spin, _spin(100_000), timeout_ms=20_000)  # many seconds
+                await client.execute(spin, spin_input(100_000), timeout_ms=20_000)  # many seconds
             assert info.value.details["pid"] == pid
             assert not _holds_lease(client)  # the lost lease is dropped
             assert (await client.execute(upper, "next")).output == b"NEXT"
-            result = await client.execute(spin, _spin(0), timeout_ms=20_000)
+            result = await client.execute(spin, spin_input(0), timeout_ms=20_000)
             assert result.worker_pid != pid
 
     _run(main())
@@ -152,7 +130,7 @@ def test_a_revoked_lease_falls_back_through_the_server(lane_service):
             spin = (await other.load(HOSTILE / "rss_hog.wat")).binary_id
             await _leased(holder, upper, "warm")
             token = next(iter(holder._lanes._leases.values())).token
-            results = await asyncio.gather(*(other.execute(spin, _spin(2)) for _ in range(60)))
+            results = await asyncio.gather(*(other.execute(spin, spin_input(2)) for _ in range(60)))
             assert len({r.worker_pid for r in results}) == 2, "the lease was never revoked"
             # The client still holds the revoked lease's token: the lane answers LeaseEnded.
             assert next(iter(holder._lanes._leases.values())).token == token
@@ -214,7 +192,7 @@ def test_a_worker_gone_after_the_lease_ended_costs_the_client_nothing(lane_servi
             upper = (await client.load(PLUGINS / "uppercase.wat")).binary_id
             spin = (await other.load(HOSTILE / "rss_hog.wat")).binary_id
             pid = await _leased(client, upper)
-            await asyncio.gather(*(other.execute(spin, _spin(2)) for _ in range(60)))
+            await asyncio.gather(*(other.execute(spin, spin_input(2)) for _ in range(60)))
 
             async def revoked() -> bool:
                 return not any(w.leased for w in (await client.stats()).workers)

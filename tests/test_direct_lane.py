@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import struct
 import time
 from pathlib import Path
 
@@ -19,20 +18,15 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FAST_POOL, HOSTILE, PLUGINS, exchange, wait_for
+from tests.conftest import HOSTILE, PLUGINS, exchange, spin_input, wait_for
 from wasmcore.client import AsyncClient, Client
 from wasmcore.client.launcher import RunningService, start_service
 from wasmcore.protocol import errors
 from wasmcore.protocol import messages as p
 
-SAMPLES = "wasmcore.plugins.methods"
-# Leases end quickly here, so that what ran on them is counted within the tests' waits.
+# Leases that end quickly: what ran on them is counted within the tests' waits.
 LEASE = {"lease_ms": 300}
 
-
-def _spin(millions: int) -> bytes:
-    """rss_hog's input: touch no memory, spin `millions` million iterations."""
-    return struct.pack("<II", 0, millions)
 
 
 def _direct_executes(client: Client) -> int:
@@ -64,18 +58,6 @@ def _held_lease(client: Client) -> p.DirectLease | None:
     return p.DirectLease(endpoint=lease.endpoint, token=lease.token, executions=lease.left,
                          max_input_bytes=lease.max_input_bytes)
 
-
-@pytest.fixture(scope="module")
-def lane_service():
-    svc = start_service(workers=2, config={
-        "pool": {**FAST_POOL, **LEASE},
-        "host_methods": {"slow": {"target": f"{SAMPLES}:slow", "tenants": "*",
-                                  "timeout_ms": 60_000}},
-    })
-    try:
-        yield svc
-    finally:
-        svc.cleanup()
 
 
 def test_one_at_a_time_executes_go_direct_and_are_counted(lane_service):
@@ -116,7 +98,7 @@ def test_leases_go_back_when_other_work_waits(lane_service):
 
         async def burst() -> set[int]:
             async with AsyncClient(lane_service.endpoint, tenant="other") as burster:
-                results = await asyncio.gather(*(burster.execute(spin, _spin(2))
+                results = await asyncio.gather(*(burster.execute(spin, spin_input(2))
                                                  for _ in range(60)))
                 return {r.worker_pid for r in results}
 
@@ -129,7 +111,7 @@ def test_worker_killed_mid_direct_execute_answers_worker_lost(lane_service):
     with lane_service.client() as client:
         spin = client.load(HOSTILE / "rss_hog.wat").binary_id
         upper = client.load(PLUGINS / "uppercase.wat").binary_id
-        pid = _leased(client, spin, _spin(0), timeout_ms=20_000)
+        pid = _leased(client, spin, spin_input(0), timeout_ms=20_000)
         killer_done = []
 
         def kill_soon() -> None:
@@ -142,12 +124,12 @@ def test_worker_killed_mid_direct_execute_answers_worker_lost(lane_service):
         threading.Thread(target=kill_soon, daemon=True).start()
         started = time.monotonic()
         with pytest.raises(errors.WorkerLost) as info:
-            client.execute(spin, _spin(100_000), timeout_ms=20_000)  # runs for many seconds
+            client.execute(spin, spin_input(100_000), timeout_ms=20_000)  # runs for many seconds
         assert killer_done and time.monotonic() - started < 20  # the spin alone runs for minutes
         assert info.value.details["pid"] == pid
         assert _held_lease(client) is None  # the lost lease is dropped
         assert client.execute(upper, "next").output == b"NEXT"
-        assert client.execute(spin, _spin(0), timeout_ms=20_000).worker_pid != pid
+        assert client.execute(spin, spin_input(0), timeout_ms=20_000).worker_pid != pid
 
 
 def test_a_direct_execute_hung_in_the_host_is_killed_with_timeout(lane_service):
@@ -276,7 +258,7 @@ def test_shutdown_with_a_lease_held_is_prompt_and_leaves_no_socket():
 def _other_burst(endpoint: str, spin: str) -> None:
     async def burst() -> None:
         async with AsyncClient(endpoint, tenant="other") as burster:
-            await asyncio.gather(*(burster.execute(spin, _spin(2)) for _ in range(60)))
+            await asyncio.gather(*(burster.execute(spin, spin_input(2)) for _ in range(60)))
 
     asyncio.run(burst())
 
