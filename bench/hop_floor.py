@@ -58,6 +58,12 @@ def zmq_worker(back: str, execute: bool) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(back)
     sock.send(b"ready")
+    _serve(sock, run)
+
+
+def _serve(sock: zmq.Socket[bytes], run: Callable[[bytes], bytes]) -> None:
+    """Answer [client, header, payload] with `run(payload)`, waking through a poll as the
+    service's processes do."""
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     while True:
@@ -121,12 +127,7 @@ def direct(front: str, execute: bool) -> None:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(front)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    while True:
-        poller.poll()
-        client, header, payload = sock.recv_multipart()
-        sock.send_multipart([client, header, run(payload)])
+    _serve(sock, run)
 
 
 class Topology:

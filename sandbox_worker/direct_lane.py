@@ -150,13 +150,13 @@ class DirectLane:
             payload = frames[2] if len(frames) == 3 else b""
             lease = self.lease
             if lease is None or not hmac.compare_digest(lease.token, request.token):
-                self._answer(identity, p.encode(p.LeaseEnded(id=request.id)))
+                self.answer(identity, p.encode(p.LeaseEnded(id=request.id)))
                 continue
             if lease.executions_left <= 0 or time.monotonic() >= lease.ends_at:
                 returned = self.end()
                 if returned is not None:
                     report(returned)
-                self._answer(identity, p.encode(p.LeaseEnded(id=request.id)))
+                self.answer(identity, p.encode(p.LeaseEnded(id=request.id)))
                 continue
             if len(payload) > self.max_input_bytes:  # MAXMSGSIZE leaves room for the header
                 self._refuse(identity, request.id,
@@ -173,15 +173,12 @@ class DirectLane:
             return identity, job, payload
         return None
 
-    def answer(self, identity: bytes, header: bytes, payload: Any) -> None:
-        """A direct execute's reply, in the same frames the server would send."""
-        self._answer(identity, header, payload)
-
     def _refuse(self, identity: bytes, request_id: int, message: str) -> None:
-        self._answer(identity, p.encode(p.ErrorReply(id=request_id, code=BadRequest.code,
+        self.answer(identity, p.encode(p.ErrorReply(id=request_id, code=BadRequest.code,
                                                      message=message)))
 
-    def _answer(self, identity: bytes, header: bytes, payload: Any = None) -> None:
+    def answer(self, identity: bytes, header: bytes, payload: Any = None) -> None:
+        """A reply on the lane, in the same frames the server would send."""
         frames = [identity, header] if payload is None else [identity, header, payload]
         try:
             self.socket.send_multipart(frames, NOBLOCK, copy=False)
@@ -199,6 +196,6 @@ class DirectLane:
             except zmq.Again:
                 break
             if len(frames) >= 2:
-                self._answer(frames[0], p.encode(p.LeaseEnded(id=p.peek_request_id(frames[1]))))
+                self.answer(frames[0], p.encode(p.LeaseEnded(id=p.peek_request_id(frames[1]))))
         self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.close()

@@ -85,9 +85,6 @@ class Leases:
         """The worker is gone: its lease with it."""
         return self._active.pop(worker_id, None)
 
-    def on(self, worker_id: str) -> Lease | None:
-        return self._active.get(worker_id)
-
     def heartbeat(self, worker_id: str, since: float, timeout_ms: int) -> None:
         lease = self._active.get(worker_id)
         if lease is not None:
